@@ -1,0 +1,1 @@
+"""Numba-fused kernels (installed as ``scratchvae.kernels``)."""

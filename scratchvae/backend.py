@@ -1,0 +1,152 @@
+"""Array backends: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+A :class:`Backend` bundles the array module ``xp`` with the few operations
+that differ between the two libraries (random generators, host transfers,
+synchronization).  There is no global "current backend": every layer and
+model holds the backend it was built with, and pure functions pick ``xp``
+from their array arguments with :func:`array_module`, Chainer-style.
+
+Examples
+--------
+>>> from scratchvae import backend
+>>> be = backend.get("numpy")
+>>> x = be.asarray([1.0, 2.0], dtype="float32")
+>>> be.asnumpy(x * 2)
+array([2., 4.], dtype=float32)
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import numpy
+
+__all__ = ["Backend", "BackendUnavailable", "get", "resolve", "array_module"]
+
+NAMES = ("numpy", "cupy")
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a requested backend cannot run on this machine.
+
+    The message says why (package missing, no GPU, driver error) and what to
+    install. scratchvae never silently falls back to NumPy.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One array backend.
+
+    Attributes
+    ----------
+    name : str
+        ``"numpy"`` or ``"cupy"``.
+    xp : module
+        The array module (``numpy`` or ``cupy``).
+    device : str
+        A human-readable description of where arrays live.
+    """
+
+    name: str
+    xp: types.ModuleType = dataclasses.field(repr=False, compare=False)
+    device: str = dataclasses.field(default="cpu", compare=False)
+
+    def rng(self, seed=None):
+        """A random generator that produces arrays on this backend.
+
+        Both generators offer ``standard_normal(size, dtype=)``,
+        ``random(size, dtype=)`` and ``integers``; use only those (CuPy's
+        generator has no ``normal`` or ``permutation``).
+        """
+        return self.xp.random.default_rng(seed)
+
+    def asarray(self, a, dtype=None):
+        """Move ``a`` (host or device array, list, scalar) to this backend."""
+        if dtype is not None:
+            dtype = numpy.dtype(dtype)
+        return self.xp.asarray(a, dtype=dtype)
+
+    def asnumpy(self, a):
+        """Copy ``a`` to a host ``numpy.ndarray`` (no copy if already one)."""
+        if isinstance(a, numpy.ndarray):
+            return a
+        if self.name == "cupy":
+            return self.xp.asnumpy(a)
+        return numpy.asarray(a)
+
+    def synchronize(self):
+        """Block until all queued device work is done (a no-op on NumPy)."""
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def is_array(self, a) -> bool:
+        """True when ``a`` is an array of this backend."""
+        return isinstance(a, self.xp.ndarray)
+
+
+def _numpy_backend() -> Backend:
+    return Backend(name="numpy", xp=numpy, device="cpu")
+
+
+def _cupy_backend() -> Backend:
+    hint = ("install the GPU extra with `pip install scratchvae[gpu]` "
+            "(cupy-cuda12x) on a machine with an NVIDIA GPU and driver")
+    try:
+        import cupy
+    except ImportError as err:
+        raise BackendUnavailable(f"backend 'cupy' needs CuPy, which is not installed ({err}); {hint}") from err
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:  # CUDARuntimeError, driver missing, ...
+        raise BackendUnavailable(
+            f"backend 'cupy': CuPy is installed but no usable CUDA GPU was found ({err}); {hint}") from err
+    if count < 1:
+        raise BackendUnavailable(f"backend 'cupy': CuPy is installed but no CUDA GPU is visible; {hint}")
+    try:
+        device_id = cupy.cuda.runtime.getDevice()
+        props = cupy.cuda.runtime.getDeviceProperties(device_id)
+        name = props["name"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        cupy.zeros(1).sum().item()  # a real round trip: fails early on a broken driver
+    except Exception as err:
+        raise BackendUnavailable(f"backend 'cupy': the GPU could not run a first kernel ({err}); {hint}") from err
+    return Backend(name="cupy", xp=cupy, device=f"cuda:{device_id} ({name})")
+
+
+def get(name: str = "numpy") -> Backend:
+    """Return the backend called ``name`` (``"numpy"`` or ``"cupy"``).
+
+    Raises
+    ------
+    BackendUnavailable
+        For ``"cupy"`` when CuPy is not installed or no GPU is usable.
+    ValueError
+        For an unknown name.
+    """
+    if not isinstance(name, str) or name.lower() not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    return _numpy_backend() if name.lower() == "numpy" else _cupy_backend()
+
+
+def resolve(backend=None) -> Backend:
+    """Accept ``None`` (NumPy), a name, or a :class:`Backend`."""
+    if backend is None:
+        return _numpy_backend()
+    if isinstance(backend, Backend):
+        return backend
+    return get(backend)
+
+
+def array_module(*arrays):
+    """The array module (``numpy`` or ``cupy``) that owns ``arrays``.
+
+    Returns ``numpy`` unless one of them is a CuPy array.  CuPy is never
+    imported here, so this works on machines without it.
+    """
+    for a in arrays:
+        module = type(a).__module__
+        if module.startswith("cupy"):
+            import cupy
+            return cupy
+    return numpy

@@ -1,0 +1,14 @@
+"""The layer library: every layer has ``forward(x) -> y`` and
+``backward(dy) -> dx``, with ``params``/``grads`` dicts and ``zero_grad()``.
+
+See :mod:`scratchvae.layers.base` for the shared contract.
+"""
+from .activations import LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
+from .base import Layer
+from .containers import Sequential
+from .conv import Conv2d, ConvTranspose2d
+from .dense import Dense
+from .shape import Flatten, Reshape
+
+__all__ = ["Layer", "Dense", "Conv2d", "ConvTranspose2d", "ReLU", "LeakyReLU", "Sigmoid", "Tanh",
+           "Softplus", "Flatten", "Reshape", "Sequential"]

@@ -1,0 +1,111 @@
+"""Elementwise activations, each a forward/backward pair plus a layer.
+
+All of them accept any input shape; the output has the same shape.
+"""
+from __future__ import annotations
+
+from ..backend import array_module
+from .base import Layer
+
+__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softplus", "sigmoid", "softplus"]
+
+
+def sigmoid(x):
+    """Numerically stable logistic function 1 / (1 + exp(-x)), any shape.
+
+    Uses exp(-|x|), which never overflows: for x >= 0 it is 1 / (1 + e),
+    for x < 0 it is e / (1 + e).
+    """
+    xp = array_module(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def softplus(x):
+    """Numerically stable log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))."""
+    xp = array_module(x)
+    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+class _Elementwise(Layer):
+    """Shared plumbing: no params, any input shape, cache of one call."""
+
+    def _forward(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _backward(self, dy, cache):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x):
+        self._check_input(x, (None,) * max(x.ndim, 1) if hasattr(x, "ndim") else (None,))
+        y, self._cache = self._forward(x)
+        return y
+
+    def backward(self, dy):
+        cache = self._get_cache()
+        self._check_dy(dy, cache[0].shape)
+        return self._backward(dy, cache)
+
+
+class ReLU(_Elementwise):
+    """y = max(x, 0); dy/dx = 1 where x > 0 else 0."""
+
+    def _forward(self, x):
+        return self.xp.maximum(x, 0), (x,)
+
+    def _backward(self, dy, cache):
+        (x,) = cache
+        return dy * (x > 0)
+
+
+class LeakyReLU(_Elementwise):
+    """y = x for x > 0, negative_slope * x otherwise."""
+
+    def __init__(self, negative_slope: float = 0.01, **kw):
+        super().__init__(**kw)
+        self.negative_slope = float(negative_slope)
+
+    def _forward(self, x):
+        return self.xp.where(x > 0, x, x * self.negative_slope), (x,)
+
+    def _backward(self, dy, cache):
+        (x,) = cache
+        return self.xp.where(x > 0, dy, dy * self.negative_slope)
+
+    def __repr__(self):
+        return f"LeakyReLU(negative_slope={self.negative_slope})"
+
+
+class Sigmoid(_Elementwise):
+    """y = 1 / (1 + exp(-x)); dy/dx = y (1 - y)."""
+
+    def _forward(self, x):
+        y = sigmoid(x)
+        return y, (x, y)
+
+    def _backward(self, dy, cache):
+        _, y = cache
+        return dy * y * (1 - y)
+
+
+class Tanh(_Elementwise):
+    """y = tanh(x); dy/dx = 1 - y**2."""
+
+    def _forward(self, x):
+        y = self.xp.tanh(x)
+        return y, (x, y)
+
+    def _backward(self, dy, cache):
+        _, y = cache
+        return dy * (1 - y * y)
+
+
+class Softplus(_Elementwise):
+    """y = log(1 + exp(x)); dy/dx = sigmoid(x)."""
+
+    def _forward(self, x):
+        return softplus(x), (x,)
+
+    def _backward(self, dy, cache):
+        (x,) = cache
+        return dy * sigmoid(x)

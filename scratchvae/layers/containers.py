@@ -1,0 +1,61 @@
+"""Sequential composition of layers."""
+from __future__ import annotations
+
+from .base import Layer
+
+__all__ = ["Sequential"]
+
+
+class Sequential(Layer):
+    """Apply ``layers`` in order; backward runs them in reverse.
+
+    ``params`` and ``grads`` expose every child's arrays (the same array
+    objects, not copies) under dotted names: ``"0.W"``, ``"2.b"``, nested
+    containers as ``"1.0.W"``; the order is the layer order, then each
+    layer's own order.
+    """
+
+    def __init__(self, *layers, backend=None, dtype=None, rng=None):
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not a Layer")
+        first = layers[0]
+        super().__init__(backend=backend if backend is not None else first.backend,
+                         dtype=dtype if dtype is not None else first.dtype)
+        for i, layer in enumerate(layers):
+            if layer.backend != self.backend or layer.dtype != self.dtype:
+                raise ValueError(f"Sequential: layer {i} ({layer!r}) uses {layer.backend.name}/{layer.dtype}, "
+                                 f"expected {self.backend.name}/{self.dtype}")
+        self.layers = list(layers)
+        for i, layer in enumerate(self.layers):
+            for name in layer.params:
+                self.params[f"{i}.{name}"] = layer.params[name]
+                self.grads[f"{i}.{name}"] = layer.grads[name]
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        self._cache = True
+        return x
+
+    def backward(self, dy):
+        self._get_cache()
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def zero_grad(self) -> None:
+        for layer in self.layers:
+            layer.zero_grad()
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __repr__(self):
+        inner = ",\n  ".join(repr(layer) for layer in self.layers)
+        return f"Sequential(\n  {inner}\n)"

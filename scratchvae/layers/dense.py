@@ -1,0 +1,89 @@
+"""Fully connected layer: ``y = x @ W + b``."""
+from __future__ import annotations
+
+import math
+
+from .base import Layer, init_rng
+
+__all__ = ["Dense", "affine_forward", "affine_backward"]
+
+
+def affine_forward(x, W, b):
+    """Affine map.
+
+    Parameters
+    ----------
+    x : array, shape (B, D_in)
+    W : array, shape (D_in, D_out)
+    b : array, shape (D_out,)
+
+    Returns
+    -------
+    out : array, shape (B, D_out)
+    cache : tuple ``(x, W)`` for :func:`affine_backward`
+    """
+    out = x @ W  # (B, D_out)
+    out += b
+    return out, (x, W)
+
+
+def affine_backward(dout, cache):
+    """Backward of :func:`affine_forward`.
+
+    Parameters
+    ----------
+    dout : array, shape (B, D_out)
+        Upstream gradient dL/dout.
+    cache : tuple from :func:`affine_forward`
+
+    Returns
+    -------
+    dx : array, shape (B, D_in)   ``dout @ W.T``
+    dW : array, shape (D_in, D_out)   ``x.T @ dout``
+    db : array, shape (D_out,)   ``dout.sum(0)``
+    """
+    x, W = cache
+    dx = dout @ W.T
+    dW = x.T @ dout
+    db = dout.sum(axis=0)
+    return dx, dW, db
+
+
+class Dense(Layer):
+    """Fully connected layer.
+
+    ``params["W"]`` has shape (in_features, out_features) and ``params["b"]``
+    shape (out_features,).  Initialization follows PyTorch's default for
+    ``nn.Linear``: W and b are drawn from U(-k, k) with k = 1/sqrt(in_features),
+    using ``rng`` (a NumPy generator or a seed).
+
+    Input (B, in_features) -> output (B, out_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, backend=None, dtype="float32", rng=None):
+        super().__init__(backend=backend, dtype=dtype)
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"Dense: in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        gen = init_rng(rng)
+        k = 1.0 / math.sqrt(self.in_features)
+        self._add_param("W", gen.uniform(-k, k, size=(self.in_features, self.out_features)))
+        self._add_param("b", gen.uniform(-k, k, size=(self.out_features,)))
+
+    def forward(self, x):
+        """x: (B, in_features) -> (B, out_features)."""
+        self._check_input(x, (None, self.in_features))
+        y, self._cache = affine_forward(x, self.params["W"], self.params["b"])
+        return y
+
+    def backward(self, dy):
+        """dy: (B, out_features) -> dx: (B, in_features); accumulates dW, db."""
+        cache = self._get_cache()
+        self._check_dy(dy, (cache[0].shape[0], self.out_features))
+        dx, dW, db = affine_backward(dy, cache)
+        self.grads["W"] += dW
+        self.grads["b"] += db
+        return dx
+
+    def __repr__(self):
+        return f"Dense({self.in_features}, {self.out_features})"
