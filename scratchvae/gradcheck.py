@@ -112,12 +112,14 @@ def numerical_gradient(f, x, dy=None, h: float = 1e-5):
     dy_host = None if dy is None else numpy.asarray(_to_host(dy), dtype=numpy.float64)
     for i in range(flat.size):
         old = float(flat[i])
+        # copy each output: f() may return a view of x (Flatten does), which
+        # the next perturbation would change under our feet
         flat[i] = old + h
-        plus = _to_host(f())
+        plus = numpy.array(_to_host(f()), dtype=numpy.float64, copy=True)
         flat[i] = old - h
-        minus = _to_host(f())
+        minus = numpy.array(_to_host(f()), dtype=numpy.float64, copy=True)
         flat[i] = old
-        diff = numpy.asarray(plus, dtype=numpy.float64) - numpy.asarray(minus, dtype=numpy.float64)
+        diff = plus - minus
         grad.flat[i] = (diff.sum() if dy_host is None else numpy.sum(diff * dy_host)) / (2 * h)
     return grad
 

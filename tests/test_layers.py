@@ -1,0 +1,166 @@
+"""Dense, activation, shape and container layers: gradients and contracts.
+
+Every gradient check runs in float64 against central finite differences, with
+a random upstream gradient and inputs kept away from kinks.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scratchvae import gradcheck
+from scratchvae.layers import (Dense, Flatten, LeakyReLU, ReLU, Reshape, Sequential, Sigmoid, Softplus, Tanh)
+
+F64 = dict(dtype="float64")
+TOL = 1e-6
+
+
+def away_from_zero(x, margin=0.05):
+    """Push entries at least ``margin`` away from 0 (the kink of ReLU and LeakyReLU)."""
+    return np.where(x >= 0, x + margin, x - margin)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 5), d_in=st.integers(1, 9), d_out=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_dense_gradcheck(batch, d_in, d_out, seed):
+    rng = np.random.default_rng(seed)
+    layer = Dense(d_in, d_out, rng=seed, **F64)
+    report = gradcheck.check_layer(layer, rng.standard_normal((batch, d_in)), seed=seed)
+    assert report.max_error <= TOL, str(report)
+
+
+@pytest.mark.parametrize("make", [ReLU, lambda **kw: LeakyReLU(0.2, **kw), Sigmoid, Tanh, Softplus],
+                         ids=["relu", "leaky_relu", "sigmoid", "tanh", "softplus"])
+@settings(max_examples=15, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=2, max_size=4), seed=st.integers(0, 2**16))
+def test_activation_gradcheck(make, shape, seed):
+    # |x| <= 3: deep in saturation (tanh'(9) ~ 1e-7) the difference quotient is all rounding
+    x = away_from_zero(np.clip(1.5 * np.random.default_rng(seed).standard_normal(shape), -3, 3))
+    report = gradcheck.check_layer(make(**F64), x, seed=seed)
+    assert report.max_error <= TOL, str(report)
+
+
+def test_shape_layers_gradcheck():
+    x = np.random.default_rng(0).standard_normal((3, 2, 3, 4))
+    assert gradcheck.check_layer(Flatten(**F64), x).max_error <= TOL
+    assert gradcheck.check_layer(Reshape((2, 12), **F64), x.reshape(3, 24)).max_error <= TOL
+
+
+def test_sequential_gradcheck_and_names():
+    net = Sequential(Dense(6, 5, rng=1, **F64), Tanh(**F64), Dense(5, 4, rng=2, **F64), Softplus(**F64),
+                     Dense(4, 3, rng=3, **F64))
+    assert list(net.params) == ["0.W", "0.b", "2.W", "2.b", "4.W", "4.b"]
+    assert list(net.grads) == list(net.params)
+    assert net.params["2.W"] is net.layers[2].params["W"]  # the same arrays, not copies
+    report = gradcheck.check_layer(net, np.random.default_rng(0).standard_normal((4, 6)))
+    assert report.max_error <= TOL, str(report)
+
+
+def test_nested_sequential_names():
+    inner = Sequential(Dense(3, 3, rng=0), ReLU())
+    outer = Sequential(Dense(2, 3, rng=1), inner)
+    assert list(outer.params) == ["0.W", "0.b", "1.0.W", "1.0.b"]
+
+
+def test_sigmoid_and_softplus_are_stable_at_extremes():
+    x = np.array([[-1e4, -50.0, 0.0, 50.0, 1e4]])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        y = Sigmoid(**F64).forward(x)
+        s = Softplus(**F64).forward(x)
+    np.testing.assert_allclose(y, [[0.0, 1.9287498479639178e-22, 0.5, 1.0, 1.0]], rtol=1e-12)
+    np.testing.assert_allclose(s, [[0.0, 1.9287498479639178e-22, np.log(2), 50.0, 1e4]], rtol=1e-12)
+
+
+def test_dense_layout_and_init():
+    layer = Dense(784, 400, rng=0)
+    assert layer.params["W"].shape == (784, 400) and layer.params["b"].shape == (400,)
+    assert layer.params["W"].dtype == np.float32
+    k = 1 / np.sqrt(784)
+    assert np.abs(layer.params["W"]).max() <= k and layer.params["W"].std() == pytest.approx(k / np.sqrt(3), rel=0.01)
+    np.testing.assert_array_equal(Dense(784, 400, rng=0).params["W"], layer.params["W"])  # seeded
+    for key in layer.params:
+        assert layer.grads[key].shape == layer.params[key].shape
+        assert layer.grads[key].dtype == layer.params[key].dtype
+
+
+def test_dtype_by_name_or_numpy_dtype():
+    assert Dense(2, 2, dtype=np.float64, rng=0).params["W"].dtype == np.float64
+    with pytest.raises(TypeError, match="float32 or float64"):
+        Dense(2, 2, dtype="int32")
+
+
+def test_backward_accumulates_and_zero_grad_resets():
+    layer = Dense(3, 2, rng=0, **F64)
+    x = np.random.default_rng(1).standard_normal((4, 3))
+    dy = np.random.default_rng(2).standard_normal((4, 2))
+    layer.forward(x)
+    layer.backward(dy)
+    once = {k: g.copy() for k, g in layer.grads.items()}
+    layer.backward(dy)
+    for k in once:
+        np.testing.assert_allclose(layer.grads[k], 2 * once[k], rtol=1e-14)
+    layer.zero_grad()
+    assert all(not g.any() for g in layer.grads.values())
+
+
+@pytest.mark.parametrize("layer", [Dense(3, 2, rng=0, **F64), ReLU(**F64), Sequential(Dense(3, 2, rng=0, **F64), Tanh(**F64))],
+                         ids=["dense", "relu", "sequential"])
+def test_backward_does_not_mutate_dy(layer):
+    x = np.random.default_rng(1).standard_normal((4, 3))
+    y = layer.forward(x)
+    dy = np.random.default_rng(2).standard_normal(y.shape)
+    before = dy.copy()
+    layer.backward(dy)
+    np.testing.assert_array_equal(dy, before)
+
+
+def test_cache_holds_one_forward_call():
+    layer = Dense(3, 2, rng=0, **F64)
+    x1, x2 = np.ones((5, 3)), np.full((2, 3), 2.0)
+    layer.forward(x1)
+    layer.forward(x2)
+    dx = layer.backward(np.ones((2, 2)))  # backward matches the latest forward
+    assert dx.shape == (2, 3)
+    np.testing.assert_allclose(layer.grads["W"], x2.T @ np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"expected \(2, 2\)"):
+        layer.backward(np.ones((5, 2)))
+
+
+@pytest.mark.parametrize("layer", [Dense(3, 2), ReLU(), Sigmoid(), Flatten(), Reshape((3,)), Sequential(Dense(3, 2))],
+                         ids=lambda layer: type(layer).__name__)
+def test_backward_before_forward_is_a_clear_error(layer):
+    with pytest.raises(RuntimeError, match="backward called before forward"):
+        layer.backward(np.ones((1, 2), dtype=np.float32))
+
+
+def test_wrong_shape_and_dtype_name_the_layer():
+    layer = Dense(4, 2)
+    with pytest.raises(ValueError, match=r"Dense: input has shape \(3, 5\), expected \(N, 4\)"):
+        layer.forward(np.ones((3, 5), dtype=np.float32))
+    with pytest.raises(TypeError, match="Dense: input dtype is float64, expected float32"):
+        layer.forward(np.ones((3, 4)))
+    with pytest.raises(TypeError, match="numpy array"):
+        layer.forward([[1.0, 2.0, 3.0, 4.0]])
+    with pytest.raises(ValueError, match=r"Reshape: input has shape \(2, 5\), expected \(N, 6\)"):
+        Reshape((2, 3)).forward(np.ones((2, 5), dtype=np.float32))
+
+
+def test_gradcheck_catches_a_wrong_gradient():
+    class BrokenTanh(Tanh):
+        def _backward(self, dy, cache):
+            _, y = cache
+            return dy * (1 - y)  # wrong: should be 1 - y**2
+
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    assert gradcheck.check_layer(BrokenTanh(**F64), x).max_error > 1e-2
+
+
+def test_gradcheck_refuses_float32():
+    with pytest.raises(TypeError, match="float64"):
+        gradcheck.check_layer(Tanh(), np.ones((2, 2), dtype=np.float32))
+
+
+def test_gradcheck_report_prints_a_table():
+    report = gradcheck.check_layer(Dense(2, 2, rng=0, **F64), np.ones((1, 2)))
+    text = str(report)
+    assert "x" in text and "W" in text and "b" in text and report.passed()
