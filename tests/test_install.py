@@ -1,0 +1,56 @@
+"""A non-editable ``pip install .`` into a fresh virtual environment ships
+every module (``kernels/`` mapped to ``scratchvae.kernels``) and the embedded
+data set, and imports them from outside the checkout."""
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+CHECK = textwrap.dedent("""
+    import importlib, pathlib, pkgutil, sys
+    import scratchvae
+    root = pathlib.Path(scratchvae.__file__).parent
+    venv = pathlib.Path(sys.prefix).resolve()
+    assert venv in root.resolve().parents, f"scratchvae imported from {root}, not from the venv {venv}"
+    names = ["scratchvae"] + [m.name for m in pkgutil.walk_packages(scratchvae.__path__, "scratchvae.")]
+    for name in names:
+        module = importlib.import_module(name)
+        assert venv in pathlib.Path(module.__file__).resolve().parents, (name, module.__file__)
+    print("\\n".join(sorted(names)))
+    data = sorted(p.name for p in (root / "data").glob("*.npz"))
+    print("DATA", *data)
+""")
+
+
+def expected_modules():
+    mods = set()
+    for base, prefix in ((REPO / "scratchvae", "scratchvae"), (REPO / "kernels", "scratchvae.kernels")):
+        for path in base.rglob("*.py"):
+            rel = path.relative_to(base).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            mods.add(".".join([prefix, *parts]))
+    return mods
+
+
+@pytest.mark.slow
+def test_non_editable_install_imports_every_module(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--quiet", str(REPO)],
+                             cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert install.returncode == 0, install.stdout + install.stderr
+    run = subprocess.run([str(python), "-c", CHECK], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.split("\n")
+    imported = {line for line in lines if line.startswith("scratchvae")}
+    assert expected_modules() <= imported, f"not shipped: {sorted(expected_modules() - imported)}"
+    data_line = next(line for line in lines if line.startswith("DATA"))
+    shipped = set(data_line.split()[1:])
+    assert shipped == {p.name for p in (REPO / "scratchvae" / "data").glob("*.npz")}
