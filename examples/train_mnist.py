@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Train a VAE on MNIST with scratchvae.
+
+    python examples/train_mnist.py                    # NumPy, binarized MNIST shipped with the package
+    python examples/train_mnist.py --backend cupy     # on an NVIDIA GPU
+    python examples/train_mnist.py --help             # every flag
+
+Everything happens in :func:`scratchvae.train.train`; this file only runs it.
+"""
+import sys
+
+from scratchvae.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

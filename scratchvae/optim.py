@@ -1,0 +1,95 @@
+"""Adam (Kingma & Ba 2015, Algorithm 1) with decoupled weight decay (AdamW).
+
+The optimizer object holds only hyperparameters; its state is a plain dict
+of arrays, so it can be checkpointed and restored::
+
+    opt = Adam(lr=1e-3)
+    state = opt.init(model.params)
+    ...
+    state = opt.step(model.params, model.grads, state)   # updates params in place
+
+One step, for every parameter ``p`` with gradient ``g``, at step ``t >= 1``::
+
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g**2
+    m_hat = m / (1 - beta1**t)
+    v_hat = v / (1 - beta2**t)
+    p = p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p)
+
+The plain array version is :func:`scratchvae.losses.adam_update`; the fused
+one-pass kernel is :func:`scratchvae.kernels.adam_update`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from . import kernels, losses
+from .backend import array_module
+
+__all__ = ["Adam"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Adam:
+    """Adam hyperparameters.
+
+    Parameters
+    ----------
+    lr : float
+        Step size (alpha in the paper).
+    betas : (float, float)
+        Decay rates of the first and second moment estimates.
+    eps : float
+        Added to ``sqrt(v_hat)``, after the square root.
+    weight_decay : float
+        Decoupled weight decay (AdamW): ``p -= lr * weight_decay * p``.
+    fused : bool
+        Use the one-pass Numba kernel (default) or the plain array code.
+    """
+
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    fused: bool = True
+
+    def __post_init__(self):
+        b1, b2 = self.betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"Adam: betas must lie in [0, 1), got {self.betas}")
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError(f"Adam: need lr > 0, eps > 0, weight_decay >= 0; got lr={self.lr}, "
+                             f"eps={self.eps}, weight_decay={self.weight_decay}")
+
+    def init(self, params: dict) -> dict:
+        """Zero moments shaped like ``params``.
+
+        Returns
+        -------
+        state : dict
+            ``{"step": int, "m": {name: array}, "v": {name: array}}``,
+            arrays on the parameters' backend and in their dtype.
+        """
+        return {
+            "step": 0,
+            "m": {k: array_module(p).zeros_like(p) for k, p in params.items()},
+            "v": {k: array_module(p).zeros_like(p) for k, p in params.items()},
+        }
+
+    def step(self, params: dict, grads: dict, state: dict) -> dict:
+        """Apply one Adam step to every array in ``params`` (in place).
+
+        Returns the new state (the moment arrays are updated in place and
+        shared with the old state; ``step`` is incremented).
+        """
+        if params.keys() != grads.keys() or params.keys() != state["m"].keys():
+            raise KeyError("Adam.step: params, grads and state must have the same keys; "
+                           f"missing in grads: {sorted(set(params) - set(grads))}, "
+                           f"missing in state: {sorted(set(params) - set(state['m']))}")
+        update = kernels.adam_update if self.fused else losses.adam_update
+        t = int(state["step"]) + 1
+        b1, b2 = self.betas
+        for name, p in params.items():
+            update(p, grads[name], state["m"][name], state["v"][name], lr=self.lr, beta1=b1, beta2=b2,
+                     eps=self.eps, weight_decay=self.weight_decay, step=t)
+        return {"step": t, "m": state["m"], "v": state["v"]}

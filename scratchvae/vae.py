@@ -1,0 +1,552 @@
+"""The variational autoencoder: model, loss with its hand-written gradient,
+importance-weighted bound, and the builders ``mlp_vae`` and ``conv_vae``.
+
+One training step, in the order :meth:`VAE.loss_and_grad` runs it (shapes for
+a batch of B flat images with D pixels and a latent of L dimensions)::
+
+    h         = encoder(x)                      # (B, H)
+    mu        = mu_head(h)                      # (B, L)
+    log_sigma = log_sigma_head(h)               # (B, L)   log standard deviation
+    z         = mu + exp(log_sigma) * eps       # (B, L)   eps ~ N(0, I)
+    KL_j      = 0.5 * (mu**2 + exp(2 log_sigma) - 1) - log_sigma
+    out       = decoder(z)                      # (B, D)   logits or Gaussian mean
+    recon     = -log p(x | z)                   # (B,)     summed over pixels
+    loss      = mean_b(recon) + beta * mean_b(sum_j KL_j)
+
+and backward::
+
+    d out                  = dNLL/d out / B                 (sigmoid(out) - x for Bernoulli)
+    dz                     = decoder.backward(d out)
+    dmu                    = dz + (beta / B) * mu
+    dlog_sigma             = dz * exp(log_sigma) * eps + (beta / B) * (exp(2 log_sigma) - 1)
+    dh                     = mu_head.backward(dmu) + log_sigma_head.backward(dlog_sigma)
+    encoder.backward(dh)
+
+The loss terms and their gradients come from :mod:`scratchvae.losses` (plain
+array code, the readable ground truth) or :mod:`scratchvae.kernels` (the same
+computations fused into single passes by Numba); ``fused`` chooses.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from . import kernels, losses
+from .backend import resolve
+from .layers import Conv2d, ConvTranspose2d, Dense, Flatten, LeakyReLU, ReLU, Reshape, Sequential, Sigmoid, Softplus, Tanh
+from .layers.activations import sigmoid, softplus
+from .layers.base import float_dtype
+
+__all__ = ["VAE", "Autoencoder", "NonFiniteLoss", "mlp_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder",
+           "LIKELIHOODS"]
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss term became NaN or Inf; the message names the term."""
+
+
+class _Model:
+    """What the VAE and the plain autoencoder share: parameter bookkeeping,
+    input checks, the likelihood, and decoding."""
+
+    def __init__(self, parts: dict, *, likelihood, input_shape, latent_dim, gaussian_log_sigma, fused):
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        first = next(iter(parts.values()))
+        self.backend = first.backend
+        self.dtype = first.dtype
+        self.xp = self.backend.xp
+        self.likelihood = likelihood
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_dim = math.prod(self.input_shape)
+        self.latent_dim = int(latent_dim)
+        self.fused = bool(fused)
+        self.ops = kernels if fused else losses
+        self.parts = parts
+        self.params, self.grads = {}, {}
+        for prefix, part in parts.items():
+            if part.backend != self.backend or part.dtype != self.dtype:
+                raise ValueError(f"model part {prefix!r} uses {part.backend.name}/{part.dtype}, "
+                                 f"expected {self.backend.name}/{self.dtype}")
+            for name in part.params:
+                self.params[f"{prefix}.{name}"] = part.params[name]
+                self.grads[f"{prefix}.{name}"] = part.grads[name]
+        # The Gaussian likelihood's per-pixel log standard deviation: learned
+        # (a parameter of the decoder's output distribution) or fixed.
+        self.out_log_sigma = None
+        self._learn_out_log_sigma = False
+        if likelihood == "gaussian":
+            if gaussian_log_sigma == "learned":
+                self.out_log_sigma = self.xp.zeros(self.input_dim, dtype=self.dtype)  # (D,)
+                self._learn_out_log_sigma = True
+                self.params["decoder.out_log_sigma"] = self.out_log_sigma
+                self.grads["decoder.out_log_sigma"] = self.xp.zeros_like(self.out_log_sigma)
+            else:
+                self.out_log_sigma = self.xp.full((1,), float(gaussian_log_sigma), dtype=self.dtype)  # (1,)
+
+    # -- bookkeeping -------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """Reset every gradient to zero, in place."""
+        for g in self.grads.values():
+            g.fill(0)
+
+    def num_params(self) -> int:
+        return sum(int(p.size) for p in self.params.values())
+
+    def _as_input(self, x, name="x"):
+        """Accept (B, D) or (B, C, H, W), host or device; return a (B, D) array of the model's dtype."""
+        xp = self.xp
+        if not self.backend.is_array(x):
+            x = self.backend.asarray(x)
+        if x.ndim == 1 + len(self.input_shape) and tuple(x.shape[1:]) == self.input_shape:
+            x = x.reshape(x.shape[0], self.input_dim)
+        if x.ndim != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected (B, {self.input_dim}) "
+                             f"or (B, {', '.join(map(str, self.input_shape))})")
+        if x.shape[0] < 1:
+            raise ValueError(f"{name} is an empty batch")
+        if x.dtype != self.dtype:
+            if x.dtype.kind not in "fiub":
+                raise TypeError(f"{name} has dtype {x.dtype}, expected a numeric array")
+            x = x.astype(self.dtype)
+        return xp.ascontiguousarray(x)
+
+    def _check_values(self, x, name="x"):
+        """NaN/Inf anywhere, or values outside [0, 1] for the Bernoulli likelihood."""
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name} contains NaN or Inf values")
+        if self.likelihood == "bernoulli" and (lo < 0 or hi > 1):
+            raise ValueError(f"{name} has values in [{lo:g}, {hi:g}]; the Bernoulli likelihood needs data in [0, 1]")
+
+    # -- likelihood ----------------------------------------------------------------
+    def _nll_and_grad(self, out, x, scale):
+        """-log p(x | out) per example (B,) and d(scale * sum NLL)/d out (B, D).
+
+        Also accumulates the gradient of the learned Gaussian log sigma.
+        """
+        if self.likelihood == "bernoulli":
+            return self.ops.bce_with_logits(out, x, scale)
+        nll, dout, dls = self.ops.gaussian_nll(out, x, self.out_log_sigma, scale)
+        return nll, dout, dls
+
+    def _log_px(self, out, x):
+        """log p(x | out) per example, (B,): the value only, no gradient pass."""
+        if self.likelihood == "bernoulli":
+            # log p = x l - softplus(l), summed over pixels (never log(sigmoid(l)))
+            return (x * out - softplus(out)).sum(axis=1)
+        r = (x - out) * self.xp.exp(-self.out_log_sigma)                    # (B, D) standardized residual
+        return -(0.5 * r * r + self.out_log_sigma + 0.5 * _LOG_2PI).sum(axis=1)
+
+    def evaluate(self, x, rng, batch_size: int = 1000) -> dict:
+        """Negative ELBO (beta = 1, no free bits), recon and KL: per-example means over ``x``.
+
+        No gradients are computed. ``rng`` is a generator of the model's
+        backend, drawing one eps per example (a single-sample estimate).
+        Returns host floats ``{"loss", "recon", "kl"}``.
+        """
+        x = self._as_input(x)
+        totals = numpy.zeros(2)
+        for start in range(0, x.shape[0], batch_size):
+            recon, kl = self._eval_terms(x[start:start + batch_size], rng)   # (b,), (b,)
+            totals += [float(recon.sum()), float(kl.sum())]
+        recon, kl = totals / x.shape[0]
+        return {"loss": recon + kl, "recon": recon, "kl": kl}
+
+    def _mean_image(self, out):
+        return sigmoid(out) if self.likelihood == "bernoulli" else out
+
+    def decode(self, z):
+        """Mean image of p(x | z): probabilities for Bernoulli, the mean for Gaussian.
+
+        z : (B, L) -> (B, D)
+        """
+        z = self.backend.asarray(z, dtype=self.dtype)
+        return self._mean_image(self.parts["decoder"].forward(z))
+
+    def sample(self, n: int, rng):
+        """Decode ``n`` draws from the prior N(0, I): (n, D) mean images.
+
+        ``rng`` is a generator of the model's backend (``backend.rng(seed)``).
+        """
+        z = rng.standard_normal((int(n), self.latent_dim), dtype=self.dtype)  # (n, L)
+        return self.decode(self.backend.asarray(z, dtype=self.dtype))
+
+    def reconstruct(self, x):
+        """Decode the encoder's mean code: (B, D) -> (B, D) mean images."""
+        mu, _ = self.encode(x)
+        return self.decode(mu)
+
+
+class VAE(_Model):
+    """A variational autoencoder with a diagonal Gaussian posterior.
+
+    Parameters
+    ----------
+    encoder : Layer
+        (B, D) -> (B, H).
+    mu_head, log_sigma_head : Dense
+        (B, H) -> (B, L): the posterior mean and log standard deviation.
+    decoder : Layer
+        (B, L) -> (B, D): Bernoulli logits or the Gaussian mean.
+    likelihood : {"bernoulli", "gaussian"}
+    input_shape : tuple
+        (C, H, W) or (D,): the shape of one example; D = prod(input_shape).
+    gaussian_log_sigma : "learned" or float
+        For the Gaussian likelihood: a learned per-pixel log standard
+        deviation (parameter ``decoder.out_log_sigma``, shape (D,)) or a fixed one.
+    fused : bool
+        Compute the loss with the fused Numba kernels (default) or plain array code.
+
+    ``params`` and ``grads`` are flat dicts keyed ``encoder.*``, ``mu.*``,
+    ``log_sigma.*`` and ``decoder.*``.
+    """
+
+    def __init__(self, encoder, mu_head, log_sigma_head, decoder, *, likelihood="bernoulli", input_shape=(784,),
+                 gaussian_log_sigma="learned", fused=True):
+        if mu_head.out_features != log_sigma_head.out_features:
+            raise ValueError("mu and log_sigma heads must have the same number of outputs")
+        super().__init__({"encoder": encoder, "mu": mu_head, "log_sigma": log_sigma_head, "decoder": decoder},
+                         likelihood=likelihood, input_shape=input_shape, latent_dim=mu_head.out_features,
+                         gaussian_log_sigma=gaussian_log_sigma, fused=fused)
+        self.encoder, self.mu_head, self.log_sigma_head, self.decoder = encoder, mu_head, log_sigma_head, decoder
+
+    def encode(self, x):
+        """Posterior parameters: x (B, D) -> mu (B, L), log_sigma (B, L)."""
+        h = self.encoder.forward(self._as_input(x))
+        return self.mu_head.forward(h), self.log_sigma_head.forward(h)
+
+    def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True):
+        """Negative ELBO in nats per example; accumulates its gradient into ``grads``.
+
+        Parameters
+        ----------
+        x : array (B, D) or (B, C, H, W)
+            A batch; in [0, 1] for the Bernoulli likelihood.
+        rng : generator of the model's backend, optional
+            Draws ``eps`` when it is not given.
+        eps : array (B, L), optional
+            Fixed standard-normal noise (tests pass it).
+        beta : float
+            Weight of the KL term (beta-VAE; 1 is the ELBO).
+        free_bits : float
+            Per-dimension KL floor in nats (Kingma et al. 2016): the loss uses
+            ``sum_j max(free_bits, mean_b KL_bj)``; a dimension under the floor
+            gets no KL gradient. 0 turns it off.
+        check_data : bool
+            Check x for NaN/Inf and range (one reduction); the trainer
+            validates the whole data set once and turns this off.
+
+        Returns
+        -------
+        loss : float
+            ``mean_b recon + beta * KL term``.
+        stats : dict
+            ``recon`` and ``kl`` (per-example means, nats), ``kl_term`` (the
+            KL as it enters the loss, after free bits), ``kl_per_dim`` (L,) host array.
+        """
+        x = self._as_input(x)
+        if check_data:
+            self._check_values(x)
+        B, L = x.shape[0], self.latent_dim
+        if eps is None:
+            if rng is None:
+                raise ValueError("loss_and_grad needs rng (to draw eps) or eps")
+            eps = rng.standard_normal((B, L), dtype=self.dtype)  # (B, L)
+        else:
+            eps = self.backend.asarray(eps, dtype=self.dtype)
+            if eps.shape != (B, L):
+                raise ValueError(f"eps has shape {tuple(eps.shape)}, expected ({B}, {L})")
+        xp = self.xp
+
+        # forward
+        h = self.encoder.forward(x)                        # (B, H)
+        mu = self.mu_head.forward(h)                       # (B, L)
+        log_sigma = self.log_sigma_head.forward(h)         # (B, L)
+        z, kl = self.ops.reparameterize_kl(mu, log_sigma, eps)   # (B, L), (B, L)
+        out = self.decoder.forward(z)                      # (B, D)
+        nll_and_grad = self._nll_and_grad(out, x, 1.0 / B)
+        nll, dout = nll_and_grad[0], nll_and_grad[1]       # (B,), (B, D)
+
+        kl_per_dim = kl.mean(axis=0)                       # (L,)
+        recon = float(nll.mean())
+        kl_mean = float(kl_per_dim.sum())
+        if not math.isfinite(recon):
+            raise NonFiniteLoss(f"the reconstruction term (-log p(x|z), {self.likelihood}) is {recon}")
+        if not math.isfinite(kl_mean):
+            raise NonFiniteLoss(f"the KL term is {kl_mean} (log_sigma range "
+                                f"[{float(log_sigma.min()):g}, {float(log_sigma.max()):g}])")
+        if free_bits > 0:
+            active = kl_per_dim > free_bits                # (L,) dims above the floor get gradients
+            kl_term = float(xp.maximum(kl_per_dim, free_bits).sum())
+            kl_weight = (beta / B) * active.astype(self.dtype)
+        else:
+            kl_term = kl_mean
+            kl_weight = xp.full((L,), beta / B, dtype=self.dtype)
+
+        # backward
+        if self._learn_out_log_sigma:
+            self.grads["decoder.out_log_sigma"] += nll_and_grad[2]
+        dz = self.decoder.backward(dout)                   # (B, L)
+        dmu, dlog_sigma = self.ops.reparameterize_kl_backward(dz, mu, log_sigma, eps, kl_weight)
+        dh = self.mu_head.backward(dmu)                    # (B, H)
+        dh += self.log_sigma_head.backward(dlog_sigma)
+        self.encoder.backward(dh)
+
+        loss = recon + beta * kl_term
+        return loss, {"loss": loss, "recon": recon, "kl": kl_mean, "kl_term": kl_term,
+                      "kl_per_dim": self.backend.asnumpy(kl_per_dim).astype(numpy.float64)}
+
+    def _eval_terms(self, x, rng, eps=None):
+        """-log p(x|z) (B,) and KL (B,) for one z per example; no gradients."""
+        mu, log_sigma = self.encode(x)
+        if eps is None:
+            eps = rng.standard_normal(mu.shape, dtype=self.dtype)
+        z, kl = losses.reparameterize_kl(mu, log_sigma, self.backend.asarray(eps, dtype=self.dtype))
+        return -self._log_px(self.decoder.forward(z), x), kl.sum(axis=1)
+
+    def elbo(self, x, rng=None, eps=None):
+        """Per-example ELBO, (B,) host float64 (no gradients, beta = 1)."""
+        recon, kl = self._eval_terms(self._as_input(x), rng, eps)
+        return self.backend.asnumpy(-(recon + kl)).astype(numpy.float64)
+
+    def iwae_bound(self, x, k: int, rng, max_elements: int = 2 ** 24):
+        """Importance-weighted lower bound on log p(x) (Burda et al. 2015).
+
+        For each example, with z_i ~ q(z | x), i = 1..k::
+
+            log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x)
+            bound   = logsumexp_i(log w_i) - log k
+
+        computed with a streaming (running-max) logsumexp over chunks of
+        samples, so that k = 5000 fits in memory: at most ``max_elements``
+        decoder outputs (chunk * B * D) are alive at once.
+
+        Parameters
+        ----------
+        x : array (B, D)
+        k : int
+            Number of importance samples; k = 1 gives the ELBO.
+        rng : generator of the model's backend
+
+        Returns
+        -------
+        bound : host float64 array (B,), nats. The test NLL quoted in papers
+        is ``-mean(bound)`` with k = 5000.
+        """
+        if k < 1:
+            raise ValueError(f"iwae_bound: k must be >= 1, got {k}")
+        xp = self.xp
+        x = self._as_input(x)
+        B, L = x.shape[0], self.latent_dim
+        mu, log_sigma = self.encode(x)                      # (B, L)
+        sigma = xp.exp(log_sigma)
+        chunk = max(1, min(k, max_elements // max(1, B * self.input_dim)))
+        run_max = xp.full((B,), -xp.inf, dtype=xp.float64)
+        run_sum = xp.zeros((B,), dtype=xp.float64)
+        x_rep = None
+        done = 0
+        while done < k:
+            c = min(chunk, k - done)
+            eps = rng.standard_normal((c, B, L), dtype=self.dtype)          # (c, B, L)
+            z = mu + sigma * eps                                            # (c, B, L)
+            out = self.decoder.forward(z.reshape(c * B, L))                 # (c*B, D)
+            if x_rep is None or x_rep.shape[0] != c * B:
+                x_rep = xp.broadcast_to(x, (c, B, self.input_dim)).reshape(c * B, self.input_dim)
+            log_px = self._log_px(out, x_rep).reshape(c, B)                 # (c, B)
+            log_pz = -0.5 * (z * z).sum(axis=2) - 0.5 * L * _LOG_2PI        # (c, B)
+            log_qz = -0.5 * (eps * eps).sum(axis=2) - log_sigma.sum(axis=1) - 0.5 * L * _LOG_2PI
+            log_w = (log_px + log_pz - log_qz).astype(xp.float64)          # (c, B)
+            new_max = xp.maximum(run_max, log_w.max(axis=0))
+            run_sum = run_sum * xp.exp(run_max - new_max) + xp.exp(log_w - new_max).sum(axis=0)
+            run_max = new_max
+            done += c
+        bound = run_max + xp.log(run_sum) - math.log(k)
+        return self.backend.asnumpy(bound)
+
+
+class Autoencoder(_Model):
+    """A plain (deterministic) autoencoder built from the same parts.
+
+    ``code = code_head(encoder(x))``, ``out = decoder(code)``, loss = the
+    reconstruction NLL only (no KL, no noise).  ``encode`` returns
+    ``(code, None)``; ``sample`` decodes N(0, I) draws, which an autoencoder
+    was never trained to decode: that contrast is the point of the classic
+    autoencoder-versus-VAE comparison.
+    """
+
+    def __init__(self, encoder, code_head, decoder, *, likelihood="bernoulli", input_shape=(784,),
+                 gaussian_log_sigma="learned", fused=True):
+        super().__init__({"encoder": encoder, "code": code_head, "decoder": decoder},
+                         likelihood=likelihood, input_shape=input_shape, latent_dim=code_head.out_features,
+                         gaussian_log_sigma=gaussian_log_sigma, fused=fused)
+        self.encoder, self.code_head, self.decoder = encoder, code_head, decoder
+
+    def encode(self, x):
+        """x (B, D) -> (code (B, L), None)."""
+        return self.code_head.forward(self.encoder.forward(self._as_input(x))), None
+
+    def _eval_terms(self, x, rng, eps=None):
+        code, _ = self.encode(x)
+        recon = -self._log_px(self.decoder.forward(code), x)
+        return recon, self.xp.zeros_like(recon)
+
+    def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True):
+        """Reconstruction NLL per example (nats); accumulates its gradient.
+
+        ``rng``, ``eps``, ``beta`` and ``free_bits`` are accepted for
+        interface parity with :class:`VAE` and ignored.
+        """
+        x = self._as_input(x)
+        if check_data:
+            self._check_values(x)
+        B = x.shape[0]
+        code = self.code_head.forward(self.encoder.forward(x))   # (B, L)
+        out = self.decoder.forward(code)                          # (B, D)
+        nll_and_grad = self._nll_and_grad(out, x, 1.0 / B)
+        recon = float(nll_and_grad[0].mean())
+        if not math.isfinite(recon):
+            raise NonFiniteLoss(f"the reconstruction term (-log p(x|z), {self.likelihood}) is {recon}")
+        if self._learn_out_log_sigma:
+            self.grads["decoder.out_log_sigma"] += nll_and_grad[2]
+        dcode = self.decoder.backward(nll_and_grad[1])
+        self.encoder.backward(self.code_head.backward(dcode))
+        return recon, {"loss": recon, "recon": recon, "kl": 0.0, "kl_term": 0.0,
+                       "kl_per_dim": numpy.zeros(self.latent_dim)}
+
+
+# -- builders ----------------------------------------------------------------------
+
+_ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh, "softplus": Softplus, "sigmoid": Sigmoid}
+
+
+def _activation(name, **kw):
+    try:
+        return _ACTIVATIONS[name](**kw)
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
+
+
+def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed):
+    be, dt = resolve(backend), float_dtype(dtype)
+    gen = numpy.random.default_rng(seed)
+    kw = dict(backend=be, dtype=dt)
+    hidden = tuple(int(h) for h in hidden)
+    if not hidden:
+        raise ValueError("hidden must name at least one layer width")
+    enc, width = [], int(input_dim)
+    for h in hidden:
+        enc += [Dense(width, h, rng=gen, **kw), _activation(activation, **kw)]
+        width = h
+    heads = Dense(width, latent_dim, rng=gen, **kw), Dense(width, latent_dim, rng=gen, **kw)
+    dec, width = [], int(latent_dim)
+    for h in reversed(hidden):
+        dec += [Dense(width, h, rng=gen, **kw), _activation(activation, **kw)]
+        width = h
+    dec.append(Dense(width, int(input_dim), rng=gen, **kw))
+    return Sequential(*enc), heads, Sequential(*dec)
+
+
+def mlp_vae(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",
+            backend=None, dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None) -> VAE:
+    """An MLP VAE: input_dim -> hidden... -> (mu, log_sigma) of latent_dim; the decoder mirrors it.
+
+    With the defaults, the 784-400-20 ReLU model of Kingma & Welling.
+    Weights are initialized from ``seed`` (PyTorch's default scheme).
+    ``input_shape`` (e.g. (1, 28, 28)) only tells the model, and the figures,
+    how a flat row of ``input_dim`` pixels is an image; default (input_dim,).
+    """
+    encoder, (mu, log_sigma), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed)
+    return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
+               gaussian_log_sigma=gaussian_log_sigma, fused=fused)
+
+
+def mlp_autoencoder(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",
+                    backend=None, dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None) -> Autoencoder:
+    """The plain-autoencoder twin of :func:`mlp_vae` (same layers, no log_sigma head)."""
+    encoder, (code, _), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed)
+    return Autoencoder(encoder, code, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
+                       gaussian_log_sigma=gaussian_log_sigma, fused=fused)
+
+
+def _flat_shape(input_dim, input_shape):
+    if input_shape is None:
+        return (int(input_dim),)
+    if math.prod(input_shape) != int(input_dim):
+        raise ValueError(f"input_shape {tuple(input_shape)} does not hold input_dim={input_dim} pixels")
+    return tuple(int(s) for s in input_shape)
+
+
+def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, dtype, seed):
+    be, dt = resolve(backend), float_dtype(dtype)
+    gen = numpy.random.default_rng(seed)
+    kw = dict(backend=be, dtype=dt)
+    c_in, height, width = (int(s) for s in input_shape)
+    channels = tuple(int(c) for c in channels)
+    sizes = [(height, width)]          # spatial size after each stride-2 4x4 convolution (padding 1)
+    for _ in channels:
+        h, w = sizes[-1]
+        sizes.append(((h - 2) // 2 + 1, (w - 2) // 2 + 1))
+    if min(sizes[-1]) < 1:
+        raise ValueError(f"input_shape {input_shape} is too small for {len(channels)} stride-2 convolutions")
+    enc = [Reshape((c_in, height, width), **kw)]
+    prev = c_in
+    for c in channels:
+        enc += [Conv2d(prev, c, 4, stride=2, padding=1, rng=gen, **kw), _activation(activation, **kw)]
+        prev = c
+    enc.append(Flatten(**kw))
+    flat = prev * sizes[-1][0] * sizes[-1][1]
+    width_in = flat
+    if hidden:
+        enc += [Dense(flat, hidden, rng=gen, **kw), _activation(activation, **kw)]
+        width_in = hidden
+    heads = Dense(width_in, latent_dim, rng=gen, **kw), Dense(width_in, latent_dim, rng=gen, **kw)
+    dec = []
+    if hidden:
+        dec += [Dense(latent_dim, hidden, rng=gen, **kw), _activation(activation, **kw),
+                Dense(hidden, flat, rng=gen, **kw), _activation(activation, **kw)]
+    else:
+        dec += [Dense(latent_dim, flat, rng=gen, **kw), _activation(activation, **kw)]
+    dec.append(Reshape((prev, *sizes[-1]), **kw))
+    ups = list(reversed(channels[:-1])) + [c_in]
+    for i, c in enumerate(ups):
+        small, big = sizes[len(channels) - i], sizes[len(channels) - i - 1]
+        # (s - 1) * 2 - 2 + 4 + output_padding = big  =>  output_padding = big - 2 s
+        out_pad = (big[0] - 2 * small[0], big[1] - 2 * small[1])
+        dec.append(ConvTranspose2d(prev, c, 4, stride=2, padding=1, output_padding=out_pad, rng=gen, **kw))
+        if i < len(ups) - 1:
+            dec.append(_activation(activation, **kw))
+        prev = c
+    dec.append(Flatten(**kw))
+    return Sequential(*enc), heads, Sequential(*dec)
+
+
+def conv_vae(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, likelihood="bernoulli", backend=None,
+             dtype="float32", seed=0, hidden=256, activation="relu", gaussian_log_sigma="learned",
+             fused=True) -> VAE:
+    """A convolutional VAE.
+
+    Encoder: stride-2 4x4 convolutions (padding 1) with ``channels``, a
+    Dense bottleneck of ``hidden`` units (None: none), Dense heads for mu and
+    log_sigma.  Decoder: the mirror image, with ConvTranspose2d back up to
+    ``input_shape`` (output_padding chosen so odd sizes come back exactly).
+    Takes and returns flat (B, C*H*W) arrays like the MLP model.
+    """
+    encoder, (mu, log_sigma), decoder = _conv_parts(input_shape, channels, latent_dim, hidden, activation,
+                                                    backend, dtype, seed)
+    return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=tuple(input_shape),
+               gaussian_log_sigma=gaussian_log_sigma, fused=fused)
+
+
+def conv_autoencoder(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, likelihood="bernoulli",
+                     backend=None, dtype="float32", seed=0, hidden=256, activation="relu",
+                     gaussian_log_sigma="learned", fused=True) -> Autoencoder:
+    """The plain-autoencoder twin of :func:`conv_vae`."""
+    encoder, (code, _), decoder = _conv_parts(input_shape, channels, latent_dim, hidden, activation,
+                                              backend, dtype, seed)
+    return Autoencoder(encoder, code, decoder, likelihood=likelihood, input_shape=tuple(input_shape),
+                       gaussian_log_sigma=gaussian_log_sigma, fused=fused)
