@@ -275,11 +275,14 @@ class VAE(_Model):
         kl_per_dim = kl.mean(axis=0)                       # (L,)
         recon = float(nll.mean())
         kl_mean = float(kl_per_dim.sum())
-        if not math.isfinite(recon):
-            raise NonFiniteLoss(f"the reconstruction term (-log p(x|z), {self.likelihood}) is {recon}")
+        bad = []
         if not math.isfinite(kl_mean):
-            raise NonFiniteLoss(f"the KL term is {kl_mean} (log_sigma range "
-                                f"[{float(log_sigma.min()):g}, {float(log_sigma.max()):g}])")
+            bad.append(f"the KL term is {kl_mean} (log_sigma in [{float(log_sigma.min()):g}, "
+                       f"{float(log_sigma.max()):g}], mu in [{float(mu.min()):g}, {float(mu.max()):g}])")
+        if not math.isfinite(recon):
+            bad.append(f"the reconstruction term (-log p(x|z), {self.likelihood}) is {recon}")
+        if bad:
+            raise NonFiniteLoss("; ".join(bad))
         if free_bits > 0:
             active = kl_per_dim > free_bits                # (L,) dims above the floor get gradients
             kl_term = float(xp.maximum(kl_per_dim, free_bits).sum())

@@ -1,0 +1,255 @@
+"""The whole VAE: every parameter gradient-checked in float64 with fixed
+noise, the IWAE bound against numerical integration, and the model's errors."""
+import math
+
+import numpy as np
+import pytest
+
+from scratchvae import gradcheck
+from scratchvae.vae import NonFiniteLoss, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
+
+TOL = 1e-6
+FUSED = [pytest.param(False, id="plain"), pytest.param(True, id="fused")]
+
+
+def binary_batch(n, d, seed):
+    return (np.random.default_rng(seed).random((n, d)) < 0.4).astype(np.float64)
+
+
+def check_model(model, x, eps, beta=1.0, free_bits=0.0):
+    """Gradient check of loss_and_grad for every parameter; returns the report."""
+    model.zero_grad()
+    model.loss_and_grad(x, eps=eps, beta=beta, free_bits=free_bits)
+    analytic = {k: g.copy() for k, g in model.grads.items()}
+
+    def loss():
+        return model.loss_and_grad(x, eps=eps, beta=beta, free_bits=free_bits)[0]
+
+    return gradcheck.check_scalar(loss, model.params, analytic)
+
+
+def small_mlp(likelihood="bernoulli", activation="tanh", fused=False, **kw):
+    return mlp_vae(input_dim=7, hidden=(6, 5), latent_dim=3, activation=activation, likelihood=likelihood,
+                   dtype="float64", seed=3, fused=fused, **kw)
+
+
+def small_conv(likelihood="bernoulli", fused=False):
+    return conv_vae(input_shape=(1, 7, 6), channels=(2, 3), latent_dim=2, hidden=4, likelihood=likelihood,
+                    activation="tanh", dtype="float64", seed=4, fused=fused)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("beta", [1.0, 0.37])
+def test_mlp_vae_gradcheck(likelihood, beta, fused):
+    model = small_mlp(likelihood, fused=fused)
+    x = binary_batch(5, 7, 0)
+    if likelihood == "gaussian":
+        x = x * 0.8 + 0.1 * np.random.default_rng(1).random(x.shape)
+    eps = np.random.default_rng(2).standard_normal((5, 3))
+    report = check_model(model, x, eps, beta=beta)
+    assert set(report.errors) == set(model.params)
+    assert report.max_error <= TOL, str(report)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_conv_vae_gradcheck(likelihood, fused):
+    model = small_conv(likelihood, fused=fused)
+    x = binary_batch(3, 42, 5)
+    eps = np.random.default_rng(6).standard_normal((3, 2))
+    report = check_model(model, x, eps, beta=1.3)
+    assert report.max_error <= TOL, str(report)
+
+
+def test_whole_model_check_catches_a_slightly_wrong_gradient():
+    model = small_mlp()
+    x, eps = binary_batch(5, 7, 0), np.random.default_rng(2).standard_normal((5, 3))
+    model.zero_grad()
+    model.loss_and_grad(x, eps=eps)
+    analytic = {k: g.copy() for k, g in model.grads.items()}
+    analytic["log_sigma.b"][1] *= 1 + 1e-4       # a 0.01% error in one entry
+
+    def loss():
+        return model.loss_and_grad(x, eps=eps)[0]
+
+    report = gradcheck.check_scalar(loss, model.params, analytic)
+    assert report.errors["log_sigma.b"] > 1e-6 and report.errors["mu.b"] <= TOL
+
+
+def test_relu_mlp_vae_gradcheck():
+    """The default ReLU model; with this seed no pre-activation lies within h of the kink."""
+    model = small_mlp(activation="relu")
+    x, eps = binary_batch(4, 7, 7), np.random.default_rng(8).standard_normal((4, 3))
+    assert check_model(model, x, eps).max_error <= TOL
+
+
+def test_fixed_gaussian_sigma_gradcheck():
+    model = small_mlp("gaussian", gaussian_log_sigma=-0.5)
+    assert "decoder.out_log_sigma" not in model.params
+    x, eps = np.random.default_rng(9).random((4, 7)), np.random.default_rng(10).standard_normal((4, 3))
+    assert check_model(model, x, eps).max_error <= TOL
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_free_bits_gradcheck(fused):
+    model = small_mlp(fused=fused)
+    x, eps = binary_batch(6, 7, 11), np.random.default_rng(12).standard_normal((6, 3))
+    kl_per_dim = np.sort(model.loss_and_grad(x, eps=eps)[1]["kl_per_dim"])
+    floor = 0.5 * (kl_per_dim[0] + kl_per_dim[1])  # one dimension under the floor, two above, away from the kink
+    _, stats = model.loss_and_grad(x, eps=eps, free_bits=floor)
+    assert stats["kl_term"] == pytest.approx(floor + kl_per_dim[1:].sum(), rel=1e-12)
+    report = check_model(model, x, eps, beta=0.8, free_bits=floor)
+    assert report.max_error <= TOL, str(report)
+
+
+def test_free_bits_zero_gradient_below_floor():
+    model = small_mlp()
+    x, eps = binary_batch(6, 7, 11), np.random.default_rng(12).standard_normal((6, 3))
+    high = 100.0  # every dimension under the floor: the KL contributes no gradient at all
+    model.zero_grad()
+    loss_fb, _ = model.loss_and_grad(x, eps=eps, free_bits=high)
+    g_fb = {k: v.copy() for k, v in model.grads.items()}
+    model.zero_grad()
+    loss_ae, _ = model.loss_and_grad(x, eps=eps, beta=0.0)
+    for k in g_fb:
+        np.testing.assert_allclose(g_fb[k], model.grads[k], rtol=1e-12, atol=1e-15)
+    assert loss_fb == pytest.approx(loss_ae + 3 * high)
+
+
+@pytest.mark.parametrize("build", [mlp_autoencoder, conv_autoencoder], ids=["mlp", "conv"])
+def test_autoencoder_gradcheck(build):
+    if build is mlp_autoencoder:
+        model = build(input_dim=7, hidden=(5,), latent_dim=2, activation="tanh", dtype="float64", seed=1)
+        x = binary_batch(4, 7, 2)
+    else:
+        model = build(input_shape=(1, 6, 6), channels=(2, 2), latent_dim=2, hidden=3, activation="tanh",
+                      dtype="float64", seed=1)
+        x = binary_batch(2, 36, 2)
+    assert {k.split(".")[0] for k in model.params} == {"encoder", "code", "decoder"}
+    assert check_model(model, x, None).max_error <= TOL
+
+
+def test_param_names_and_shapes():
+    model = mlp_vae()
+    assert list(model.params) == ["encoder.0.W", "encoder.0.b", "mu.W", "mu.b", "log_sigma.W", "log_sigma.b",
+                                  "decoder.0.W", "decoder.0.b", "decoder.2.W", "decoder.2.b"]
+    assert model.params["encoder.0.W"].shape == (784, 400) and model.params["decoder.2.W"].shape == (400, 784)
+    assert model.params["mu.W"].dtype == np.float32
+    assert model.num_params() == 784 * 400 + 400 + 2 * (400 * 20 + 20) + 20 * 400 + 400 + 400 * 784 + 784
+    conv = conv_vae()
+    assert {k.split(".")[0] for k in conv.params} == {"encoder", "mu", "log_sigma", "decoder"}
+    x = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    assert conv.decode(conv.encode(x)[0]).shape == (2, 784)
+
+
+def test_loss_matches_its_definition():
+    """loss = mean(recon) + beta * mean(sum KL), each term computed independently here."""
+    model = small_mlp()
+    x, eps = binary_batch(5, 7, 13), np.random.default_rng(14).standard_normal((5, 3))
+    loss, stats = model.loss_and_grad(x, eps=eps, beta=0.5)
+    mu, log_sigma = model.encode(x)
+    z = mu + np.exp(log_sigma) * eps
+    logits = model.decoder.forward(z)
+    p = 1 / (1 + np.exp(-logits))
+    recon = -(x * np.log(p) + (1 - x) * np.log(1 - p)).sum(1).mean()
+    kl = (0.5 * (mu ** 2 + np.exp(2 * log_sigma) - 1) - log_sigma).sum(1).mean()
+    assert stats["recon"] == pytest.approx(recon, rel=1e-12)
+    assert stats["kl"] == pytest.approx(kl, rel=1e-12)
+    assert loss == pytest.approx(recon + 0.5 * kl, rel=1e-12)
+
+
+def test_gaussian_nll_is_exact_nats():
+    model = small_mlp("gaussian", gaussian_log_sigma=0.3)
+    x, eps = np.random.default_rng(15).random((4, 7)), np.random.default_rng(16).standard_normal((4, 3))
+    _, stats = model.loss_and_grad(x, eps=eps)
+    mu, log_sigma = model.encode(x)
+    mean = model.decoder.forward(mu + np.exp(log_sigma) * eps)
+    sigma = math.exp(0.3)
+    log_pdf = -0.5 * ((x - mean) / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+    assert stats["recon"] == pytest.approx(-log_pdf.sum(1).mean(), rel=1e-12)
+
+
+def test_iwae_converges_to_log_px_by_integration():
+    """1-D latent: log p(x) = log integral p(x|z) N(z; 0, 1) dz on a fine grid."""
+    model = mlp_vae(input_dim=5, hidden=(4,), latent_dim=1, activation="tanh", dtype="float64", seed=21)
+    x = binary_batch(3, 5, 22)
+    grid = np.linspace(-12, 12, 24001)[:, None]                        # (G, 1)
+    dz = grid[1, 0] - grid[0, 0]
+    logits = model.decoder.forward(grid)                               # (G, 5)
+    log_prior = -0.5 * grid[:, 0] ** 2 - 0.5 * math.log(2 * math.pi)
+    log_px = []
+    for row in x:
+        log_lik = (row * logits - np.logaddexp(0, logits)).sum(1)      # (G,)
+        a = log_lik + log_prior
+        log_px.append(a.max() + math.log(np.exp(a - a.max()).sum() * dz))
+    # an untrained encoder is a poor proposal, so "large k" has to be large
+    bound = model.iwae_bound(x, 500_000, np.random.default_rng(23))
+    np.testing.assert_allclose(bound, log_px, atol=0.01)
+    assert np.all(bound <= np.array(log_px) + 0.01)
+
+
+def test_iwae_bound_grows_with_k_and_k1_is_the_elbo():
+    model = mlp_vae(input_dim=8, hidden=(6,), latent_dim=2, dtype="float64", seed=24)
+    x = np.repeat(binary_batch(4, 8, 25), 50, axis=0)                    # (200, 8)
+    means = [model.iwae_bound(x, k, np.random.default_rng(26)).mean() for k in (1, 10, 100, 1000)]
+    assert all(a < b for a, b in zip(means, means[1:])), means
+    elbo = model.elbo(x, np.random.default_rng(27)).mean()
+    assert means[0] == pytest.approx(elbo, abs=0.2)
+
+
+def test_iwae_chunks_do_not_change_the_result():
+    model = mlp_vae(input_dim=8, hidden=(6,), latent_dim=2, dtype="float64", seed=24)
+    x = binary_batch(5, 8, 28)
+    whole = model.iwae_bound(x, 64, np.random.default_rng(0))
+    chunked = model.iwae_bound(x, 64, np.random.default_rng(0), max_elements=5 * 8 * 3)   # chunks of 3 samples
+    np.testing.assert_allclose(whole, chunked, rtol=1e-12)
+
+
+def test_loss_needs_rng_or_eps_and_checks_eps_shape():
+    model = small_mlp()
+    x = binary_batch(2, 7, 0)
+    with pytest.raises(ValueError, match="rng"):
+        model.loss_and_grad(x)
+    with pytest.raises(ValueError, match=r"eps has shape \(2, 2\), expected \(2, 3\)"):
+        model.loss_and_grad(x, eps=np.zeros((2, 2)))
+    loss_a, _ = model.loss_and_grad(x, rng=np.random.default_rng(1))
+    loss_b, _ = model.loss_and_grad(x, rng=np.random.default_rng(1))
+    assert loss_a == loss_b
+
+
+def test_bad_data_is_refused():
+    model = small_mlp()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.loss_and_grad(np.full((2, 7), 1.5), eps=np.zeros((2, 3)))
+    x = binary_batch(2, 7, 0)
+    x[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.loss_and_grad(x, eps=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"expected \(B, 7\)"):
+        model.loss_and_grad(np.zeros((2, 6)), eps=np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_nonfinite_loss_names_the_term(fused):
+    model = small_mlp(fused=fused)
+    x, eps = binary_batch(2, 7, 0), np.ones((2, 3))
+    model.params["log_sigma.b"][...] = 800.0      # exp(2 * 800) overflows: the KL goes to inf
+    with pytest.raises(NonFiniteLoss, match="KL term is inf"):
+        model.loss_and_grad(x, eps=eps)
+    model = small_mlp(fused=fused)
+    model.params["decoder.4.b"][0] = np.nan
+    with pytest.raises(NonFiniteLoss, match="reconstruction term") as info:
+        model.loss_and_grad(x, eps=eps)
+    assert "KL" not in str(info.value)
+
+
+def test_decode_sample_reconstruct_shapes():
+    model = mlp_vae(input_dim=12, hidden=(5,), latent_dim=2, input_shape=(1, 3, 4))
+    x = binary_batch(3, 12, 0).astype(np.float32)
+    mu, log_sigma = model.encode(x)
+    assert mu.shape == log_sigma.shape == (3, 2)
+    probs = model.reconstruct(x)
+    assert probs.shape == (3, 12) and probs.min() >= 0 and probs.max() <= 1
+    assert model.sample(4, np.random.default_rng(0)).shape == (4, 12)
+    assert model.reconstruct(x.reshape(3, 1, 3, 4)).shape == (3, 12)
