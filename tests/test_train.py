@@ -1,0 +1,238 @@
+"""The training program: outputs, determinism, resume, Ctrl-C, NaN, bad files and data."""
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from scratchvae import checkpoint, datasets
+from scratchvae.train import TrainConfig, TrainingDiverged, main, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIGURES = ["samples.png", "reconstructions.png", "curves.png", "latent.png", "manifold.png", "interpolation.png"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def small(out, **kw):
+    """A tiny, fast run: 300 images, a 32-unit MLP."""
+    base = dict(limit=300, test_limit=200, batch_size=64, hidden=(32,), latent_dim=3, epochs=2, figures=False,
+                out=str(out))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(*args, **kw):
+    pass
+
+
+def params_of(run_dir):
+    arrays, meta = checkpoint.load(pathlib.Path(run_dir) / "checkpoint.npz")
+    return arrays, meta
+
+
+def strip_times(history):
+    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, extra", [("mlp", []), ("conv", ["--channels", "8,16", "--hidden", "64"])])
+def test_cli_smoke_run_writes_everything_and_learns(tmp_path, arch, extra):
+    out = tmp_path / arch
+    cmd = [sys.executable, str(REPO / "examples" / "train_mnist.py"), "--arch", arch, "--limit", "1000",
+           "--test-limit", "500", "--epochs", "1", "--batch-size", "64", "--out", str(out), *extra]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "epoch   1/1" in run.stdout
+    for name in FIGURES:
+        assert (out / name).read_bytes()[:8] == PNG, name
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    for key in ("epoch", "train_loss", "test_loss", "test_recon", "test_kl", "seconds", "images_per_s"):
+        assert key in record
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["backend"] == "numpy" and summary["device"] == "cpu"
+    assert summary["config"]["arch"] == arch
+    assert summary["test_loss"] == record["test_loss"]
+    assert record["test_loss"] < summary["initial_test"]["loss"] - 10, "the test loss did not fall"
+    assert record["test_loss"] == pytest.approx(record["test_recon"] + record["test_kl"])
+    checkpoint.load(out / "checkpoint.npz")
+
+
+def test_help_explains_every_flag():
+    run = subprocess.run([sys.executable, str(REPO / "examples" / "train_mnist.py"), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0
+    for flag in ("--backend", "--dataset", "--data-dir", "--arch", "--hidden", "--latent-dim", "--likelihood",
+                 "--model", "--epochs", "--batch-size", "--lr", "--beta", "--kl-warmup", "--free-bits", "--seed",
+                 "--dtype", "--limit", "--iwae-k", "--out", "--resume"):
+        assert flag in run.stdout, flag
+
+
+def test_same_seed_same_numbers_bit_for_bit(tmp_path):
+    a = train(small(tmp_path / "a"), log=quiet)
+    b = train(small(tmp_path / "b"), log=quiet)
+    assert strip_times(a["history"]) == strip_times(b["history"])
+    pa, _ = params_of(tmp_path / "a")
+    pb, _ = params_of(tmp_path / "b")
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k])
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    whole = train(small(tmp_path / "whole", epochs=3, kl_warmup=1.5), log=quiet)
+    train(small(tmp_path / "part", epochs=1, kl_warmup=1.5), log=quiet)
+    resumed = train(small(tmp_path / "part", epochs=3, kl_warmup=1.5), resume=tmp_path / "part", log=quiet)
+    assert strip_times(resumed["history"]) == strip_times(whole["history"])
+    pw, mw = params_of(tmp_path / "whole")
+    pr, mr = params_of(tmp_path / "part")
+    assert pw.keys() == pr.keys()
+    for k in pw:
+        np.testing.assert_array_equal(pw[k], pr[k])
+    assert mw["rng_state"] == mr["rng_state"] and mw["step"] == mr["step"]
+    assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path):
+    whole = train(small(tmp_path / "whole"), log=quiet)
+
+    def press_ctrl_c(step, stats):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)   # the real signal, caught by the trainer's handler
+
+    lines = []
+    summary = train(small(tmp_path / "cut"), log=lines.append, on_step=press_ctrl_c)
+    assert summary["status"] == "interrupted"
+    assert any("interrupted at epoch 1, step 2" in line for line in lines)
+    _, meta = params_of(tmp_path / "cut")
+    assert meta["epoch"] == 0 and meta["batch_in_epoch"] == 2
+    resumed = train(small(tmp_path / "cut"), resume=tmp_path / "cut", log=quiet)
+    assert strip_times(resumed["history"]) == strip_times(whole["history"])
+    pw, _ = params_of(tmp_path / "whole")
+    pc, _ = params_of(tmp_path / "cut")
+    for k in pw:
+        np.testing.assert_array_equal(pw[k], pc[k])
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = small(tmp_path / "run", epochs=1)
+    train(cfg, log=quiet)
+    ckpt = tmp_path / "run" / "checkpoint.npz"
+    good = ckpt.read_bytes()
+
+    def poison(step, stats):
+        if step == 7:   # the second step of epoch 2 (5 steps per epoch)
+            poison.model_params["decoder.0.W"][0, 0] = np.nan
+
+    import scratchvae.train as train_mod
+    real_build = train_mod.build_model
+
+    def build_and_remember(*args, **kw):
+        model = real_build(*args, **kw)
+        poison.model_params = model.params
+        return model
+
+    train_mod.build_model = build_and_remember
+    try:
+        with pytest.raises(TrainingDiverged) as info:
+            train(dataclasses.replace(cfg, epochs=2), resume=tmp_path / "run", log=quiet, on_step=poison)
+    finally:
+        train_mod.build_model = real_build
+    msg = str(info.value)
+    assert "epoch 2, step 8" in msg and "reconstruction term" in msg and "untouched" in msg
+    assert ckpt.read_bytes() == good
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_corrupted_truncated_and_mismatched_checkpoints_are_clear_errors(tmp_path, capsys):
+    train(small(tmp_path / "run", epochs=1), log=quiet)
+    ckpt = tmp_path / "run" / "checkpoint.npz"
+    data = ckpt.read_bytes()
+
+    (tmp_path / "trunc").mkdir()
+    (tmp_path / "trunc" / "checkpoint.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match=r"trunc/checkpoint.npz is corrupted or truncated"):
+        checkpoint.load(tmp_path / "trunc" / "checkpoint.npz")
+
+    # an array changed behind the checksum's back (the zip itself stays valid)
+    with np.load(ckpt) as z:
+        stored = {k: z[k] for k in z.files}
+    stored["param/encoder.0.W"] = stored["param/encoder.0.W"] + 1.0
+    bad = tmp_path / "flip.npz"
+    np.savez(bad, **stored)
+    with pytest.raises(checkpoint.CheckpointError, match=r"flip.npz: checksum mismatch in array 'param/encoder.0.W'"):
+        checkpoint.load(bad)
+
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.load(tmp_path / "nothing.npz")
+
+    # the same file resumed into a different model: shapes named
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit the model"):
+        train(small(tmp_path / "run", latent_dim=4, epochs=2), resume=tmp_path / "run", log=quiet)
+
+    # through the command line: exit code 1 and the file named
+    assert main(["--resume", str(tmp_path / "trunc"), "--no-figures"]) == 1
+    assert "trunc/checkpoint.npz" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path / "run"), "--latent-dim", "5"]) == 1
+    assert "latent_dim=3" in capsys.readouterr().err
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.npz"
+    checkpoint.save(path, {"a": np.arange(3.0)}, {"epoch": 1})
+    good = path.read_bytes()
+
+    def explode(*args, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", explode)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(path, {"a": np.arange(4.0)}, {"epoch": 2})
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]   # no temp file left
+
+
+@pytest.mark.parametrize("problem, match", [("nan", "NaN"), ("range", "outside"), ("shape", "shape")])
+def test_bad_data_is_refused_before_training(tmp_path, monkeypatch, problem, match):
+    x = (np.random.default_rng(0).random((50, 784)) < 0.5).astype(np.float32)
+    if problem == "nan":
+        x[3, 5] = np.nan
+    elif problem == "range":
+        x[0, 0] = 2.0
+    test = x[:20].copy()
+    if problem == "shape":
+        x = x[:, :700]
+
+    def fake_load(*args, **kw):
+        return datasets.Dataset(name="fake", train=x, valid=None, test=test, image_shape=(1, 28, 28)) \
+            if problem != "shape" else _Bad(x, test)
+
+    class _Bad:
+        def __init__(self, train, test):
+            self.train, self.test, self.test_labels = train, test, None
+            self.image_shape, self.dynamic_binarization = (1, 28, 28), False
+
+    monkeypatch.setattr(datasets, "load", fake_load)
+    with pytest.raises(ValueError, match=match):
+        train(small(tmp_path / "bad"), log=quiet)
+    assert not (tmp_path / "bad" / "checkpoint.npz").exists()
+
+
+def test_autoencoder_and_gaussian_runs(tmp_path):
+    s = train(small(tmp_path / "ae", model="ae", epochs=1, figures=True), log=quiet)
+    assert s["status"] == "finished" and s["test_kl"] == 0.0
+    for name in FIGURES:
+        assert (tmp_path / "ae" / name).exists(), name
+    g = train(small(tmp_path / "g", likelihood="gaussian", epochs=1), log=quiet)
+    assert np.isfinite(g["test_loss"])
+
+
+def test_iwae_figure_in_summary(tmp_path):
+    s = train(small(tmp_path / "iw", epochs=1, test_limit=50, iwae_k=20), log=quiet)
+    assert s["iwae_k"] == 20
+    assert s["test_nll_iwae"] <= s["test_loss"] + 1.0   # the bound is at least about as tight as the ELBO
