@@ -1,1 +1,202 @@
-"""Numba-fused kernels (installed as ``scratchvae.kernels``)."""
+"""Fused kernels (installed as ``scratchvae.kernels``).
+
+The public functions here have exactly the signatures and return values of
+their plain twins in :mod:`scratchvae.losses`, so a model can switch with::
+
+    ops = scratchvae.kernels if fused else scratchvae.losses
+
+Each call validates its arguments (with the same checks and messages as the
+plain functions), makes the inputs C-contiguous, allocates the outputs and
+dispatches on the array module (:func:`scratchvae.backend.array_module`):
+
+* NumPy arrays -> :mod:`scratchvae.kernels.cpu` (Numba ``@njit`` loops),
+* CuPy arrays  -> :mod:`scratchvae.kernels.cuda` (numba-cuda kernels,
+  launched on CuPy's current stream).  That module is imported on first
+  use; if numba-cuda is missing or no GPU is usable the call raises
+  :class:`scratchvae.backend.BackendUnavailable` (never a silent fallback).
+
+Only float32 and float64 are supported (the plain functions also take
+other floating dtypes).  The fused results agree with the plain ones to
+rounding: a few float32 ulps (a few float64 ulps in float64).
+"""
+from __future__ import annotations
+
+import numpy
+
+from scratchvae import losses as _plain
+from scratchvae.backend import BackendUnavailable, array_module
+
+from . import cpu
+
+__all__ = ["bce_with_logits", "gaussian_nll", "reparameterize_kl", "reparameterize_kl_backward",
+           "adam_update", "cuda_module"]
+
+_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def cuda_module():
+    """The :mod:`scratchvae.kernels.cuda` module, ready to launch kernels.
+
+    Raises
+    ------
+    BackendUnavailable
+        When numba-cuda cannot be imported or finds no usable GPU.
+    """
+    try:
+        from . import cuda as module
+    except ImportError as err:
+        raise BackendUnavailable(
+            "scratchvae.kernels got CuPy arrays but the CUDA kernels cannot be loaded: "
+            f"{err}. Install numba-cuda (`pip install numba-cuda[cu12]`) or use scratchvae.losses") from err
+    module.require_gpu()
+    return module
+
+
+def _backend(fname, xp, arrays):
+    """(kernel module, extra launch keywords) for arrays of module ``xp``."""
+    for name, a in arrays.items():
+        if not isinstance(a, xp.ndarray):
+            raise TypeError(f"{fname}: {name} is a {type(a).__module__}.{type(a).__name__} but other "
+                            f"arguments are {xp.__name__} arrays; pass arrays of one library")
+    if xp is numpy:
+        return cpu, {}
+    module = cuda_module()
+    return module, {"stream": module.current_stream()}
+
+
+def _check_kernel_dtype(fname, dtype):
+    if dtype not in _DTYPES:
+        raise TypeError(f"{fname}: the fused kernels support float32 and float64, got {dtype}; "
+                        "cast the arrays or use scratchvae.losses")
+
+
+def _contiguous(xp, *arrays):
+    return [a if a.flags.c_contiguous else xp.ascontiguousarray(a) for a in arrays]
+
+
+def bce_with_logits(logits, x, scale=1.0):
+    """Fused :func:`scratchvae.losses.bce_with_logits`.
+
+    Parameters
+    ----------
+    logits : array, shape (B, D), float32 or float64
+    x : array, shape (B, D), same dtype
+    scale : float
+
+    Returns
+    -------
+    nll : array, shape (B,)
+    dlogits : array, shape (B, D)
+    """
+    B, D = _plain._validate_bce(logits, x)
+    _check_kernel_dtype("bce_with_logits", logits.dtype)
+    xp = array_module(logits, x)
+    module, launch = _backend("bce_with_logits", xp, {"logits": logits, "x": x})
+    logits, x = _contiguous(xp, logits, x)
+    nll = xp.empty((B,), dtype=logits.dtype)
+    dlogits = xp.empty((B, D), dtype=logits.dtype)
+    module.bce_with_logits_into(logits, x, scale, nll, dlogits, **launch)
+    return nll, dlogits
+
+
+def gaussian_nll(mean, x, log_sigma, scale=1.0):
+    """Fused :func:`scratchvae.losses.gaussian_nll`.
+
+    Parameters
+    ----------
+    mean, x : arrays, shape (B, D), float32 or float64
+    log_sigma : array, shape (D,) or (1,), same dtype
+    scale : float
+
+    Returns
+    -------
+    nll : array, shape (B,)
+    dmean : array, shape (B, D)
+    dlog_sigma : array, shape of ``log_sigma``
+    """
+    B, D = _plain._validate_gaussian(mean, x, log_sigma)
+    _check_kernel_dtype("gaussian_nll", mean.dtype)
+    xp = array_module(mean, x, log_sigma)
+    module, launch = _backend("gaussian_nll", xp, {"mean": mean, "x": x, "log_sigma": log_sigma})
+    mean, x, log_sigma = _contiguous(xp, mean, x, log_sigma)
+    nll = xp.empty((B,), dtype=mean.dtype)
+    dmean = xp.empty((B, D), dtype=mean.dtype)
+    dlog_sigma = xp.empty(log_sigma.shape, dtype=mean.dtype)
+    module.gaussian_nll_into(mean, x, log_sigma, scale, nll, dmean, dlog_sigma, **launch)
+    return nll, dmean, dlog_sigma
+
+
+def reparameterize_kl(mu, log_sigma, eps):
+    """Fused :func:`scratchvae.losses.reparameterize_kl`.
+
+    Parameters
+    ----------
+    mu, log_sigma, eps : arrays, shape (B, L), float32 or float64
+
+    Returns
+    -------
+    z : array, shape (B, L)
+    kl : array, shape (B, L)
+    """
+    B, L = _plain._validate_reparam("reparameterize_kl", mu=mu, log_sigma=log_sigma, eps=eps)
+    _check_kernel_dtype("reparameterize_kl", mu.dtype)
+    xp = array_module(mu, log_sigma, eps)
+    module, launch = _backend("reparameterize_kl", xp, {"mu": mu, "log_sigma": log_sigma, "eps": eps})
+    mu, log_sigma, eps = _contiguous(xp, mu, log_sigma, eps)
+    z = xp.empty((B, L), dtype=mu.dtype)
+    kl = xp.empty((B, L), dtype=mu.dtype)
+    module.reparameterize_kl_into(mu, log_sigma, eps, z, kl, **launch)
+    return z, kl
+
+
+def reparameterize_kl_backward(dz, mu, log_sigma, eps, kl_weight):
+    """Fused :func:`scratchvae.losses.reparameterize_kl_backward`.
+
+    Parameters
+    ----------
+    dz, mu, log_sigma, eps : arrays, shape (B, L), float32 or float64
+    kl_weight : array, shape (L,), or scalar
+
+    Returns
+    -------
+    dmu : array, shape (B, L)
+    dlog_sigma : array, shape (B, L)
+    """
+    fname = "reparameterize_kl_backward"
+    B, L = _plain._validate_reparam(fname, dz=dz, mu=mu, log_sigma=log_sigma, eps=eps)
+    _check_kernel_dtype(fname, mu.dtype)
+    xp = array_module(dz, mu, log_sigma, eps)
+    module, launch = _backend(fname, xp, {"dz": dz, "mu": mu, "log_sigma": log_sigma, "eps": eps})
+    w = _plain._validate_kl_weight(kl_weight, L, mu.dtype, xp)
+    dz, mu, log_sigma, eps, w = _contiguous(xp, dz, mu, log_sigma, eps, w)
+    dmu = xp.empty((B, L), dtype=mu.dtype)
+    dlog_sigma = xp.empty((B, L), dtype=mu.dtype)
+    module.reparameterize_kl_backward_into(dz, mu, log_sigma, eps, w, dmu, dlog_sigma, **launch)
+    return dmu, dlog_sigma
+
+
+def adam_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
+    """Fused :func:`scratchvae.losses.adam_update`: one pass, in place.
+
+    Parameters
+    ----------
+    param, m, v : C-contiguous arrays, any shape, float32 or float64
+        Updated in place (so they must be contiguous: a copy would be lost).
+    grad : array, shape and dtype of ``param``
+    lr, beta1, beta2, eps, weight_decay : float
+    step : int, >= 1
+
+    Returns
+    -------
+    None
+    """
+    _plain._validate_adam(param, grad, m, v, step)
+    _check_kernel_dtype("adam_update", param.dtype)
+    xp = array_module(param, grad, m, v)
+    module, launch = _backend("adam_update", xp, {"param": param, "grad": grad, "m": m, "v": v})
+    for name, a in (("param", param), ("m", m), ("v", v)):
+        if not a.flags.c_contiguous:
+            raise ValueError(f"adam_update: {name} must be C-contiguous to be updated in place "
+                             "(the fused kernel cannot write through a strided view)")
+    (grad,) = _contiguous(xp, grad)
+    module.adam_update_into(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, **launch)

@@ -1,0 +1,376 @@
+"""VAE losses and the Adam step: plain, readable array code (the ground truth).
+
+Every function takes arrays and returns arrays; it works on NumPy and CuPy
+alike (``xp`` is picked with :func:`scratchvae.backend.array_module`) and
+keeps the input dtype: float32 in, float32 out (float64 in, float64 out).
+Scalars such as ``scale`` are cast to that dtype first.
+
+:mod:`scratchvae.kernels` offers the same functions, with the same
+signatures and return values, as fused Numba kernels (CPU) and numba-cuda
+kernels (GPU), so a model can pick either::
+
+    ops = scratchvae.kernels if fused else scratchvae.losses
+    nll, dlogits = ops.bce_with_logits(logits, x, scale=1.0 / batch)
+
+Notation: B examples, D pixels, L latent dimensions.  The encoder outputs
+``log_sigma``, the log *standard deviation* (not the log variance):
+``sigma = exp(log_sigma)``, ``sigma**2 = exp(2 * log_sigma)``.
+
+Derivations
+-----------
+Bernoulli decoder with logits ``l`` and targets ``x`` in [0, 1]::
+
+    -log p(x | l) = -x log s(l) - (1 - x) log(1 - s(l))   (s = sigmoid)
+                  = max(l, 0) - l x + log1p(exp(-|l|))    (never overflows)
+    d/dl          = s(l) - x
+
+Gaussian decoder with mean ``m`` and log standard deviation ``g``
+(``r = (x - m) exp(-g)``)::
+
+    -log N(x; m, exp(g)**2) = 0.5 log(2 pi) + g + 0.5 r**2
+    d/dm = (m - x) exp(-2 g)
+    d/dg = 1 - r**2
+
+Reparameterization and KL(N(mu, sigma**2) || N(0, 1)) per latent dimension,
+with ``z = mu + exp(g) eps``::
+
+    KL = 0.5 (mu**2 + exp(2 g) - 1) - g
+       = 0.5 mu**2 + 0.5 (expm1(2 g) - 2 g)
+    dKL/dmu = mu,    dKL/dg = exp(2 g) - 1 = expm1(2 g)
+    dz/dmu  = 1,     dz/dg  = exp(g) eps
+
+``expm1(y) - y`` cancels badly for small ``|y|`` (both terms are ~y, the
+difference ~y**2/2); :func:`expm1_minus_x` sums its Taylor series there.
+"""
+from __future__ import annotations
+
+import math
+
+from .backend import array_module
+
+__all__ = [
+    "bce_with_logits",
+    "gaussian_nll",
+    "reparameterize_kl",
+    "reparameterize_kl_backward",
+    "adam_update",
+    "adam_coefficients",
+    "expm1_minus_x",
+    "EXPM1_SERIES",
+    "EXPM1_SERIES_CUTOFF",
+]
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+#: Taylor coefficients 1/k! for k = 2..18 of expm1(y) - y = sum_k y**k / k!.
+#: For |y| < EXPM1_SERIES_CUTOFF the first omitted term is below 2e-17
+#: relative to the sum, so the series is accurate to float64 rounding; at and
+#: beyond the cutoff expm1(y) - y loses at most about one ulp to cancellation.
+EXPM1_SERIES = tuple(1.0 / math.factorial(k) for k in range(2, 19))
+EXPM1_SERIES_CUTOFF = 1.0
+
+_FLOAT_KINDS = "f"
+
+
+# ----------------------------------------------------------------------------
+# validation (shared with scratchvae.kernels so that errors read the same)
+# ----------------------------------------------------------------------------
+
+def _check_float(fname, **arrays):
+    """All arrays share one floating dtype; return it."""
+    dtype = None
+    for name, a in arrays.items():
+        if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+            raise TypeError(f"{fname}: {name} must be an array, got {type(a).__name__}")
+        if a.dtype.kind not in _FLOAT_KINDS:
+            raise TypeError(f"{fname}: {name} has dtype {a.dtype}; expected a floating dtype (float32 or float64)")
+        if dtype is None:
+            dtype = a.dtype
+        elif a.dtype != dtype:
+            first = next(iter(arrays))
+            raise TypeError(f"{fname}: {name} has dtype {a.dtype} but {first} has dtype {dtype}; "
+                            "pass all arrays in one dtype (cast with .astype)")
+    return dtype
+
+
+def _check_2d_same(fname, **arrays):
+    """All arrays are 2-D with one shape; return it."""
+    shape = None
+    for name, a in arrays.items():
+        if a.ndim != 2:
+            raise ValueError(f"{fname}: {name} must be 2-D (batch, features), got shape {tuple(a.shape)}")
+        if shape is None:
+            shape = tuple(a.shape)
+        elif tuple(a.shape) != shape:
+            first = next(iter(arrays))
+            raise ValueError(f"{fname}: {name} has shape {tuple(a.shape)} but {first} has shape {shape}")
+    return shape
+
+
+def _validate_bce(logits, x):
+    _check_float("bce_with_logits", logits=logits, x=x)
+    return _check_2d_same("bce_with_logits", logits=logits, x=x)
+
+
+def _validate_gaussian(mean, x, log_sigma):
+    _check_float("gaussian_nll", mean=mean, x=x, log_sigma=log_sigma)
+    B, D = _check_2d_same("gaussian_nll", mean=mean, x=x)
+    if log_sigma.ndim != 1 or log_sigma.shape[0] not in (1, D):
+        raise ValueError(f"gaussian_nll: log_sigma must have shape ({D},) (one per pixel) or (1,) (shared), "
+                         f"got {tuple(log_sigma.shape)}")
+    return B, D
+
+
+def _validate_reparam(fname, **arrays):
+    _check_float(fname, **arrays)
+    return _check_2d_same(fname, **arrays)
+
+
+def _validate_kl_weight(kl_weight, L, dtype, xp):
+    """kl_weight as an xp array of shape (L,) in ``dtype`` (a scalar is broadcast)."""
+    w = xp.asarray(kl_weight, dtype=dtype)
+    if w.ndim == 0:
+        w = xp.ascontiguousarray(xp.broadcast_to(w, (L,)))
+    if w.shape != (L,):
+        raise ValueError(f"reparameterize_kl_backward: kl_weight must have shape ({L},) (one per latent "
+                         f"dimension) or be a scalar, got {tuple(w.shape)}")
+    return w
+
+
+def _validate_adam(param, grad, m, v, step):
+    _check_float("adam_update", param=param, grad=grad, m=m, v=v)
+    for name, a in (("grad", grad), ("m", m), ("v", v)):
+        if tuple(a.shape) != tuple(param.shape):
+            raise ValueError(f"adam_update: {name} has shape {tuple(a.shape)} but param has shape "
+                             f"{tuple(param.shape)}")
+    if int(step) != step or step < 1:
+        raise ValueError(f"adam_update: step is the 1-based step count t (>= 1), got {step!r}")
+
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+
+def expm1_minus_x(y):
+    """``expm1(y) - y`` = ``exp(y) - 1 - y`` without cancellation, any shape.
+
+    For ``|y| < EXPM1_SERIES_CUTOFF`` (1) it sums the Taylor series
+    ``y**2/2! + y**3/3! + ... + y**18/18!`` (Horner); elsewhere the direct
+    difference loses at most about one ulp (max error about 2 ulps).
+
+    Parameters
+    ----------
+    y : array, any shape, floating
+
+    Returns
+    -------
+    array, shape and dtype of ``y``
+    """
+    xp = array_module(y)
+    c = y.dtype.type
+    small = xp.abs(y) < c(EXPM1_SERIES_CUTOFF)
+    ys = xp.where(small, y, c(0))
+    poly = xp.full(y.shape, c(EXPM1_SERIES[-1]), dtype=y.dtype)
+    for coef in reversed(EXPM1_SERIES[:-1]):
+        poly = poly * ys + c(coef)
+    return xp.where(small, ys * ys * poly, xp.expm1(y) - y)
+
+
+def adam_coefficients(dtype, *, lr, beta1, beta2, eps, weight_decay, step):
+    """The scalars of one Adam step, cast to ``dtype`` (shared by all backends).
+
+    Returns
+    -------
+    tuple of ``dtype`` scalars
+        ``(lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
+        1 - beta1**step, 1 - beta2**step)``; the differences and powers are
+        formed in Python float64 before the cast.
+    """
+    c = _dtype_type(dtype)
+    step = int(step)
+    return (c(lr), c(beta1), c(1.0 - beta1), c(beta2), c(1.0 - beta2), c(eps), c(weight_decay),
+            c(1.0 - beta1 ** step), c(1.0 - beta2 ** step))
+
+
+def _dtype_type(dtype):
+    import numpy  # dtype objects are NumPy dtypes on both backends
+    return numpy.dtype(dtype).type
+
+
+# ----------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------
+
+def bce_with_logits(logits, x, scale=1.0):
+    """Bernoulli negative log-likelihood from logits, and its gradient.
+
+    ``nll[b] = sum_d max(l, 0) - l x + log1p(exp(-|l|))`` with ``l =
+    logits[b, d]``, ``x = x[b, d]``; exact and finite for any finite logit
+    (no ``log(sigmoid)``).
+
+    Parameters
+    ----------
+    logits : array, shape (B, D)
+        Decoder outputs before the sigmoid.
+    x : array, shape (B, D), same dtype
+        Targets in [0, 1].
+    scale : float
+        Multiplies the gradient (e.g. ``1 / B`` for a batch mean).
+
+    Returns
+    -------
+    nll : array, shape (B,)
+        Per-example negative log-likelihood (unscaled).
+    dlogits : array, shape (B, D)
+        ``scale * (sigmoid(logits) - x)``.
+    """
+    _validate_bce(logits, x)
+    xp = array_module(logits, x)
+    c = logits.dtype.type
+    e = xp.exp(-xp.abs(logits))                       # in (0, 1]: never overflows
+    nll = xp.sum(xp.maximum(logits, c(0)) - logits * x + xp.log1p(e), axis=1)
+    sig = xp.where(logits >= 0, c(1), e) / (c(1) + e)  # stable sigmoid, reuses e
+    dlogits = c(scale) * (sig - x)
+    return nll, dlogits
+
+
+def gaussian_nll(mean, x, log_sigma, scale=1.0):
+    """Gaussian negative log-likelihood with a learned log standard deviation.
+
+    ``nll[b] = sum_d 0.5 log(2 pi) + g + 0.5 r**2`` with ``g = log_sigma[d]``
+    (or ``log_sigma[0]`` when shared) and ``r = (x - mean) exp(-g)``.
+
+    Parameters
+    ----------
+    mean : array, shape (B, D)
+        Decoder means.
+    x : array, shape (B, D), same dtype
+        Targets.
+    log_sigma : array, shape (D,) or (1,), same dtype
+        Log standard deviation, per pixel ``(D,)`` or shared ``(1,)``.
+    scale : float
+        Multiplies both gradients.
+
+    Returns
+    -------
+    nll : array, shape (B,)
+        Per-example negative log-likelihood (unscaled).
+    dmean : array, shape (B, D)
+        ``scale * (mean - x) * exp(-2 log_sigma)``.
+    dlog_sigma : array, shape of ``log_sigma``
+        ``scale * sum_b (1 - r**2)`` per pixel, or summed over ``b`` and ``d``
+        for a shared ``(1,)`` log_sigma.
+    """
+    _validate_gaussian(mean, x, log_sigma)
+    xp = array_module(mean, x, log_sigma)
+    c = mean.dtype.type
+    inv_sigma = xp.exp(-log_sigma)              # (D,) or (1,)
+    inv_var = xp.exp(c(-2) * log_sigma)
+    r = (x - mean) * inv_sigma                  # (B, D), standardized residual
+    nll = xp.sum(c(HALF_LOG_2PI) + log_sigma + c(0.5) * r * r, axis=1)
+    dmean = c(scale) * ((mean - x) * inv_var)
+    g = c(1) - r * r
+    if log_sigma.shape[0] == 1:
+        dlog_sigma = c(scale) * xp.sum(g).reshape(1)
+    else:
+        dlog_sigma = c(scale) * xp.sum(g, axis=0)
+    return nll, dmean, dlog_sigma
+
+
+def reparameterize_kl(mu, log_sigma, eps):
+    """Sample ``z = mu + sigma * eps`` and the KL to the standard normal prior.
+
+    Parameters
+    ----------
+    mu : array, shape (B, L)
+        Posterior means.
+    log_sigma : array, shape (B, L), same dtype
+        Posterior log standard deviations; accurate for [-20, 20].
+    eps : array, shape (B, L), same dtype
+        Standard normal noise.
+
+    Returns
+    -------
+    z : array, shape (B, L)
+        ``mu + exp(log_sigma) * eps``.
+    kl : array, shape (B, L)
+        Per-dimension ``KL(N(mu, sigma**2) || N(0, 1))`` =
+        ``0.5 mu**2 + 0.5 (expm1(2 log_sigma) - 2 log_sigma)`` (>= 0).
+    """
+    _validate_reparam("reparameterize_kl", mu=mu, log_sigma=log_sigma, eps=eps)
+    xp = array_module(mu, log_sigma, eps)
+    c = mu.dtype.type
+    z = mu + xp.exp(log_sigma) * eps
+    kl = c(0.5) * mu * mu + c(0.5) * expm1_minus_x(c(2) * log_sigma)
+    return z, kl
+
+
+def reparameterize_kl_backward(dz, mu, log_sigma, eps, kl_weight):
+    """Gradients of ``loss(z) + sum_{b,l} kl_weight[l] * kl[b, l]``.
+
+    Parameters
+    ----------
+    dz : array, shape (B, L)
+        Upstream gradient of the loss with respect to ``z``.
+    mu, log_sigma, eps : arrays, shape (B, L), same dtype
+        The inputs of :func:`reparameterize_kl`.
+    kl_weight : array, shape (L,), or scalar
+        Per-dimension multiplier of the KL gradient (e.g. ``beta / B``, and 0
+        for dimensions held at a free-bits floor); cast to the dtype of ``mu``.
+
+    Returns
+    -------
+    dmu : array, shape (B, L)
+        ``dz + kl_weight * mu``.
+    dlog_sigma : array, shape (B, L)
+        ``dz * exp(log_sigma) * eps + kl_weight * expm1(2 log_sigma)``.
+    """
+    B, L = _validate_reparam("reparameterize_kl_backward", dz=dz, mu=mu, log_sigma=log_sigma, eps=eps)
+    xp = array_module(dz, mu, log_sigma, eps)
+    c = mu.dtype.type
+    w = _validate_kl_weight(kl_weight, L, mu.dtype, xp)
+    dmu = dz + w * mu
+    dlog_sigma = dz * xp.exp(log_sigma) * eps + w * xp.expm1(c(2) * log_sigma)
+    return dmu, dlog_sigma
+
+
+def adam_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
+    """One AdamW step, in place on ``param``, ``m`` and ``v``.
+
+    Algorithm 1 of Kingma & Ba (2015) with bias correction and ``eps`` added
+    after the square root, plus decoupled weight decay (Loshchilov & Hutter)::
+
+        m     = beta1 m + (1 - beta1) g
+        v     = beta2 v + (1 - beta2) g**2
+        mhat  = m / (1 - beta1**t),   vhat = v / (1 - beta2**t)
+        param = param - lr (mhat / (sqrt(vhat) + eps) + weight_decay param)
+
+    where the decay term uses ``param`` from before this step.
+
+    Parameters
+    ----------
+    param : array, any shape
+        Updated in place.
+    grad : array, shape and dtype of ``param``
+    m, v : arrays, shape and dtype of ``param``
+        First and second moment estimates (zeros before step 1); updated in place.
+    lr, beta1, beta2, eps, weight_decay : float
+    step : int
+        The step count ``t >= 1`` (1 on the first call).
+
+    Returns
+    -------
+    None
+    """
+    _validate_adam(param, grad, m, v, step)
+    xp = array_module(param, grad, m, v)
+    lr, b1, omb1, b2, omb2, eps, wd, bc1, bc2 = adam_coefficients(
+        param.dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    m *= b1
+    m += omb1 * grad
+    v *= b2
+    v += omb2 * (grad * grad)
+    mhat = m / bc1
+    vhat = v / bc2
+    update = mhat / (xp.sqrt(vhat) + eps)
+    param -= lr * (update + wd * param)
