@@ -217,9 +217,11 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
     x_train, x_test, test_labels = data.train, data.test, data.test_labels
     if cfg.limit is not None:
         x_train = x_train[:cfg.limit]
-    if cfg.test_limit is not None:
-        x_test = x_test[:cfg.test_limit]
-        test_labels = None if test_labels is None else test_labels[:cfg.test_limit]
+    if cfg.test_limit is not None and cfg.test_limit < x_test.shape[0]:
+        # evenly spaced, not the first N: MNIST's test split is ordered by class
+        keep = numpy.linspace(0, x_test.shape[0] - 1, cfg.test_limit).round().astype(numpy.int64)
+        x_test = x_test[keep]
+        test_labels = None if test_labels is None else test_labels[keep]
     for name, x in (("training data", x_train), ("test data", x_test)):
         datasets.validate_images(x, cfg.likelihood, name=f"{cfg.dataset} {name}", expected_shape=data.image_shape)
     dtype = numpy.dtype(cfg.dtype)
@@ -421,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, help="seed for weights, shuffling and noise (default 0)")
     a("--dtype", choices=("float32", "float64"), help="floating-point precision (default float32)")
     a("--limit", type=int, metavar="N", help="use only the first N training images (smoke runs)")
-    a("--test-limit", type=int, metavar="N", help="use only the first N test images")
+    a("--test-limit", type=int, metavar="N", help="use only N evenly spaced test images (the test split is ordered by class)")
     a("--iwae-k", type=int, metavar="K", help="importance samples for the final test NLL (5000 is the paper figure; "
                                               "0 skips, default)")
     a("--out", help=f"output folder (default {d.out}; with --resume, the resumed folder)")
