@@ -164,3 +164,10 @@ def test_gradcheck_report_prints_a_table():
     report = gradcheck.check_layer(Dense(2, 2, rng=0, **F64), np.ones((1, 2)))
     text = str(report)
     assert "x" in text and "W" in text and "b" in text and report.passed()
+
+
+@pytest.mark.parametrize("make", [lambda **kw: Dense(3, 2, **kw), ReLU, LeakyReLU, Sigmoid, Tanh, Softplus, Flatten,
+                                  lambda **kw: Reshape((3,), **kw)])
+def test_every_constructor_takes_backend_dtype_and_rng(make):
+    layer = make(backend="numpy", dtype=np.float64, rng=np.random.default_rng(0))
+    assert layer.backend.name == "numpy" and layer.dtype == np.float64

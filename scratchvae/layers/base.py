@@ -65,9 +65,12 @@ class Layer:
         Where the arrays live; ``None`` means NumPy.
     dtype : numpy dtype or str
         ``float32`` (default) or ``float64`` (for gradient checks).
+    rng : numpy Generator, int or None
+        Initializes the parameters of layers that have some; accepted (and
+        unused) by the others, so that every constructor shares one signature.
     """
 
-    def __init__(self, *, backend=None, dtype="float32"):
+    def __init__(self, *, backend=None, dtype="float32", rng=None):
         self.backend = resolve(backend)
         self.dtype = float_dtype(dtype)
         self.params: dict = {}
