@@ -1,0 +1,859 @@
+"""Figures for a trained VAE (or plain autoencoder): one PNG per function.
+
+Every ``plot_*`` function draws one figure with matplotlib's object API
+(:class:`matplotlib.figure.Figure` plus the Agg canvas), so no global pyplot
+state is touched and no display is needed.  Each writes its PNG to a
+temporary name in the destination folder and then moves it into place with
+:func:`os.replace`, so an interrupted run never leaves a half-written image,
+and each returns a small JSON-serialisable ``dict`` of what it computed
+(the numbers behind the picture; handy for tests and for ``summary.json``).
+
+The model interface used here is deliberately small:
+
+``model.latent_dim``
+    int.
+``model.input_shape``
+    ``(C, H, W)``; a flat image has ``D = C * H * W`` values in [0, 1].
+``model.backend``
+    with ``asarray(a, dtype=None)`` and ``asnumpy(a)``.
+``model.dtype``
+    the NumPy dtype of the parameters.
+``model.encode(x) -> (mu, log_sigma)``
+    ``x`` a backend array ``(B, D)``; ``log_sigma`` is ``None`` for a plain
+    autoencoder.
+``model.decode(z) -> (B, D)``
+    mean images in [0, 1].
+``model.sample(n, rng) -> (n, D)`` and ``model.reconstruct(x) -> (B, D)``.
+
+The model may live on a GPU: inputs go through ``model.backend.asarray`` in
+batches of ``BATCH`` rows and every result comes back with
+``model.backend.asnumpy`` before plotting.  Randomness only ever comes from an
+explicit ``rng`` argument (a :class:`numpy.random.Generator`).
+
+Examples
+--------
+>>> import numpy as np
+>>> from scratchvae.figures import image_grid
+>>> image_grid(np.zeros((10, 1, 28, 28)), ncols=4).shape   # 3 rows, 1 px gaps
+(86, 115)
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import uuid
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle
+from matplotlib.ticker import MaxNLocator
+
+__all__ = [
+    "image_grid",
+    "plot_samples",
+    "plot_reconstructions",
+    "plot_curves",
+    "plot_latent",
+    "plot_manifold",
+    "plot_interpolation",
+    "save_all",
+]
+
+#: Rows sent to the model per call (bounds host and device memory).
+BATCH = 500
+#: Resolution of every saved PNG.
+DPI = 100
+
+# Radius of the circle holding 99% of a standard normal in 2-D (chi with 2
+# degrees of freedom: sqrt(-2 ln 0.01)) and of the interval in 1-D.
+_PRIOR_R99_2D = math.sqrt(-2.0 * math.log(0.01))
+_PRIOR_R99_1D = statistics.NormalDist().inv_cdf(0.995)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+def image_grid(images, ncols, pad=1, pad_value=0.5):
+    """Tile images into one 2-D array (or ``(h, w, 3)`` for RGB).
+
+    Parameters
+    ----------
+    images : array_like, shape (N, C, H, W) or (N, H, W)
+        Values in [0, 1] (clipped).  ``C`` must be 1 (grayscale) or 3 (RGB).
+    ncols : int
+        Images per row; the grid has ``ceil(N / ncols)`` rows, and unused
+        cells of the last row are filled with ``pad_value``.
+    pad : int, optional
+        Pixels of ``pad_value`` between neighbouring tiles (none at the
+        outer border).
+    pad_value : float, optional
+        Gray level of the gaps and empty cells.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(rows * H + (rows - 1) * pad, ncols * W + (ncols - 1) * pad)``
+        for grayscale, with a trailing axis of 3 for RGB.
+
+    Raises
+    ------
+    ValueError
+        For an empty batch, a bad ``ncols`` or ``pad``, or an unsupported
+        channel count.
+    """
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W) or (N, H, W), got shape {images.shape}")
+    n, c, h, w = images.shape
+    if n == 0:
+        raise ValueError("image_grid needs at least one image")
+    if c not in (1, 3):
+        raise ValueError(f"image_grid supports 1 (gray) or 3 (RGB) channels, got {c}")
+    ncols = int(ncols)
+    pad = int(pad)
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    nrows = -(-n // ncols)
+    out = np.full((c, nrows * h + (nrows - 1) * pad, ncols * w + (ncols - 1) * pad),
+                  float(pad_value))
+    images = np.clip(images, 0.0, 1.0)
+    for k in range(n):
+        r, q = divmod(k, ncols)
+        y, x = r * (h + pad), q * (w + pad)
+        out[:, y:y + h, x:x + w] = images[k]
+    return out[0] if c == 1 else np.moveaxis(out, 0, -1)
+
+
+def _to_jsonable(obj):
+    """Recursively turn NumPy scalars/arrays and tuples into plain Python."""
+    if isinstance(obj, dict):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _to_jsonable(obj.tolist())
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    return obj
+
+
+def _save(fig, path):
+    """Render ``fig`` to ``path`` atomically (temp file + :func:`os.replace`)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    FigureCanvasAgg(fig)
+    # os.open with mode 0o666 (not mkstemp's 0o600) so the PNG gets the usual
+    # umask-derived permissions once renamed into place.
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=DPI, facecolor="white")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _image_shape(model):
+    shape = tuple(int(s) for s in model.input_shape)
+    if len(shape) == 2:
+        shape = (1,) + shape
+    if len(shape) != 3:
+        raise ValueError(f"model.input_shape must be (C, H, W), got {model.input_shape}")
+    return shape
+
+
+def _flat_dim(model):
+    return int(np.prod(_image_shape(model)))
+
+
+def _as_images(model, flat):
+    """Host array ``(N, D)`` -> ``(N, C, H, W)``."""
+    flat = np.asarray(flat)
+    return flat.reshape((flat.shape[0],) + _image_shape(model))
+
+
+def _flatten_input(model, x):
+    """Reshape a host or backend array of ``N`` images to ``(N, D)``."""
+    d = _flat_dim(model)
+    n = int(x.shape[0])
+    if int(np.prod(x.shape[1:])) != d:
+        raise ValueError(f"x has shape {tuple(x.shape)}, which does not match the model's "
+                         f"input_shape {tuple(model.input_shape)} (D = {d})")
+    return x.reshape(n, d)
+
+
+def _take(model, x, idx):
+    """``x[idx]`` for a host or backend ``x`` and host integer ``idx``."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if isinstance(x, np.ndarray):
+        return x[idx]
+    return x[model.backend.asarray(idx)]
+
+
+def _host(model, a):
+    return np.asarray(model.backend.asnumpy(a))
+
+
+def _encode_all(model, x, batch=BATCH):
+    """Encode ``(N, D)`` ``x`` in batches; host ``mu`` and ``log_sigma`` (or None)."""
+    mus, logs = [], []
+    has_sigma = True
+    for s in range(0, int(x.shape[0]), batch):
+        xb = model.backend.asarray(x[s:s + batch], dtype=model.dtype)
+        mu, log_sigma = model.encode(xb)
+        mus.append(_host(model, mu).reshape(xb.shape[0], -1))
+        if log_sigma is None:
+            has_sigma = False
+        elif has_sigma:
+            logs.append(_host(model, log_sigma).reshape(xb.shape[0], -1))
+    if not mus:
+        raise ValueError("cannot encode an empty batch")
+    mu = np.concatenate(mus).astype(np.float64)
+    log_sigma = np.concatenate(logs).astype(np.float64) if has_sigma else None
+    return mu, log_sigma
+
+
+def _decode_all(model, z, batch=BATCH):
+    """Decode host latents ``(N, K)`` in batches; host images ``(N, D)``."""
+    z = np.asarray(z)
+    out = []
+    for s in range(0, z.shape[0], batch):
+        zb = model.backend.asarray(z[s:s + batch], dtype=model.dtype)
+        out.append(_host(model, model.decode(zb)).reshape(zb.shape[0], -1))
+    return np.concatenate(out).astype(np.float64)
+
+
+def _reconstruct_all(model, x, batch=BATCH):
+    out = []
+    for s in range(0, int(x.shape[0]), batch):
+        xb = model.backend.asarray(x[s:s + batch], dtype=model.dtype)
+        out.append(_host(model, model.reconstruct(xb)).reshape(xb.shape[0], -1))
+    return np.concatenate(out).astype(np.float64)
+
+
+def _check_labels(model, labels, n):
+    if labels is None:
+        return None
+    labels = np.asarray(model.backend.asnumpy(labels)).reshape(-1)
+    if labels.shape[0] != n:
+        raise ValueError(f"labels has {labels.shape[0]} entries but x_test has {n} images")
+    return labels
+
+
+def _grid_figure(grid, title, max_inches=10.0, min_inches=3.0):
+    """A figure sized to an image grid (about 3 screen pixels per image pixel)."""
+    h, w = grid.shape[:2]
+    scale = min(max_inches / max(h, w) * 100.0, 3.0)  # screen px per image px
+    fw = max(w * scale / 100.0, min_inches)
+    fh = max(h * scale / 100.0 + 0.5, 1.6)
+    fig = Figure(figsize=(fw, fh), layout="constrained")
+    ax = fig.add_subplot()
+    _show(ax, grid)
+    ax.set_title(title, fontsize=10)
+    return fig, ax
+
+
+def _show(ax, grid):
+    if grid.ndim == 2:
+        ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _mean_bce(x, p, eps=1e-7):
+    p = np.clip(p, eps, 1.0 - eps)
+    return float(-(x * np.log(p) + (1.0 - x) * np.log1p(-p)).sum(axis=1).mean())
+
+
+# ---------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------
+
+def plot_samples(model, path, rng, n=64):
+    """Grid of images decoded from prior samples ``z ~ N(0, I)``.
+
+    Parameters
+    ----------
+    model : VAE or autoencoder
+        Must provide ``sample(n, rng)``.  For a plain autoencoder the
+        samples are whatever ``model.sample`` returns (decoding prior noise
+        is not meaningful there, which the figure simply shows).
+    path : str or os.PathLike
+        Where to write the PNG.
+    rng : numpy.random.Generator
+        Passed to ``model.sample``; the only source of randomness.
+    n : int, optional
+        Number of samples (laid out in a near-square grid).
+
+    Returns
+    -------
+    dict
+        ``path``, ``n``, ``ncols``, ``mean_intensity`` (mean pixel value),
+        ``pixel_std_across_samples`` (mean over pixels of the per-pixel
+        standard deviation across samples: ~0 means every sample looks the
+        same, i.e. posterior collapse or a broken decoder).
+    """
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    chunks, left = [], n
+    while left > 0:
+        m = min(left, BATCH)
+        chunks.append(_host(model, model.sample(m, rng)).reshape(m, -1))
+        left -= m
+    flat = np.concatenate(chunks).astype(np.float64)
+    ncols = int(math.ceil(math.sqrt(n)))
+    grid = image_grid(_as_images(model, flat), ncols)
+    fig, _ = _grid_figure(grid, f"{n} samples decoded from z ~ N(0, I)  "
+                                f"({model.latent_dim}-D latent)", max_inches=7.0)
+    _save(fig, path)
+    return _to_jsonable({
+        "path": os.fspath(path),
+        "n": n,
+        "ncols": ncols,
+        "mean_intensity": float(flat.mean()),
+        "pixel_std_across_samples": float(flat.std(axis=0).mean()) if n > 1 else 0.0,
+    })
+
+
+def plot_reconstructions(model, x_test, path, n=16):
+    """Test inputs (one row) above their reconstructions (next row).
+
+    Parameters
+    ----------
+    model : VAE or autoencoder
+        Must provide ``reconstruct(x)``.
+    x_test : array_like, shape (N, D) or (N, C, H, W)
+        Host or backend array in [0, 1]; the first ``n`` images are used.
+    path : str or os.PathLike
+        Where to write the PNG.
+    n : int, optional
+        Number of images; rows of up to 16, alternating input and
+        reconstruction (``n = 32`` gives 4 rows).
+
+    Returns
+    -------
+    dict
+        ``path``, ``n``, ``mse`` (mean squared error per pixel) and ``bce``
+        (Bernoulli cross-entropy in nats per image, summed over pixels and
+        averaged over the ``n`` images) of the shown reconstructions.
+    """
+    x = _flatten_input(model, x_test)
+    n = min(int(n), int(x.shape[0]))
+    if n < 1:
+        raise ValueError("plot_reconstructions needs at least one test image")
+    inputs = _host(model, x[:n]).reshape(n, -1).astype(np.float64)
+    recons = _reconstruct_all(model, x[:n])
+    per_row = min(16, n)
+    nrows = -(-n // per_row)
+    tiles, row_kind = [], []
+    blank = np.full_like(inputs[:1], 0.5)
+    for r in range(nrows):
+        a, b = r * per_row, min((r + 1) * per_row, n)
+        fill = [blank] * (per_row - (b - a))
+        tiles += [inputs[a:b]] + fill + [recons[a:b]] + fill
+        row_kind += ["input", "recon"]
+    grid = image_grid(_as_images(model, np.concatenate(tiles)), per_row)
+    fig, ax = _grid_figure(grid, f"Test inputs (rows 'input') and reconstructions "
+                                 f"(rows 'recon'), n = {n}", max_inches=9.0)
+    h = _image_shape(model)[1]
+    ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(len(row_kind))], row_kind, fontsize=8)
+    ax.tick_params(axis="y", length=0)
+    _save(fig, path)
+    return _to_jsonable({
+        "path": os.fspath(path),
+        "n": n,
+        "mse": float(np.mean((recons - inputs) ** 2)),
+        "bce": _mean_bce(inputs, recons),
+    })
+
+
+def _series(history, key):
+    vals = []
+    for h in history:
+        v = h.get(key)
+        vals.append(np.nan if v is None else float(v))
+    vals = np.asarray(vals)
+    return None if np.all(np.isnan(vals)) else vals
+
+
+def plot_curves(history, path):
+    """Training curves: negative ELBO, reconstruction and KL per epoch.
+
+    Parameters
+    ----------
+    history : list of dict
+        One dict per epoch with ``epoch``, ``train_loss``, ``test_loss``,
+        ``test_recon``, ``test_kl`` and optionally ``train_recon`` and
+        ``train_kl`` (all in nats per image).  Missing keys or ``None``
+        values are skipped; a run without any KL (plain autoencoder) gets an
+        annotated empty KL panel.
+    path : str or os.PathLike
+        Where to write the PNG.
+
+    Returns
+    -------
+    dict
+        ``path``, ``epochs`` (count), ``last`` (the last epoch's values),
+        ``best_epoch`` and ``best_test_loss`` (the epoch with the lowest
+        test loss, or ``None`` when there is no test loss).
+    """
+    history = list(history)
+    if not history:
+        raise ValueError("plot_curves needs at least one epoch in history")
+    epochs = np.asarray([h.get("epoch", i + 1) for i, h in enumerate(history)], dtype=np.float64)
+    panels = [
+        ("Negative ELBO", "train_loss", "test_loss", "negative ELBO (nats)"),
+        ("Reconstruction", "train_recon", "test_recon", "reconstruction NLL (nats)"),
+        ("KL(q(z|x) || p(z))", "train_kl", "test_kl", "KL (nats)"),
+    ]
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    ms = 5 if len(history) <= 30 else 3
+    for ax, (title, tr_key, te_key, ylabel) in zip(axes, panels):
+        drawn = False
+        for key, label, style in ((tr_key, "train", "-o"), (te_key, "test", "--s")):
+            vals = _series(history, key)
+            if vals is None:
+                continue
+            ok = ~np.isnan(vals)
+            ax.plot(epochs[ok], vals[ok], style, ms=ms, label=label)
+            drawn = True
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not recorded\n(plain autoencoder?)", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Training curves ({len(history)} epoch{'s' if len(history) != 1 else ''}, "
+                 f"nats per image)", fontsize=11)
+    _save(fig, path)
+    last = {k: v for k, v in history[-1].items()
+            if isinstance(v, (int, float, np.integer, np.floating)) or v is None}
+    test = _series(history, "test_loss")
+    if test is not None and not np.all(np.isnan(test)):
+        i = int(np.nanargmin(test))
+        best_epoch, best = epochs[i], float(test[i])
+        best_epoch = int(best_epoch) if float(best_epoch).is_integer() else float(best_epoch)
+    else:
+        best_epoch, best = None, None
+    return _to_jsonable({
+        "path": os.fspath(path),
+        "epochs": len(history),
+        "last": last,
+        "best_epoch": best_epoch,
+        "best_test_loss": best,
+    })
+
+
+def _radius_holding(norms, fraction=0.99):
+    """Smallest radius ``r`` among the norms with ``mean(norms <= r) >= fraction``."""
+    s = np.sort(np.asarray(norms, dtype=np.float64))
+    k = max(int(math.ceil(fraction * s.size - 1e-9)), 1)
+    return float(s[k - 1])
+
+
+def _pca_directions(mu, k=2):
+    """Top-``k`` principal directions (rows) of ``mu`` and their variance share."""
+    centred = mu - mu.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    var = s ** 2
+    total = var.sum()
+    share = float(var[:k].sum() / total) if total > 0 else 1.0
+    # fix the sign so the output is deterministic: largest |entry| positive
+    signs = np.sign(vt[np.arange(k), np.argmax(np.abs(vt[:k]), axis=1)])
+    signs[signs == 0] = 1.0
+    return vt[:k] * signs[:, None], share
+
+
+def plot_latent(model, x_test, path, labels=None):
+    """Scatter of the test-set posterior means, coloured by class.
+
+    A circle centred at the origin (the prior's centre) marks the radius
+    that holds 99% of the plotted points, next to the prior's own 99%
+    circle (dashed, radius ``sqrt(-2 ln 0.01) = 3.03``).  For
+    ``latent_dim > 2`` the means are projected onto their top two principal
+    directions (PCA by SVD of the centred means).  The projection is linear
+    through the origin, so the prior projects to a standard 2-D normal and
+    the origin stays the prior's centre.  For ``latent_dim == 1`` the means
+    are plotted against the label (or the index) with the 99% band
+    ``|mu| <= radius99``.
+
+    Parameters
+    ----------
+    model : VAE or autoencoder
+    x_test : array_like, shape (N, D) or (N, C, H, W)
+        Host or backend array; all ``N`` images are encoded (in batches).
+    path : str or os.PathLike
+    labels : array_like of int, shape (N,), optional
+        Class of each image; colours the points with a per-class legend.
+
+    Returns
+    -------
+    dict
+        ``path``, ``projection`` (``"identity"`` or ``"pca"``),
+        ``radius99`` (smallest radius around the origin holding at least 99%
+        of the plotted points), ``prior_radius99``, ``n_points``,
+        ``explained_variance`` (share of the means' variance in the plotted
+        plane; 1.0 for identity), ``mean_norm``.
+    """
+    x = _flatten_input(model, x_test)
+    mu, _ = _encode_all(model, x)
+    n, k = mu.shape
+    labels = _check_labels(model, labels, n)
+
+    if k == 1:
+        projection, pts, share = "identity", mu, 1.0
+        norms = np.abs(mu[:, 0])
+        prior_r = _PRIOR_R99_1D
+    elif k == 2:
+        projection, pts, share = "identity", mu, 1.0
+        norms = np.linalg.norm(pts, axis=1)
+        prior_r = _PRIOR_R99_2D
+    else:
+        directions, share = _pca_directions(mu)
+        projection, pts = "pca", mu @ directions.T
+        norms = np.linalg.norm(pts, axis=1)
+        prior_r = _PRIOR_R99_2D
+    radius99 = _radius_holding(norms, 0.99)
+
+    fig = Figure(figsize=(7.2, 6.2), layout="constrained")
+    ax = fig.add_subplot()
+    size = 6 if n <= 2000 else 3
+    if k == 1:
+        xs = labels.astype(np.float64) if labels is not None else np.arange(n, dtype=np.float64)
+        ys = mu[:, 0]
+    else:
+        xs, ys = pts[:, 0], pts[:, 1]
+
+    if labels is not None:
+        classes = np.unique(labels)
+        cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
+        if len(classes) <= 20:
+            for i, c in enumerate(classes):
+                m = labels == c
+                ax.scatter(xs[m], ys[m], s=size, alpha=0.6, color=cmap(i % cmap.N),
+                           label=str(c), linewidths=0)
+            ax.legend(title="class", fontsize=8, markerscale=2.5, loc="center left",
+                      bbox_to_anchor=(1.01, 0.5), frameon=False)
+        else:
+            sc = ax.scatter(xs, ys, s=size, alpha=0.6, c=labels, cmap="viridis", linewidths=0)
+            fig.colorbar(sc, ax=ax, label="class")
+    else:
+        ax.scatter(xs, ys, s=size, alpha=0.5, color="tab:blue", linewidths=0)
+
+    if k == 1:
+        for sign in (1, -1):
+            ax.axhline(sign * radius99, color="black", lw=1.2)
+            ax.axhline(sign * prior_r, color="gray", lw=1, ls="--")
+        ax.set_xlabel("label" if labels is not None else "test index")
+        ax.set_ylabel("mu")
+        title = (f"Test-set means (1-D latent); solid: |mu| <= {radius99:.2f} holds 99%,"
+                 f"\ndashed: prior 99% ({prior_r:.2f})")
+    else:
+        ax.add_patch(Circle((0, 0), radius99, fill=False, color="black", lw=1.4))
+        ax.add_patch(Circle((0, 0), prior_r, fill=False, color="gray", lw=1, ls="--"))
+        ax.plot([0], [0], "+", color="black", ms=10)
+        lim = 1.05 * max(radius99, prior_r, float(np.abs(pts).max()) if n else 0.0)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        if projection == "pca":
+            ax.set_xlabel("PC 1")
+            ax.set_ylabel("PC 2")
+            what = (f"PCA projection of {k}-D means ({100 * share:.0f}% of their variance), "
+                    f"n = {n}")
+        else:
+            ax.set_xlabel("z[0]")
+            ax.set_ylabel("z[1]")
+            what = f"Test-set means of the 2-D latent, n = {n}"
+        title = (f"{what}\nsolid circle at the origin (prior centre) holds 99%: r = {radius99:.2f};"
+                 f" dashed: prior 99% (r = {prior_r:.2f})")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.2)
+    _save(fig, path)
+    return _to_jsonable({
+        "path": os.fspath(path),
+        "projection": projection,
+        "radius99": radius99,
+        "prior_radius99": prior_r,
+        "n_points": n,
+        "explained_variance": share,
+        "mean_norm": float(norms.mean()),
+    })
+
+
+def _normal_quantiles(n, lo=0.05, hi=0.95):
+    inv = statistics.NormalDist().inv_cdf
+    return np.asarray([inv(p) for p in np.linspace(lo, hi, n)])
+
+
+def plot_manifold(model, path, x_test=None, n=20):
+    """Decode a lattice over a latent plane: the learned "manifold".
+
+    The lattice points sit at the standard normal's quantiles
+    ``Phi^-1(linspace(0.05, 0.95, n))`` on each axis (so they are spread
+    like the prior's mass).  For ``latent_dim == 2`` the plane is the whole
+    latent space.  For more dimensions it is the plane of the two most
+    *active* dimensions (activity = variance over ``x_test`` of ``mu_j``,
+    Burda et al. 2016), with every other dimension fixed at 0, the prior
+    mean.  For ``latent_dim == 1`` a single row is decoded.
+
+    Parameters
+    ----------
+    model : VAE or autoencoder
+    path : str or os.PathLike
+    x_test : array_like, shape (N, D) or (N, C, H, W), optional
+        Needed when ``latent_dim > 2`` (to measure activity).
+    n : int, optional
+        Lattice points per axis.
+
+    Returns
+    -------
+    dict
+        ``path``, ``dims`` (latent indices on the horizontal and vertical
+        axis, most active first), ``activity`` (per-dimension variance of
+        ``mu`` or ``None`` when ``x_test`` was not given), ``quantiles`` (the
+        lattice coordinates) and ``n``.
+    """
+    k = int(model.latent_dim)
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    activity = None
+    if x_test is not None:
+        mu, _ = _encode_all(model, _flatten_input(model, x_test))
+        activity = mu.var(axis=0)
+    if k == 1:
+        dims = (0,)
+    elif k == 2:
+        dims = (0, 1)
+    else:
+        if activity is None:
+            raise ValueError(f"plot_manifold needs x_test for a {k}-D latent (to pick the two "
+                             f"most active dimensions)")
+        order = np.argsort(-activity, kind="stable")
+        dims = (int(order[0]), int(order[1]))
+    q = _normal_quantiles(n)
+
+    if k == 1:
+        z = q[:, None].copy()
+        grid = image_grid(_as_images(model, _decode_all(model, z)), n)
+    else:
+        a, b = dims
+        z = np.zeros((n * n, k))
+        for r in range(n):                 # top row = largest value of dims[1]
+            for c in range(n):
+                z[r * n + c, a] = q[c]
+                z[r * n + c, b] = q[n - 1 - r]
+        grid = image_grid(_as_images(model, _decode_all(model, z)), n)
+
+    if k <= 2:
+        title = f"Decoded lattice over the {k}-D latent space (standard-normal quantiles 5%..95%)"
+    else:
+        title = (f"Decoded lattice over latent dims {dims[0]} (x) and {dims[1]} (y), the two most "
+                 f"active of {k}\n(activity = Var[mu_j] over the test set: "
+                 f"{activity[dims[0]]:.3g}, {activity[dims[1]]:.3g}); other dims fixed at 0")
+    fig, ax = _grid_figure(grid, title, max_inches=8.5, min_inches=5.0)
+    h, w = _image_shape(model)[1:]
+    ticks = sorted({0, (n - 1) // 2, n - 1})
+    ax.set_xticks([t * (w + 1) + (w - 1) / 2 for t in ticks], [f"{q[t]:.2f}" for t in ticks],
+                  fontsize=8)
+    ax.set_xlabel(f"z[{dims[0]}]")
+    if k >= 2:
+        ax.set_yticks([t * (h + 1) + (h - 1) / 2 for t in ticks],
+                      [f"{q[n - 1 - t]:.2f}" for t in ticks], fontsize=8)
+        ax.set_ylabel(f"z[{dims[1]}]")
+    _save(fig, path)
+    return _to_jsonable({
+        "path": os.fspath(path),
+        "dims": list(dims),
+        "activity": None if activity is None else activity,
+        "quantiles": q,
+        "n": n,
+    })
+
+
+def plot_interpolation(model, x_test, path, rng, labels=None, n_pairs=6, steps=10,
+                       classes=None, n_attribute=3):
+    """Decoded images along straight lines in latent space.
+
+    Top block: one row per random pair of test images ``(x_a, x_b)``, the
+    real ``x_a`` at the left, ``decode(mu_a + t (mu_b - mu_a))`` for ``steps``
+    values of ``t`` in [0, 1], and the real ``x_b`` at the right.
+
+    Bottom block (only with ``labels``): attribute arithmetic.  With the
+    class-mean encodings ``m_a`` and ``m_b``, ``decode(mu + t (m_a - m_b))``
+    for ``n_attribute`` test images of class ``b`` (real input at the left),
+    ``t`` in [0, 1]; the classes are named in the title.
+
+    Parameters
+    ----------
+    model : VAE or autoencoder
+    x_test : array_like, shape (N, D) or (N, C, H, W)
+    path : str or os.PathLike
+    rng : numpy.random.Generator
+        Picks the pairs, the classes (when ``classes`` is None) and the
+        class-``b`` images.
+    labels : array_like of int, shape (N,), optional
+    n_pairs : int, optional
+    steps : int, optional
+        Decoded images per row (including both endpoints ``t = 0, 1``).
+    classes : tuple (a, b), optional
+        Classes for the attribute vector ``m_a - m_b``; drawn from the
+        labels present when None.
+    n_attribute : int, optional
+        Rows in the attribute-arithmetic block.
+
+    Returns
+    -------
+    dict
+        ``path``, ``n_pairs``, ``steps``, ``pairs`` (test indices),
+        ``endpoint_mse`` (mean squared difference between each pair's
+        decoded endpoints, a measure of how far apart the rows travel), and
+        ``attribute``: ``None`` or ``{"from_class", "to_class", "indices",
+        "vector_norm"}``.
+    """
+    x = _flatten_input(model, x_test)
+    n = int(x.shape[0])
+    steps = int(steps)
+    if n < 2:
+        raise ValueError("plot_interpolation needs at least two test images")
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}")
+    labels = _check_labels(model, labels, n)
+    n_pairs = max(1, min(int(n_pairs), n // 2))
+    idx = rng.choice(n, size=2 * n_pairs, replace=False)
+    ia, ib = idx[:n_pairs], idx[n_pairs:]
+    mu_pair, _ = _encode_all(model, _take(model, x, idx))
+    mu_a, mu_b = mu_pair[:n_pairs], mu_pair[n_pairs:]
+    t = np.linspace(0.0, 1.0, steps)
+    z = (mu_a[:, None, :] + t[None, :, None] * (mu_b - mu_a)[:, None, :]).reshape(-1, mu_a.shape[1])
+    dec = _decode_all(model, z).reshape(n_pairs, steps, -1)
+    real = _host(model, _take(model, x, idx)).reshape(2 * n_pairs, -1).astype(np.float64)
+    rows = [np.concatenate([real[i:i + 1], dec[i], real[n_pairs + i:n_pairs + i + 1]])
+            for i in range(n_pairs)]
+    top = image_grid(_as_images(model, np.concatenate(rows)), steps + 2)
+
+    attribute, bottom, bottom_title = None, None, None
+    if labels is not None:
+        present = np.unique(labels)
+        if classes is None and len(present) >= 2:
+            a_cls, b_cls = rng.choice(present, size=2, replace=False)
+        elif classes is not None:
+            a_cls, b_cls = classes
+        else:
+            a_cls = b_cls = None
+        if a_cls is not None:
+            if not (np.any(labels == a_cls) and np.any(labels == b_cls)):
+                raise ValueError(f"classes {classes!r} are not both present in labels")
+            mu_all, _ = _encode_all(model, x)
+            vec = mu_all[labels == a_cls].mean(axis=0) - mu_all[labels == b_cls].mean(axis=0)
+            pool = np.flatnonzero(labels == b_cls)
+            pick = rng.choice(pool, size=min(int(n_attribute), pool.size), replace=False)
+            base = mu_all[pick]
+            za = (base[:, None, :] + t[None, :, None] * vec[None, None, :]).reshape(-1, base.shape[1])
+            dec_a = _decode_all(model, za).reshape(len(pick), steps, -1)
+            real_b = _host(model, _take(model, x, pick)).reshape(len(pick), -1).astype(np.float64)
+            blank = np.full_like(real_b[:1], 0.5)
+            rows_a = [np.concatenate([real_b[i:i + 1], dec_a[i], blank]) for i in range(len(pick))]
+            bottom = image_grid(_as_images(model, np.concatenate(rows_a)), steps + 2)
+            a_cls, b_cls = _to_jsonable(a_cls), _to_jsonable(b_cls)
+            bottom_title = (f"Attribute arithmetic: class-{b_cls} input (left), then "
+                            f"decode(mu + t (mean mu[{a_cls}] - mean mu[{b_cls}])), t = 0..1")
+            attribute = {"from_class": b_cls, "to_class": a_cls, "indices": pick,
+                         "vector_norm": float(np.linalg.norm(vec))}
+
+    h_top = top.shape[0]
+    h_bot = 0 if bottom is None else bottom.shape[0]
+    width_px = top.shape[1]
+    scale = min(9.0 / width_px * 100.0, 3.0)
+    fw = max(width_px * scale / 100.0, 5.0)
+    fh = (h_top + h_bot) * scale / 100.0 + (0.6 if bottom is None else 1.1)
+    fig = Figure(figsize=(fw, fh), layout="constrained")
+    if bottom is None:
+        ax1 = fig.add_subplot()
+    else:
+        ax1, ax2 = fig.subplots(2, 1, height_ratios=[h_top, h_bot])
+        _show(ax2, bottom)
+        ax2.set_title(bottom_title, fontsize=9)
+    _show(ax1, top)
+    ax1.set_title(f"Interpolation between test encodings: x_a | decode(mu_a + t (mu_b - mu_a)), "
+                  f"{steps} steps | x_b", fontsize=9)
+    _save(fig, path)
+    endpoint_mse = float(np.mean((dec[:, 0] - dec[:, -1]) ** 2))
+    return _to_jsonable({
+        "path": os.fspath(path),
+        "n_pairs": n_pairs,
+        "steps": steps,
+        "pairs": np.stack([ia, ib], axis=1),
+        "endpoint_mse": endpoint_mse,
+        "attribute": attribute,
+    })
+
+
+def save_all(model, out_dir, x_test, rng, labels=None, history=None):
+    """Write every figure into ``out_dir``.
+
+    Files: ``samples.png``, ``reconstructions.png``, ``curves.png`` (only
+    when ``history`` is given), ``latent.png``, ``manifold.png`` and
+    ``interpolation.png``.
+
+    Parameters
+    ----------
+    model : VAE or autoencoder
+    out_dir : str or os.PathLike
+        Created if missing.
+    x_test : array_like, shape (N, D) or (N, C, H, W)
+    rng : numpy.random.Generator
+        Used by the samples and the interpolation (in that order).
+    labels : array_like of int, shape (N,), optional
+    history : list of dict, optional
+        Per-epoch metrics for :func:`plot_curves`.
+
+    Returns
+    -------
+    dict
+        The dicts returned by each function, keyed by figure name
+        (``"samples"``, ``"reconstructions"``, ``"curves"``, ``"latent"``,
+        ``"manifold"``, ``"interpolation"``); JSON-serialisable.
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    p = lambda name: os.path.join(out_dir, name + ".png")  # noqa: E731
+    results = {"samples": plot_samples(model, p("samples"), rng),
+               "reconstructions": plot_reconstructions(model, x_test, p("reconstructions"))}
+    if history:
+        results["curves"] = plot_curves(history, p("curves"))
+    results["latent"] = plot_latent(model, x_test, p("latent"), labels=labels)
+    results["manifold"] = plot_manifold(model, p("manifold"), x_test=x_test)
+    results["interpolation"] = plot_interpolation(model, x_test, p("interpolation"), rng,
+                                                  labels=labels)
+    return results
