@@ -1,0 +1,431 @@
+"""Shared plumbing of the benchmark scripts (not part of the scratchvae package).
+
+* thread control: ``--threads N`` sets NumPy's BLAS (through threadpoolctl,
+  or the ``*_NUM_THREADS`` environment variables when threadpoolctl is
+  missing and NumPy is not imported yet) and PyTorch (``torch.set_num_threads``);
+* machine / version / load-average records for the JSON reports;
+* the PyTorch twins of ``mlp_vae`` / ``conv_vae`` with the weights copied
+  from a scratchvae model, and the same loss;
+* the alternating timer: ``alternate(sides, rounds)`` runs one block of
+  steps of every side per round and keeps every per-round figure.
+
+PyTorch is optional everywhere: :func:`import_torch` returns ``(None, reason)``
+when it is missing or disabled, and the scripts then report NumPy figures only.
+Nothing here is imported by the library, and torch is never a dependency of it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import platform
+import socket
+import statistics
+import sys
+import time
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+               "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
+# -- threads ----------------------------------------------------------------------------
+
+def preset_thread_env(threads: int) -> str:
+    """Set the BLAS/OpenMP thread variables, when NumPy is not imported yet.
+
+    Called by the scripts before they import NumPy, so that a machine
+    without threadpoolctl still gets the requested count.  Returns a short
+    description of what happened.
+    """
+    if "numpy" in sys.modules:
+        return "env not set (numpy already imported)"
+    for name in _THREAD_ENV:
+        os.environ[name] = str(int(threads))
+    return f"env {'/'.join(_THREAD_ENV[:3])}={int(threads)}"
+
+
+@contextlib.contextmanager
+def thread_limits(threads: int, torch=None):
+    """Pin NumPy's BLAS (and PyTorch) to ``threads`` threads for the block.
+
+    Yields a dict describing the effective setting (recorded in the JSON).
+    """
+    info = {"requested": int(threads), "numpy_blas": None, "method": None, "torch": None}
+    stack = contextlib.ExitStack()
+    try:
+        import threadpoolctl
+    except ImportError:
+        threadpoolctl = None
+    with stack:
+        if threadpoolctl is not None:
+            stack.enter_context(threadpoolctl.threadpool_limits(limits=int(threads), user_api="blas"))
+            info["method"] = "threadpoolctl"
+            info["blas_libraries"] = [
+                {k: d.get(k) for k in ("internal_api", "version", "num_threads", "threading_layer", "architecture",
+                                       "filepath")}
+                for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"]
+            nums = [d["num_threads"] for d in info["blas_libraries"] if "openblas" in str(d["filepath"]).lower()
+                    or "numpy" in str(d["filepath"]).lower()]
+            info["numpy_blas"] = nums[0] if nums else None
+        else:
+            env = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+            info["method"] = f"environment (OPENBLAS_NUM_THREADS={env}); install threadpoolctl to enforce"
+            info["numpy_blas"] = int(env) if env and env.isdigit() else None
+        if torch is not None:
+            old = torch.get_num_threads()
+            torch.set_num_threads(int(threads))
+            stack.callback(torch.set_num_threads, old)
+            info["torch"] = torch.get_num_threads()
+        yield info
+
+
+# -- optional imports ----------------------------------------------------------------------
+
+def import_torch(disabled: bool = False):
+    """``(torch, None)`` or ``(None, reason)``."""
+    if disabled:
+        return None, "disabled (--no-torch)"
+    try:
+        import torch
+    except ImportError as err:
+        return None, f"not installed ({err}); install the CPU wheel with `pip install torch==2.13.0`"
+    return torch, None
+
+
+def cupy_backend(disabled: bool = False):
+    """``(Backend, None)`` or ``(None, reason)`` for scratchvae's CuPy backend."""
+    if disabled:
+        return None, "disabled (--no-gpu)"
+    from scratchvae import backend
+    try:
+        return backend.get("cupy"), None
+    except backend.BackendUnavailable as err:
+        return None, str(err).split(";")[0]
+    except Exception as err:  # a broken install: report, never crash the CPU figures
+        return None, f"{type(err).__name__}: {err}"
+
+
+def torch_cuda(torch):
+    """``(device, None)`` or ``(None, reason)``."""
+    if torch is None:
+        return None, "no PyTorch"
+    try:
+        if torch.cuda.is_available():
+            return torch.device("cuda"), None
+        return None, "torch.cuda.is_available() is False"
+    except Exception as err:
+        return None, f"{type(err).__name__}: {err}"
+
+
+# -- records ---------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return sorted(f for f in flags if f.startswith(("avx", "fma", "sse4")))
+    except OSError:
+        pass
+    return []
+
+
+def machine_info() -> dict:
+    return {"hostname": socket.gethostname(), "platform": platform.platform(), "machine": platform.machine(),
+            "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "scheduling": scheduling()}
+
+
+def versions(torch=None) -> dict:
+    out = {}
+    for name in ("numpy", "numba", "cupy", "threadpoolctl", "scratchvae"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = None
+    out["torch"] = torch.__version__ if torch is not None else None
+    return out
+
+
+def scheduling() -> dict:
+    """This process's CPU-scheduling context (nice, autogroup): it decides how loaded runs compare."""
+    out = {"nice": None, "autogroup": None, "sched_autogroup_enabled": None}
+    try:
+        out["nice"] = os.nice(0)
+    except OSError:
+        pass
+    for key, path in (("autogroup", "/proc/self/autogroup"),
+                      ("sched_autogroup_enabled", "/proc/sys/kernel/sched_autogroup_enabled")):
+        try:
+            with open(path) as f:
+                out[key] = f.read().strip()
+        except OSError:
+            pass
+    return out
+
+
+def load_average() -> list:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def default_json_path(script: str) -> pathlib.Path:
+    return RESULTS_DIR / f"{script}-{socket.gethostname()}.json"
+
+
+def write_json(path, obj) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, pathlib.Path):
+        return str(o)
+    return str(o)
+
+
+def busy_warning(threads: int):
+    """A warning string when other processes compete for the cores, else None."""
+    la = load_average()
+    cores = os.cpu_count() or 1
+    if la is None:
+        return None
+    if la[0] + threads > cores + 0.5:
+        group = scheduling().get("autogroup") or ""
+        raised = ""
+        try:
+            if int(group.rsplit("nice", 1)[1]) < 0:
+                raised = f" This run has a raised scheduler priority ({group}), which shields it from most of that."
+        except (IndexError, ValueError):
+            pass
+        return (f"load average {la[0]:.2f} on {cores} cores with {threads} benchmark thread(s): other processes "
+                "compete for the cores. Multi-threaded BLAS (OpenBLAS and MKL both spin-wait between "
+                "products) is then far slower and noisier; figures at --threads 1 are the reliable ones. "
+                "(Note: with kernel.sched_autogroup_enabled=1, `nice` on a job started from another "
+                "session does not lower its share; see benchmarks/run_priority.sh.)" + raised)
+    return None
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def calibrate(fn, target_s: float, max_steps: int = 1000) -> tuple[int, float]:
+    """Steps per block so that a block of ``fn`` lasts about ``target_s``; also the one-step time."""
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    if one < target_s / 4:            # a second, better estimate for fast steps
+        k = max(1, min(50, int(target_s / 4 / max(one, 1e-7))))
+        t0 = time.perf_counter()
+        for _ in range(k):
+            fn()
+        one = (time.perf_counter() - t0) / k
+    return max(1, min(max_steps, round(target_s / max(one, 1e-9)))), one
+
+
+def alternate(sides: dict, rounds: int, steps: dict, sync: dict | None = None, on_round=None) -> dict:
+    """Run ``rounds`` rounds; in each, a block of ``steps[name]`` calls of every side, in dict order.
+
+    Returns ``{name: [seconds per call, one per round]}`` plus ``"load"``: the
+    1-minute load average after each round.
+    """
+    sync = sync or {}
+    out = {name: [] for name in sides}
+    out["load"] = []
+    for r in range(rounds):
+        for name, fn in sides.items():
+            n = steps[name]
+            s = sync.get(name)
+            if s is not None:
+                s()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            if s is not None:
+                s()
+            out[name].append((time.perf_counter() - t0) / n)
+        la = load_average()
+        out["load"].append(la[0] if la else None)
+        if on_round is not None:
+            on_round(r, out)
+    return out
+
+
+def ratios(num: list, den: list) -> list:
+    return [a / b for a, b in zip(num, den)]
+
+
+def fmt_table(headers, rows) -> str:
+    cells = [[str(h) for h in headers]] + [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for k, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if k and i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def add_common_args(parser, *, default_json_name):
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="BLAS threads of NumPy and torch.set_num_threads (default: os.cpu_count())")
+    parser.add_argument("--no-torch", action="store_true", help="do not import PyTorch (NumPy figures only)")
+    parser.add_argument("--json", default=None,
+                        help=f"where to write the JSON report (default benchmarks/results/{default_json_name}-<hostname>.json)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def mnist(split="train"):
+    """Binarized MNIST as a float32 (N, 784) array."""
+    from scratchvae import datasets
+    data = datasets.load("binarized-mnist")
+    return {"train": data.train, "test": data.test, "valid": data.valid}[split]
+
+
+# -- PyTorch twins -----------------------------------------------------------------------------
+
+def torch_twin(torch, model, device="cpu"):
+    """A ``torch.nn.Module`` with the architecture, dtype and current weights of scratchvae ``model``.
+
+    Walks the scratchvae parts (encoder, mu, log_sigma, decoder) layer by
+    layer: Dense -> nn.Linear (W transposed: scratchvae stores (in, out),
+    PyTorch (out, in)); Conv2d / ConvTranspose2d -> the PyTorch layers of the
+    same geometry (identical weight layouts); ReLU/LeakyReLU/Tanh/Sigmoid/
+    Softplus; Reshape -> Unflatten; Flatten -> Flatten.
+    """
+    import numpy as np
+    from torch import nn
+
+    from scratchvae.layers import (Conv2d, ConvTranspose2d, Dense, Flatten, LeakyReLU, ReLU, Reshape, Sequential,
+                                   Sigmoid, Softplus, Tanh)
+
+    tdtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}[np.dtype(model.dtype)]
+    fk = {"dtype": tdtype, "device": device}
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(model.backend.asnumpy(a))).to(device)
+
+    def convert(layer):
+        if isinstance(layer, Sequential):
+            return nn.Sequential(*[convert(child) for child in layer.layers])
+        if isinstance(layer, Dense):
+            lin = nn.Linear(layer.in_features, layer.out_features, **fk)
+            with torch.no_grad():
+                lin.weight.copy_(t(layer.params["W"]).T)
+                lin.bias.copy_(t(layer.params["b"]))
+            return lin
+        if isinstance(layer, Conv2d):
+            conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, **fk)
+            with torch.no_grad():
+                conv.weight.copy_(t(layer.params["W"]))
+                conv.bias.copy_(t(layer.params["b"]))
+            return conv
+        if isinstance(layer, ConvTranspose2d):
+            conv = nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                      layer.padding, layer.output_padding, **fk)
+            with torch.no_grad():
+                conv.weight.copy_(t(layer.params["W"]))
+                conv.bias.copy_(t(layer.params["b"]))
+            return conv
+        if isinstance(layer, ReLU):
+            return nn.ReLU()
+        if isinstance(layer, LeakyReLU):
+            return nn.LeakyReLU(layer.negative_slope)
+        if isinstance(layer, Tanh):
+            return nn.Tanh()
+        if isinstance(layer, Sigmoid):
+            return nn.Sigmoid()
+        if isinstance(layer, Softplus):
+            return nn.Softplus()
+        if isinstance(layer, Reshape):
+            return nn.Unflatten(1, layer.shape)
+        if isinstance(layer, Flatten):
+            return nn.Flatten()
+        raise TypeError(f"no PyTorch twin for {layer!r}")
+
+    if model.likelihood != "bernoulli":
+        raise ValueError("the PyTorch twin implements the Bernoulli likelihood only")
+
+    class TorchVAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = convert(model.encoder)
+            self.mu = convert(model.mu_head)
+            self.log_sigma = convert(model.log_sigma_head)
+            self.decoder = convert(model.decoder)
+            self.input_shape = model.input_shape
+
+        def terms(self, x, eps):
+            """Per-example recon NLL (B,) and KL (B,); x is flat (B, D)."""
+            F = torch.nn.functional
+            h = self.encoder(x)
+            mu, log_sigma = self.mu(h), self.log_sigma(h)
+            z = mu + torch.exp(log_sigma) * eps
+            out = self.decoder(z)
+            recon = F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(dim=1)
+            kl = (0.5 * (mu * mu + torch.exp(2 * log_sigma) - 1) - log_sigma).sum(dim=1)
+            return recon, kl
+
+        def loss(self, x, eps):
+            """The negative ELBO averaged over the batch (beta = 1), as scratchvae's loss_and_grad."""
+            F = torch.nn.functional
+            B = x.shape[0]
+            h = self.encoder(x)
+            mu, log_sigma = self.mu(h), self.log_sigma(h)
+            z = mu + torch.exp(log_sigma) * eps
+            out = self.decoder(z)
+            recon = F.binary_cross_entropy_with_logits(out, x, reduction="sum") / B
+            kl = (0.5 * (mu * mu + torch.exp(2 * log_sigma) - 1) - log_sigma).sum() / B
+            return recon + kl
+
+    net = TorchVAE().to(device)
+    return net
+
+
+def torch_grads_by_scratch_name(torch, model, net):
+    """{scratchvae param name: torch gradient as a NumPy array in scratchvae's layout}."""
+    from torch import nn
+
+    out = {}
+    for prefix, tpart in (("encoder", net.encoder), ("mu", net.mu), ("log_sigma", net.log_sigma),
+                          ("decoder", net.decoder)):
+        mods = list(tpart) if isinstance(tpart, nn.Sequential) else [tpart]
+        seq = isinstance(tpart, nn.Sequential)
+        for i, m in enumerate(mods):
+            if not hasattr(m, "weight"):
+                continue
+            key = f"{prefix}.{i}." if seq else f"{prefix}."
+            w = m.weight.grad.detach().cpu().numpy()
+            out[key + "W"] = w.T if isinstance(m, nn.Linear) else w
+            out[key + "b"] = m.bias.grad.detach().cpu().numpy()
+    return out

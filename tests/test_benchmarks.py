@@ -1,0 +1,126 @@
+"""Smoke tests of the benchmark scripts in benchmarks/: tiniest configurations, no PyTorch needed.
+
+They check that each script runs end to end and writes its JSON report with
+the expected keys; they never assert timing figures.
+"""
+import json
+import pathlib
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_kernels
+        import bench_train
+        import compare_torch
+        import profile_step
+        yield {"bench_train": bench_train, "bench_kernels": bench_kernels, "compare_torch": compare_torch,
+               "profile_step": profile_step}
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def load(path):
+    data = json.loads(pathlib.Path(path).read_text())
+    for key in ("script", "machine", "versions", "threads", "load_average", "config"):
+        assert key in data, key
+    assert {"platform", "cpu_model", "cores"} <= set(data["machine"])
+    assert {"numpy", "numba", "torch"} <= set(data["versions"])
+    assert {"start", "end"} <= set(data["load_average"])
+    return data
+
+
+def test_bench_train_without_torch(scripts, tmp_path):
+    out = tmp_path / "train.json"
+    report = scripts["bench_train"].main(
+        ["--quick", "--rounds", "1", "--warmup", "1", "--block-seconds", "0.005", "--no-torch", "--no-gpu",
+         "--threads", "1", "--models", "mlp,conv", "--batches", "8", "--json", str(out)], log=quiet)
+    data = load(out)
+    assert data["torch"]["available"] is False and "--no-torch" in data["torch"]["reason"]
+    assert data["cupy"]["available"] is False
+    assert [(r["model"], r["batch"]) for r in data["results"]] == [("mlp", 8), ("conv", 8)]
+    for r in data["results"]:
+        assert {"scratchvae_s", "floor_s", "floor_needed_s", "floor_multiple", "scratchvae_images_per_s"} <= set(r["median"])
+        assert len(r["per_round"]["scratchvae_s"]) == 1 and len(r["per_round"]["load"]) == 1
+        assert "speedup_vs_torch" not in r["median"]
+    # 5 Dense layers x 3 products for the MLP
+    assert data["results"][0]["floor_products"] == 15
+    assert report["json_path"] == str(out)
+
+
+def test_matmul_floor_shapes_match_the_step(scripts):
+    """The floor's product list has the FLOPs of the step's Dense layers."""
+    from scratchvae.vae import mlp_vae
+    bt = scripts["bench_train"]
+    products = bt.matmul_products(mlp_vae(), 4)
+    flops = sum(2 * (a[1] if not ta else a[0]) * (a[0] if not ta else a[1]) * (b[1] if not tb else b[0])
+                for a, b, ta, tb, *_ in products)
+    dense = [(784, 400), (400, 20), (400, 20), (20, 400), (400, 784)]
+    assert flops == sum(3 * 2 * 4 * i * o for i, o in dense)
+    assert sum(1 for p in products if p[4] == "input_grad" and p[5]) == 1   # the first layer's unused dx
+
+
+def test_bench_kernels(scripts, tmp_path):
+    out = tmp_path / "kernels.json"
+    scripts["bench_kernels"].main(["--quick", "--rounds", "1", "--block-seconds", "0.002", "--threads", "1",
+                                   "--cases", "bce,reparameterize_kl (128,20),adam_update", "--json", str(out)],
+                                  log=quiet)
+    data = load(out)
+    names = [r["case"] for r in data["results"]]
+    assert any(n.startswith("bce_with_logits") for n in names) and "adam_update 784x400" in names
+    for r in data["results"]:
+        assert {"plain_s", "fused_s", "speedup"} <= set(r["median"])
+        assert len(r["per_round"]["speedup"]) == 1
+
+
+def test_compare_torch_without_torch(scripts, tmp_path):
+    out = tmp_path / "compare.json"
+    scripts["compare_torch"].main(["--epochs", "1", "--limit", "256", "--test-limit", "100", "--hidden", "32",
+                                   "--no-torch", "--json", str(out)], log=quiet)
+    data = load(out)
+    assert [e["epoch"] for e in data["epochs"]] == [0, 1]
+    assert data["epochs"][1]["scratchvae_test_nelbo"] < data["epochs"][0]["scratchvae_test_nelbo"]
+    assert data["final"]["torch_test_nelbo"] is None
+
+
+def test_profile_step(scripts, tmp_path):
+    out = tmp_path / "profile.json"
+    scripts["profile_step"].main(["--quick", "--rounds", "1", "--warmup", "1", "--block-seconds", "0.005",
+                                  "--threads", "1", "--configs", "mlp:8,conv:4", "--json", str(out)], log=quiet)
+    data = load(out)
+    assert [(r["model"], r["batch"]) for r in data["results"]] == [("mlp", 8), ("conv", 4)]
+    mlp, conv = data["results"]
+    assert "matmul: Dense" in mlp["median"]["categories_s"]
+    assert {"matmul: conv", "im2col", "col2im"} <= set(conv["median"]["categories_s"])
+    assert "matrix products" in mlp["median"]["groups_percent"]
+    # the wrappers are removed again
+    import numpy
+    from scratchvae.layers import dense
+    assert not hasattr(numpy.matmul, "__wrapped__") and not hasattr(dense.affine_forward, "__wrapped__")
+
+
+def test_torch_twin_is_the_same_model(scripts):
+    """Optional (PyTorch installed): the twin reproduces scratchvae's loss and gradients in float64."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    bt = scripts["bench_train"]
+    rng = np.random.default_rng(0)
+    for kind in ("mlp", "conv"):
+        model = bt.build_model(kind, None, 0)
+        net = scripts["bench_train"].C.torch_twin(torch, model)
+
+        class Tiny:
+            x = [(rng.random((6, 784)) < 0.5).astype(np.float32)]
+            eps = [rng.standard_normal((6, 20), dtype=np.float32)]
+        check = bt.check_equivalence(torch, kind, 0, model, net, Tiny)
+        assert check["ok"], check
