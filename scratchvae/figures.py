@@ -274,9 +274,9 @@ def _grid_figure(grid, title, max_inches=10.0, min_inches=3.0):
 
 def _show(ax, grid):
     if grid.ndim == 2:
-        ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="antialiased")
     else:
-        ax.imshow(grid, interpolation="nearest")
+        ax.imshow(grid, interpolation="antialiased")
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
@@ -450,7 +450,12 @@ def plot_curves(history, path):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) == 1:
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
         ax.grid(alpha=0.3)
     fig.suptitle(f"Training curves ({len(history)} epoch{'s' if len(history) != 1 else ''}, "
                  f"nats per image)", fontsize=11)
@@ -683,7 +688,7 @@ def plot_manifold(model, path, x_test=None, n=20):
                  f"{activity[dims[0]]:.3g}, {activity[dims[1]]:.3g}); other dims fixed at 0")
     fig, ax = _grid_figure(grid, title, max_inches=8.5, min_inches=5.0)
     h, w = _image_shape(model)[1:]
-    ticks = sorted({0, (n - 1) // 2, n - 1})
+    ticks = sorted({0, n - 1} | ({(n - 1) // 2} if n % 2 else set()))
     ax.set_xticks([t * (w + 1) + (w - 1) / 2 for t in ticks], [f"{q[t]:.2f}" for t in ticks],
                   fontsize=8)
     ax.set_xlabel(f"z[{dims[0]}]")

@@ -451,6 +451,7 @@ def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed):
         dec += [Dense(width, h, rng=gen, **kw), _activation(activation, **kw)]
         width = h
     dec.append(Dense(width, int(input_dim), rng=gen, **kw))
+    enc[0].input_grad = False   # its input is data: skip dL/dx
     return Sequential(*enc), heads, Sequential(*dec)
 
 
@@ -525,6 +526,7 @@ def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, 
             dec.append(_activation(activation, **kw))
         prev = c
     dec.append(Flatten(**kw))
+    enc[1].input_grad = False   # the first convolution's input is data: skip dL/dx
     return Sequential(*enc), heads, Sequential(*dec)
 
 

@@ -438,3 +438,16 @@ def test_workspace_matches_fresh_buffers():
         for got, want in zip(conv_transpose2d_backward(dyt, tcache_ws, workspace=ws),
                              conv_transpose2d_backward(dyt, tcache)):
             np.testing.assert_array_equal(got, want)
+
+
+def test_conv2d_input_grad_false_skips_dx_only():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6))
+    full = Conv2d(3, 4, 3, stride=2, padding=1, dtype="float64", rng=0)
+    data_layer = Conv2d(3, 4, 3, stride=2, padding=1, dtype="float64", rng=0)
+    data_layer.input_grad = False
+    dy = rng.standard_normal(full.forward(x).shape)
+    data_layer.forward(x)
+    assert full.backward(dy) is not None and data_layer.backward(dy) is None
+    for k in full.grads:
+        np.testing.assert_array_equal(full.grads[k], data_layer.grads[k])

@@ -171,3 +171,22 @@ def test_gradcheck_report_prints_a_table():
 def test_every_constructor_takes_backend_dtype_and_rng(make):
     layer = make(backend="numpy", dtype=np.float64, rng=np.random.default_rng(0))
     assert layer.backend.name == "numpy" and layer.dtype == np.float64
+
+
+def test_input_grad_false_skips_dx_and_keeps_param_grads():
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    dy = np.random.default_rng(1).standard_normal((4, 2))
+    full, data_layer = Dense(3, 2, rng=0, **F64), Dense(3, 2, rng=0, **F64)
+    data_layer.input_grad = False
+    full.forward(x)
+    data_layer.forward(x)
+    assert full.backward(dy) is not None and data_layer.backward(dy) is None
+    for k in full.grads:
+        np.testing.assert_array_equal(full.grads[k], data_layer.grads[k])
+    net = Sequential(Reshape((3,), **F64), data_layer, Tanh(**F64))
+    net.forward(x)
+    assert net.backward(dy) is None
+    bad = Sequential(Dense(3, 3, rng=1, **F64), data_layer)
+    bad.forward(x)
+    with pytest.raises(RuntimeError, match="input_grad=False"):
+        bad.backward(dy)

@@ -41,9 +41,20 @@ class Sequential(Layer):
         return x
 
     def backward(self, dy):
+        """Backward through the layers in reverse; returns dL/dx.
+
+        Returns None when the first parameter layer has ``input_grad = False``
+        (only layers without parameters may come before it).
+        """
         self._get_cache()
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
+        for i in range(len(self.layers) - 1, -1, -1):
+            dy = self.layers[i].backward(dy)
+            if dy is None:
+                before = [layer for layer in self.layers[:i] if layer.params]
+                if before:
+                    raise RuntimeError(f"Sequential: layer {i} ({self.layers[i]!r}) returned no input gradient "
+                                       f"(input_grad=False) but parameter layers come before it: {before}")
+                return None
         return dy
 
     def zero_grad(self) -> None:

@@ -267,7 +267,7 @@ def conv2d_forward(x, W, b, stride=1, padding=0, *, workspace=None):
     return out, (cols, W, tuple(x.shape), stride, padding)
 
 
-def conv2d_backward(dout, cache, *, workspace=None):
+def conv2d_backward(dout, cache, *, workspace=None, need_dx=True):
     """Backward of :func:`conv2d_forward`.
 
     Parameters
@@ -295,6 +295,8 @@ def conv2d_backward(dout, cache, *, workspace=None):
     W2 = W.reshape(C_out, C_in * kh * kw)  # (C_out, C_in*kh*kw)
     dW = xp.matmul(dout2, cols.T).reshape(W.shape)  # (C_out, C_in, kh, kw)
     db = dout2.sum(axis=1)  # (C_out,)
+    if not need_dx:  # the input is data: skip a matrix product and col2im
+        return None, dW, db
     dcols = _buffer(workspace, "dcols", cols.shape, cols.dtype, xp)
     xp.matmul(W2.T, dout2, out=dcols)  # (C_in*kh*kw, Ho*Wo*B)
     dx = col2im(dcols, x_shape, (kh, kw), stride, padding, workspace=workspace)  # (B, C_in, H, W)
@@ -411,7 +413,12 @@ class Conv2d(Layer):
 
     Input (B, in_channels, H, W) -> output (B, out_channels, Ho, Wo) with
     ``Ho = (H + 2*ph - kh) // sh + 1`` (likewise ``Wo``).
+
+    Set ``input_grad = False`` on a layer whose input is data (the first
+    layer of an encoder): ``backward`` then skips dL/dx and returns None.
     """
+
+    input_grad = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, *,
                  backend=None, dtype="float32", rng=None):
@@ -449,7 +456,7 @@ class Conv2d(Layer):
         cache = self._get_cache()
         x_shape = cache[2]
         self._check_dy(dy, (x_shape[0], self.out_channels) + self.output_size(x_shape[2:]))
-        dx, dW, db = conv2d_backward(dy, cache, workspace=self._workspace)
+        dx, dW, db = conv2d_backward(dy, cache, workspace=self._workspace, need_dx=self.input_grad)
         self.grads["W"] += dW
         self.grads["b"] += db
         return dx

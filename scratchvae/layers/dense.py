@@ -27,7 +27,7 @@ def affine_forward(x, W, b):
     return out, (x, W)
 
 
-def affine_backward(dout, cache):
+def affine_backward(dout, cache, need_dx=True):
     """Backward of :func:`affine_forward`.
 
     Parameters
@@ -35,15 +35,18 @@ def affine_backward(dout, cache):
     dout : array, shape (B, D_out)
         Upstream gradient dL/dout.
     cache : tuple from :func:`affine_forward`
+    need_dx : bool
+        False skips the input gradient (a whole matrix product), for a layer
+        whose input is data.
 
     Returns
     -------
-    dx : array, shape (B, D_in)   ``dout @ W.T``
+    dx : array, shape (B, D_in)   ``dout @ W.T`` (None when not needed)
     dW : array, shape (D_in, D_out)   ``x.T @ dout``
     db : array, shape (D_out,)   ``dout.sum(0)``
     """
     x, W = cache
-    dx = dout @ W.T
+    dx = dout @ W.T if need_dx else None
     dW = x.T @ dout
     db = dout.sum(axis=0)
     return dx, dW, db
@@ -58,7 +61,12 @@ class Dense(Layer):
     using ``rng`` (a NumPy generator or a seed).
 
     Input (B, in_features) -> output (B, out_features).
+
+    Set ``input_grad = False`` on a layer whose input is data (the first
+    layer of an encoder): ``backward`` then skips dL/dx and returns None.
     """
+
+    input_grad = True
 
     def __init__(self, in_features: int, out_features: int, *, backend=None, dtype="float32", rng=None):
         super().__init__(backend=backend, dtype=dtype)
@@ -77,10 +85,10 @@ class Dense(Layer):
         return y
 
     def backward(self, dy):
-        """dy: (B, out_features) -> dx: (B, in_features); accumulates dW, db."""
+        """dy: (B, out_features) -> dx: (B, in_features) (None if not ``input_grad``); accumulates dW, db."""
         cache = self._get_cache()
         self._check_dy(dy, (cache[0].shape[0], self.out_features))
-        dx, dW, db = affine_backward(dy, cache)
+        dx, dW, db = affine_backward(dy, cache, need_dx=self.input_grad)
         self.grads["W"] += dW
         self.grads["b"] += db
         return dx
