@@ -173,7 +173,19 @@ def _save(fig, path):
 
 
 def _image_shape(model):
+    """``model.input_shape`` as ``(C, H, W)``.
+
+    ``(H, W)`` means one channel; a flat ``(D,)`` (an MLP built without an
+    image shape) is shown as a square grayscale ``(1, s, s)`` when
+    ``D = s * s``.
+    """
     shape = tuple(int(s) for s in model.input_shape)
+    if len(shape) == 1:
+        side = math.isqrt(shape[0])
+        if side * side != shape[0]:
+            raise ValueError(f"cannot draw flat inputs of {shape[0]} values as images: build the "
+                             f"model with input_shape=(C, H, W)")
+        shape = (1, side, side)
     if len(shape) == 2:
         shape = (1,) + shape
     if len(shape) != 3:
