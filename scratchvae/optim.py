@@ -91,5 +91,5 @@ class Adam:
         b1, b2 = self.betas
         for name, p in params.items():
             update(p, grads[name], state["m"][name], state["v"][name], lr=self.lr, beta1=b1, beta2=b2,
-                     eps=self.eps, weight_decay=self.weight_decay, step=t)
+                   eps=self.eps, weight_decay=self.weight_decay, step=t)
         return {"step": t, "m": state["m"], "v": state["v"]}
