@@ -453,7 +453,6 @@ def config_from_args(args: dict) -> tuple[TrainConfig, str | None]:
                 raise ValueError(f"--resume {resume}: the run was trained with {key}={old!r}, "
                                  f"you passed {given!r}; drop the flag or start a new run")
     merged = dict(stored, **args)
-    merged.setdefault("out", str(ckpt.parent))
     if "out" not in args:
         merged["out"] = str(ckpt.parent)
     return TrainConfig(**merged), str(ckpt)

@@ -125,14 +125,15 @@ class _Model:
 
     # -- likelihood ----------------------------------------------------------------
     def _nll_and_grad(self, out, x, scale):
-        """-log p(x | out) per example (B,) and d(scale * sum NLL)/d out (B, D).
+        """-log p(x | out) per example (B,), d(scale * sum NLL)/d out (B, D), and
+        d(scale * sum NLL)/d out_log_sigma (Gaussian) or None (Bernoulli).
 
-        Also accumulates the gradient of the learned Gaussian log sigma.
+        Nothing is accumulated here: the caller adds the log-sigma gradient
+        once the loss is known to be finite.
         """
         if self.likelihood == "bernoulli":
-            return self.ops.bce_with_logits(out, x, scale)
-        nll, dout, dls = self.ops.gaussian_nll(out, x, self.out_log_sigma, scale)
-        return nll, dout, dls
+            return (*self.ops.bce_with_logits(out, x, scale), None)
+        return self.ops.gaussian_nll(out, x, self.out_log_sigma, scale)
 
     def _log_px(self, out, x):
         """log p(x | out) per example, (B,): the value only, no gradient pass."""
@@ -269,8 +270,7 @@ class VAE(_Model):
         log_sigma = self.log_sigma_head.forward(h)         # (B, L)
         z, kl = self.ops.reparameterize_kl(mu, log_sigma, eps)   # (B, L), (B, L)
         out = self.decoder.forward(z)                      # (B, D)
-        nll_and_grad = self._nll_and_grad(out, x, 1.0 / B)
-        nll, dout = nll_and_grad[0], nll_and_grad[1]       # (B,), (B, D)
+        nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / B)   # (B,), (B, D), (D,) or None
 
         kl_per_dim = kl.mean(axis=0)                       # (L,)
         recon = float(nll.mean())
@@ -293,7 +293,7 @@ class VAE(_Model):
 
         # backward
         if self._learn_out_log_sigma:
-            self.grads["decoder.out_log_sigma"] += nll_and_grad[2]
+            self.grads["decoder.out_log_sigma"] += dout_log_sigma
         dz = self.decoder.backward(dout)                   # (B, L)
         dmu, dlog_sigma = self.ops.reparameterize_kl_backward(dz, mu, log_sigma, eps, kl_weight)
         dh = self.mu_head.backward(dmu)                    # (B, H)
@@ -410,13 +410,13 @@ class Autoencoder(_Model):
         B = x.shape[0]
         code = self.code_head.forward(self.encoder.forward(x))   # (B, L)
         out = self.decoder.forward(code)                          # (B, D)
-        nll_and_grad = self._nll_and_grad(out, x, 1.0 / B)
-        recon = float(nll_and_grad[0].mean())
+        nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / B)
+        recon = float(nll.mean())
         if not math.isfinite(recon):
             raise NonFiniteLoss(f"the reconstruction term (-log p(x|z), {self.likelihood}) is {recon}")
         if self._learn_out_log_sigma:
-            self.grads["decoder.out_log_sigma"] += nll_and_grad[2]
-        dcode = self.decoder.backward(nll_and_grad[1])
+            self.grads["decoder.out_log_sigma"] += dout_log_sigma
+        dcode = self.decoder.backward(dout)
         self.encoder.backward(self.code_head.backward(dcode))
         return recon, {"loss": recon, "recon": recon, "kl": 0.0, "kl_term": 0.0,
                        "kl_per_dim": numpy.zeros(self.latent_dim)}
