@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 import zipfile
 
 import numpy
+
+from .atomic import atomic_write
 
 __all__ = ["CheckpointError", "save", "load", "FORMAT_VERSION"]
 
@@ -42,31 +42,10 @@ def _digest(a: numpy.ndarray) -> str:
 
 def save(path, arrays: dict, meta: dict) -> None:
     """Atomically write ``arrays`` (name -> host array) and ``meta`` (JSON-able) to ``path``."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     host = {k: numpy.asarray(v) for k, v in arrays.items()}
     meta = dict(meta, format_version=FORMAT_VERSION, sha256={k: _digest(v) for k, v in host.items()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            numpy.savez(f, meta=numpy.array(json.dumps(meta)), **host)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    with atomic_write(path) as f:
+        numpy.savez(f, meta=numpy.array(json.dumps(meta)), **host)
 
 
 def load(path) -> tuple[dict, dict]:

@@ -51,7 +51,6 @@ import os
 import pathlib
 import socket
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -59,6 +58,7 @@ from typing import Callable, Optional
 
 import numpy
 
+from .atomic import atomic_write
 from .backend import array_module
 
 __all__ = [
@@ -664,9 +664,8 @@ def _fetch_one(opener, url, folder, filename, expected_sha256, timeout):
     ``Content-Length`` and ``expected_sha256``, flushed and fsynced, then
     renamed over the target.  The temporary file never survives a failure.
     """
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_write(folder / filename) as out:
             request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
             with opener.open(request, timeout=timeout) as response:
                 announced = response.headers.get("Content-Length")
@@ -677,37 +676,17 @@ def _fetch_one(opener, url, folder, filename, expected_sha256, timeout):
                     out.write(block)
                     received += len(block)
             if announced is not None and announced.strip().isdigit() and received != int(announced):
-                return f"truncated download: received {received} of {int(announced)} bytes"
+                raise _Rejected(f"truncated download: received {received} of {int(announced)} bytes")
             actual = digest.hexdigest()
             if actual != expected_sha256:
-                return (f"SHA-256 mismatch ({received} bytes): got {actual}, expected {expected_sha256}")
-            out.flush()
-            if hasattr(os, "fchmod"):
-                os.fchmod(out.fileno(), 0o644)  # mkstemp makes 0600; a cache file is readable by all
-            os.fsync(out.fileno())
-        os.replace(tmp, folder / filename)
-        tmp = None
-        _fsync_dir(folder)
-        return None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+                raise _Rejected(f"SHA-256 mismatch ({received} bytes): got {actual}, expected {expected_sha256}")
+    except _Rejected as rejected:  # atomic_write has removed the temporary file
+        return str(rejected)
+    return None
 
 
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class _Rejected(Exception):
+    """A download that arrived but must not be kept (the message says why)."""
 
 
 def _unreachable(err):

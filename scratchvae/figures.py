@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import uuid
 
 import matplotlib
 import numpy as np
@@ -50,6 +49,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 from matplotlib.ticker import MaxNLocator
+
+from .atomic import atomic_write
 
 __all__ = [
     "image_grid",
@@ -152,23 +153,9 @@ def _to_jsonable(obj):
 def _save(fig, path):
     """Render ``fig`` to ``path`` atomically (temp file + :func:`os.replace`)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     FigureCanvasAgg(fig)
-    # os.open with mode 0o666 (not mkstemp's 0o600) so the PNG gets the usual
-    # umask-derived permissions once renamed into place.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI, facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png", dpi=DPI, facecolor="white")
     return path
 
 

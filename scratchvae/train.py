@@ -31,6 +31,7 @@ import numpy
 
 from . import backend as backend_mod
 from . import checkpoint, datasets
+from .atomic import atomic_write
 from .optim import Adam
 from .vae import NonFiniteLoss, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
 
@@ -119,9 +120,9 @@ def _versions():
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    text = obj if isinstance(obj, str) else json.dumps(obj, indent=2, default=_json_default) + "\n"
+    with atomic_write(path) as f:
+        f.write(text.encode())
 
 
 def _json_default(o):
