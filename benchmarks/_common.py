@@ -321,13 +321,14 @@ def torch_twin(torch, model, device="cpu"):
     layer: Dense -> nn.Linear (W transposed: scratchvae stores (in, out),
     PyTorch (out, in)); Conv2d / ConvTranspose2d -> the PyTorch layers of the
     same geometry (identical weight layouts); ReLU/LeakyReLU/Tanh/Sigmoid/
-    Softplus; Reshape -> Unflatten; Flatten -> Flatten.
+    Softplus; Reshape and ToCHWB -> Unflatten; Flatten and FromCHWB ->
+    Flatten (the twin is NCHW throughout: layouts do not change the math).
     """
     import numpy as np
     from torch import nn
 
-    from scratchvae.layers import (Conv2d, ConvTranspose2d, Dense, Flatten, LeakyReLU, ReLU, Reshape, Sequential,
-                                   Sigmoid, Softplus, Tanh)
+    from scratchvae.layers import (Conv2d, ConvTranspose2d, Dense, Flatten, FromCHWB, LeakyReLU, ReLU, Reshape,
+                                   Sequential, Sigmoid, Softplus, Tanh, ToCHWB)
 
     tdtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}[np.dtype(model.dtype)]
     fk = {"dtype": tdtype, "device": device}
@@ -367,9 +368,9 @@ def torch_twin(torch, model, device="cpu"):
             return nn.Sigmoid()
         if isinstance(layer, Softplus):
             return nn.Softplus()
-        if isinstance(layer, Reshape):
+        if isinstance(layer, (Reshape, ToCHWB)):   # PyTorch stays NCHW throughout
             return nn.Unflatten(1, layer.shape)
-        if isinstance(layer, Flatten):
+        if isinstance(layer, (Flatten, FromCHWB)):
             return nn.Flatten()
         raise TypeError(f"no PyTorch twin for {layer!r}")
 

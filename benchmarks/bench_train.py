@@ -157,9 +157,9 @@ def matmul_products(model, B):
             layers.append((layer, shape))
             Ho, Wo = layer.output_size(shape[2:])
             return (shape[0], layer.out_channels, Ho, Wo)
-        if type(layer).__name__ == "Reshape":
+        if type(layer).__name__ in ("Reshape", "ToCHWB"):    # shapes are tracked in NCHW order
             return (shape[0],) + layer.shape
-        if type(layer).__name__ == "Flatten":
+        if type(layer).__name__ in ("Flatten", "FromCHWB"):
             return (shape[0], math.prod(shape[1:]))
         return shape                     # elementwise
 

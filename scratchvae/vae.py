@@ -34,7 +34,8 @@ import numpy
 
 from . import kernels, losses
 from .backend import resolve
-from .layers import Conv2d, ConvTranspose2d, Dense, Flatten, LeakyReLU, ReLU, Reshape, Sequential, Sigmoid, Softplus, Tanh
+from .layers import (Conv2d, ConvTranspose2d, Dense, FromCHWB, LeakyReLU, ReLU, Sequential, Sigmoid, Softplus, Tanh,
+                     ToCHWB)
 from .layers.activations import sigmoid, softplus
 from .layers.base import float_dtype
 
@@ -497,12 +498,13 @@ def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, 
         sizes.append(((h - 2) // 2 + 1, (w - 2) // 2 + 1))
     if min(sizes[-1]) < 1:
         raise ValueError(f"input_shape {input_shape} is too small for {len(channels)} stride-2 convolutions")
-    enc = [Reshape((c_in, height, width), **kw)]
+    # the convolutions work in the batch-innermost layout (C, H, W, B) between ToCHWB and FromCHWB
+    enc = [ToCHWB((c_in, height, width), **kw)]
     prev = c_in
     for c in channels:
-        enc += [Conv2d(prev, c, 4, stride=2, padding=1, rng=gen, **kw), _activation(activation, **kw)]
+        enc += [Conv2d(prev, c, 4, stride=2, padding=1, layout="CHWB", rng=gen, **kw), _activation(activation, **kw)]
         prev = c
-    enc.append(Flatten(**kw))
+    enc.append(FromCHWB(**kw))
     flat = prev * sizes[-1][0] * sizes[-1][1]
     width_in = flat
     if hidden:
@@ -515,17 +517,18 @@ def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, 
                 Dense(hidden, flat, rng=gen, **kw), _activation(activation, **kw)]
     else:
         dec += [Dense(latent_dim, flat, rng=gen, **kw), _activation(activation, **kw)]
-    dec.append(Reshape((prev, *sizes[-1]), **kw))
+    dec.append(ToCHWB((prev, *sizes[-1]), **kw))
     ups = list(reversed(channels[:-1])) + [c_in]
     for i, c in enumerate(ups):
         small, big = sizes[len(channels) - i], sizes[len(channels) - i - 1]
         # (s - 1) * 2 - 2 + 4 + output_padding = big  =>  output_padding = big - 2 s
         out_pad = (big[0] - 2 * small[0], big[1] - 2 * small[1])
-        dec.append(ConvTranspose2d(prev, c, 4, stride=2, padding=1, output_padding=out_pad, rng=gen, **kw))
+        dec.append(ConvTranspose2d(prev, c, 4, stride=2, padding=1, output_padding=out_pad, layout="CHWB",
+                                   rng=gen, **kw))
         if i < len(ups) - 1:
             dec.append(_activation(activation, **kw))
         prev = c
-    dec.append(Flatten(**kw))
+    dec.append(FromCHWB(**kw))
     enc[1].input_grad = False   # the first convolution's input is data: skip dL/dx
     return Sequential(*enc), heads, Sequential(*dec)
 

@@ -451,3 +451,107 @@ def test_conv2d_input_grad_false_skips_dx_only():
     assert full.backward(dy) is not None and data_layer.backward(dy) is None
     for k in full.grads:
         np.testing.assert_array_equal(full.grads[k], data_layer.grads[k])
+
+
+# -- the batch-innermost layout (CHWB) -------------------------------------------------
+
+def _to_chwb(a):
+    return np.ascontiguousarray(a.transpose(1, 2, 3, 0))  # (B, C, H, W) -> (C, H, W, B)
+
+
+def _to_nchw(a):
+    return np.ascontiguousarray(a.transpose(3, 0, 1, 2))  # (C, H, W, B) -> (B, C, H, W)
+
+
+@pytest.mark.parametrize("B,C,H,W,O,k,s,p", CONV_CASES)
+def test_conv2d_chwb_is_nchw_transposed(B, C, H, W, O, k, s, p):
+    """Same weights, same numbers: forward and every gradient, only the image axes move."""
+    rng = np.random.default_rng(11)
+    x = _randn(rng, B, C, H, W)
+    nchw = Conv2d(C, O, k, stride=s, padding=p, dtype="float64", rng=3)
+    chwb = Conv2d(C, O, k, stride=s, padding=p, layout="CHWB", dtype="float64", rng=3)
+    y = nchw.forward(x)
+    y_t = chwb.forward(_to_chwb(x))
+    assert y_t.shape == (O,) + y.shape[2:] + (B,) and y_t.flags.c_contiguous
+    np.testing.assert_allclose(_to_nchw(y_t), y, rtol=1e-12, atol=1e-12)
+    dy = _randn(rng, *y.shape)
+    dx, dx_t = nchw.backward(dy), chwb.backward(_to_chwb(dy))
+    np.testing.assert_allclose(_to_nchw(dx_t), dx, rtol=1e-12, atol=1e-12)
+    for name in ("W", "b"):
+        np.testing.assert_allclose(chwb.grads[name], nchw.grads[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("B,C,H,W,O,k,s,p,op", TRANSPOSE_CASES)
+def test_conv_transpose2d_chwb_is_nchw_transposed(B, C, H, W, O, k, s, p, op):
+    rng = np.random.default_rng(12)
+    x = _randn(rng, B, C, H, W)
+    nchw = ConvTranspose2d(C, O, k, stride=s, padding=p, output_padding=op, dtype="float64", rng=4)
+    chwb = ConvTranspose2d(C, O, k, stride=s, padding=p, output_padding=op, layout="CHWB", dtype="float64", rng=4)
+    y = nchw.forward(x)
+    y_t = chwb.forward(_to_chwb(x))
+    assert y_t.shape == (O,) + y.shape[2:] + (B,) and y_t.flags.c_contiguous
+    np.testing.assert_allclose(_to_nchw(y_t), y, rtol=1e-12, atol=1e-12)
+    dy = _randn(rng, *y.shape)
+    dx, dx_t = nchw.backward(dy), chwb.backward(_to_chwb(dy))
+    np.testing.assert_allclose(_to_nchw(dx_t), dx, rtol=1e-12, atol=1e-12)
+    for name in ("W", "b"):
+        np.testing.assert_allclose(chwb.grads[name], nchw.grads[name], rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 3), C=st.integers(1, 3), O=st.integers(1, 3), H=st.integers(2, 6), W=st.integers(2, 6),
+       k=st.integers(1, 3), s=st.integers(1, 2), p=st.integers(0, 1), seed=st.integers(0, 2**16))
+def test_chwb_layers_gradcheck(B, C, O, H, W, k, s, p, seed):
+    assume(H + 2 * p >= k and W + 2 * p >= k)
+    x = np.random.default_rng(seed).standard_normal((C, H, W, B))
+    conv = Conv2d(C, O, k, stride=s, padding=p, layout="CHWB", dtype="float64", rng=seed)
+    report = gradcheck.check_layer(conv, x, seed=seed)
+    assert set(report.errors) == {"x", "W", "b"} and report.max_error <= 1e-6, str(report)
+    convt = ConvTranspose2d(C, O, k, stride=s, padding=p, layout="CHWB", dtype="float64", rng=seed)
+    report = gradcheck.check_layer(convt, x, seed=seed)
+    assert set(report.errors) == {"x", "W", "b"} and report.max_error <= 1e-6, str(report)
+
+
+def test_chwb_outputs_are_fresh_and_do_not_alias_workspaces():
+    rng = np.random.default_rng(5)
+    for layer, shape in ((Conv2d(2, 3, 3, padding=1, layout="CHWB"), (2, 5, 5, 4)),
+                         (ConvTranspose2d(2, 3, 4, stride=2, padding=1, layout="CHWB"), (2, 3, 3, 4))):
+        x = rng.standard_normal(shape).astype(np.float32)
+        y1 = layer.forward(x)
+        keep = y1.copy()
+        dx1 = layer.backward(np.ones_like(y1))
+        keep_dx = dx1.copy()
+        layer.forward(x * 2)
+        layer.backward(np.full_like(y1, 3.0))
+        np.testing.assert_array_equal(y1, keep)
+        np.testing.assert_array_equal(dx1, keep_dx)
+
+
+@pytest.mark.parametrize("cls", [Conv2d, ConvTranspose2d])
+def test_chwb_layout_checks(cls):
+    with pytest.raises(ValueError, match="layout must be one of"):
+        cls(2, 3, 3, layout="NHWC")
+    layer = cls(2, 3, 3, layout="CHWB")
+    with pytest.raises(ValueError, match=r"input \(CHWB\) has shape \(4, 2, 5, 5\), expected \(2, N, N, N\)"):
+        layer.forward(np.zeros((4, 2, 5, 5), dtype=np.float32))   # an NCHW batch given to a CHWB layer
+    y = layer.forward(np.zeros((2, 5, 5, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="dy has shape"):
+        layer.backward(np.zeros((4,) + y.shape[:3], dtype=np.float32))
+    assert "layout='CHWB'" in repr(layer)
+
+
+def test_to_and_from_chwb():
+    from scratchvae.layers import FromCHWB, ToCHWB
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 2 * 3 * 4))
+    to = ToCHWB((2, 3, 4), dtype="float64")
+    y = to.forward(x)
+    np.testing.assert_array_equal(y, _to_chwb(x.reshape(5, 2, 3, 4)))
+    back = FromCHWB(dtype="float64")
+    np.testing.assert_array_equal(back.forward(y), x)
+    assert gradcheck.check_layer(to, x).max_error <= 1e-9
+    assert gradcheck.check_layer(back, y).max_error <= 1e-9
+    with pytest.raises(ValueError, match=r"ToCHWB: input has shape \(5, 23\), expected \(N, 24\)"):
+        to.forward(x[:, :23])
+    with pytest.raises(ValueError, match="shape must be"):
+        ToCHWB((2, 12))

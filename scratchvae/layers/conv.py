@@ -2,7 +2,15 @@
 
 Layout
 ------
-Images are NCHW: ``(B, C, H, W)``.  :func:`im2col` unfolds the (zero-padded)
+Images are NCHW, ``(B, C, H, W)``, by default.  Every function and layer also
+takes ``layout="CHWB"``: images ``(C, H, W, B)``, batch innermost, which is
+the layout the products below work in.  A stack of convolutions in CHWB
+skips the two transposing copies per layer (to and from NCHW, in forward and
+backward: 15% of the conv VAE's step); :class:`~scratchvae.layers.ToCHWB`
+and :class:`~scratchvae.layers.FromCHWB` convert at the ends of the stack.
+Weights have the same shapes in both layouts.
+
+:func:`im2col` unfolds the (zero-padded)
 input into a matrix of patches with the batch index innermost::
 
     cols[(c, u, v), (i, j, b)] = x_pad[b, c, i*sh + u, j*sw + v]
@@ -46,7 +54,7 @@ import math
 from ..backend import array_module
 from .base import Layer, as_pair, init_rng
 
-__all__ = ["Conv2d", "ConvTranspose2d", "Workspace", "conv_output_size", "conv_transpose_output_size",
+__all__ = ["Conv2d", "ConvTranspose2d", "Workspace", "LAYOUTS", "conv_output_size", "conv_transpose_output_size",
            "im2col", "col2im", "conv2d_forward", "conv2d_backward",
            "conv_transpose2d_forward", "conv_transpose2d_backward"]
 
@@ -133,9 +141,26 @@ def _buffer(workspace, key, shape, dtype, xp, zero=False):
     return workspace.get(key, shape, dtype, xp, zero)
 
 
+LAYOUTS = ("NCHW", "CHWB")
+
+
+def _check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def _nchw_shape(x, layout):
+    """(B, C, H, W) of an image array in ``layout``."""
+    if layout == "CHWB":
+        C, H, W, B = x.shape
+        return B, C, H, W
+    return tuple(x.shape)
+
+
 # -- im2col / col2im --------------------------------------------------------------
 
-def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None):
+def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW"):
     """Unfold the patches of ``x`` into columns (batch innermost).
 
     ``x`` is first copied, zero-padded, into the channel-major layout
@@ -145,12 +170,13 @@ def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None):
 
     Parameters
     ----------
-    x : array, shape (B, C, H, W)
+    x : array, shape (B, C, H, W), or (C, H, W, B) with ``layout="CHWB"``
     kernel_size, stride, padding : int or pair
         ``(kh, kw)``, ``(sh, sw)``, ``(ph, pw)``; zero padding.
     workspace : Workspace, optional
         Reuse its ``"pad"`` and ``"cols"`` buffers; ``cols`` is then one of
         them (overwritten by the next call).
+    layout : "NCHW" or "CHWB"
 
     Returns
     -------
@@ -165,7 +191,7 @@ def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None):
     kh, kw = as_pair(kernel_size, "kernel_size")
     sh, sw = as_pair(stride, "stride")
     ph, pw = as_pair(padding, "padding")
-    B, C, H, W = x.shape
+    B, C, H, W = _nchw_shape(x, _check_layout(layout))
     Ho, Wo = conv_output_size((H, W), (kh, kw), (sh, sw), (ph, pw))
     if Ho < 1 or Wo < 1:
         raise ValueError(f"im2col: input size {(H, W)} with padding {(ph, pw)} is smaller than the kernel {(kh, kw)}")
@@ -176,7 +202,7 @@ def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None):
     if pw:
         x_t[:, :, :pw] = 0
         x_t[:, :, pw + W:] = 0
-    x_t[:, ph:ph + H, pw:pw + W, :] = x.transpose(1, 2, 3, 0)  # (C, H, W, B)
+    x_t[:, ph:ph + H, pw:pw + W, :] = x if layout == "CHWB" else x.transpose(1, 2, 3, 0)  # (C, H, W, B)
     cols = _buffer(workspace, "cols", (C * kh * kw, Ho * Wo * B), x.dtype, xp)
     cols6 = cols.reshape(C, kh, kw, Ho, Wo, B)
     for u in range(kh):
@@ -187,7 +213,7 @@ def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None):
     return cols
 
 
-def col2im(cols, x_shape, kernel_size, stride=1, padding=0, *, workspace=None):
+def col2im(cols, x_shape, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW"):
     """Fold columns back into an image, summing overlaps: the adjoint of :func:`im2col`.
 
     Each of the ``kh*kw`` kernel offsets adds one block of ``cols`` into a
@@ -200,14 +226,17 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, *, workspace=None):
         Laid out as the output of :func:`im2col`: rows (c, u, v), columns
         (i, j, b).
     x_shape : tuple (B, C, H, W)
-        The shape of the image that :func:`im2col` unfolded.
+        The shape of the image that :func:`im2col` unfolded, in NCHW order
+        whatever the layout.
     kernel_size, stride, padding : int or pair
     workspace : Workspace, optional
         Reuse its ``"pad"`` buffer.
+    layout : "NCHW" or "CHWB"
+        The layout of the returned image.
 
     Returns
     -------
-    x : new C-contiguous array, shape (B, C, H, W), dtype of ``cols``
+    x : new C-contiguous array, shape (B, C, H, W) (or (C, H, W, B)), dtype of ``cols``
         ``x[b, c, h, w] = sum of cols[(c, u, v), (i, j, b)]`` over all
         ``(u, v, i, j)`` with ``i*sh + u - ph == h`` and ``j*sw + v - pw == w``.
     """
@@ -228,43 +257,55 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, *, workspace=None):
         for v in range(kw):
             v_end = v + sw * (Wo - 1) + 1
             x_t[:, u:u_end:sh, v:v_end:sw, :] += cols6[:, u, v]  # (C, Ho, Wo, B)
-    return xp.ascontiguousarray(x_t[:, ph:ph + H, pw:pw + W, :].transpose(3, 0, 1, 2))  # (B, C, H, W)
+    crop = x_t[:, ph:ph + H, pw:pw + W, :]  # (C, H, W, B)
+    if _check_layout(layout) == "CHWB":
+        return crop.copy() if workspace is not None or ph or pw else crop
+    return xp.ascontiguousarray(crop.transpose(3, 0, 1, 2))  # (B, C, H, W)
 
 
 # -- pure forward / backward pairs --------------------------------------------------
 
-def conv2d_forward(x, W, b, stride=1, padding=0, *, workspace=None):
+def conv2d_forward(x, W, b, stride=1, padding=0, *, workspace=None, layout="NCHW"):
     """2-D convolution (cross-correlation, like PyTorch's ``conv2d``).
 
     ``out[b, o, i, j] = bias[o] + sum_{c,u,v} W[o, c, u, v] * x_pad[b, c, i*sh + u, j*sw + v]``
 
     Parameters
     ----------
-    x : array, shape (B, C_in, H, W)
+    x : array, shape (B, C_in, H, W), or (C_in, H, W, B) with ``layout="CHWB"``
     W : array, shape (C_out, C_in, kh, kw)
     b : array, shape (C_out,)
     stride, padding : int or pair
     workspace : Workspace, optional
         Scratch buffers to reuse (see :class:`Workspace`).
+    layout : "NCHW" or "CHWB"
+        Of ``x`` and ``out``.
 
     Returns
     -------
-    out : new C-contiguous array, shape (B, C_out, Ho, Wo),
+    out : new C-contiguous array, shape (B, C_out, Ho, Wo) (or (C_out, Ho, Wo, B)),
         ``Ho = (H + 2*ph - kh) // sh + 1`` (likewise ``Wo``).
-    cache : tuple ``(cols, W, x_shape, stride, padding)`` for :func:`conv2d_backward`;
+    cache : tuple ``(cols, W, x_shape, stride, padding, layout)`` for
+        :func:`conv2d_backward`; ``x_shape`` is (B, C_in, H, W) and
         ``cols = im2col(x)`` has shape (C_in*kh*kw, Ho*Wo*B).
     """
     xp = array_module(x, W, b)
     stride, padding = as_pair(stride, "stride"), as_pair(padding, "padding")
-    B = x.shape[0]
+    x_shape = _nchw_shape(x, _check_layout(layout))
+    B = x_shape[0]
     C_out, C_in, kh, kw = W.shape
-    Ho, Wo = conv_output_size(x.shape[2:], (kh, kw), stride, padding)
-    cols = im2col(x, (kh, kw), stride, padding, workspace=workspace)  # (C_in*kh*kw, Ho*Wo*B)
-    out2 = _buffer(workspace, "out2", (C_out, Ho * Wo * B), x.dtype, xp)
+    Ho, Wo = conv_output_size(x_shape[2:], (kh, kw), stride, padding)
+    cols = im2col(x, (kh, kw), stride, padding, workspace=workspace, layout=layout)  # (C_in*kh*kw, Ho*Wo*B)
+    if layout == "CHWB":  # the product is the output: write it into a fresh array
+        out2 = xp.empty((C_out, Ho * Wo * B), dtype=x.dtype)
+    else:
+        out2 = _buffer(workspace, "out2", (C_out, Ho * Wo * B), x.dtype, xp)
     xp.matmul(W.reshape(C_out, C_in * kh * kw), cols, out=out2)  # (C_out, Ho*Wo*B)
     out2 += b[:, None]
-    out = xp.ascontiguousarray(out2.reshape(C_out, Ho, Wo, B).transpose(3, 0, 1, 2))  # (B, C_out, Ho, Wo)
-    return out, (cols, W, tuple(x.shape), stride, padding)
+    out = out2.reshape(C_out, Ho, Wo, B)  # (C_out, Ho, Wo, B)
+    if layout == "NCHW":
+        out = xp.ascontiguousarray(out.transpose(3, 0, 1, 2))  # (B, C_out, Ho, Wo)
+    return out, (cols, W, x_shape, stride, padding, layout)
 
 
 def conv2d_backward(dout, cache, *, workspace=None, need_dx=True):
@@ -272,26 +313,31 @@ def conv2d_backward(dout, cache, *, workspace=None, need_dx=True):
 
     Parameters
     ----------
-    dout : array, shape (B, C_out, Ho, Wo)
+    dout : array, shape (B, C_out, Ho, Wo) (or (C_out, Ho, Wo, B): the forward's layout)
         Upstream gradient dL/dout (not modified).
     cache : tuple from :func:`conv2d_forward`
     workspace : Workspace, optional
         Scratch buffers to reuse (uses none that the cache aliases).
+    need_dx : bool
+        False skips the input gradient (a product and col2im), for data input.
 
     Returns
     -------
-    dx : array, shape (B, C_in, H, W)   ``col2im(W2.T @ dout2)``
+    dx : array, shape (B, C_in, H, W) (or (C_in, H, W, B))   ``col2im(W2.T @ dout2)``
     dW : array, shape (C_out, C_in, kh, kw)   ``dout2 @ cols.T``
     db : array, shape (C_out,)   ``dout.sum((0, 2, 3))``
 
     where ``dout2`` is ``dout`` laid out as (C_out, Ho*Wo*B) and ``W2`` is
     ``W`` flattened to (C_out, C_in*kh*kw).
     """
-    cols, W, x_shape, stride, padding = cache
+    cols, W, x_shape, stride, padding, layout = cache
     xp = array_module(dout, cols, W)
     C_out, C_in, kh, kw = W.shape
-    dout2 = _buffer(workspace, "dout2", (C_out, cols.shape[1]), dout.dtype, xp)
-    dout2.reshape(C_out, *dout.shape[2:], dout.shape[0])[...] = dout.transpose(1, 2, 3, 0)  # (C_out, Ho*Wo*B)
+    if layout == "CHWB":
+        dout2 = xp.ascontiguousarray(dout).reshape(C_out, cols.shape[1])  # (C_out, Ho*Wo*B), a view
+    else:
+        dout2 = _buffer(workspace, "dout2", (C_out, cols.shape[1]), dout.dtype, xp)
+        dout2.reshape(C_out, *dout.shape[2:], dout.shape[0])[...] = dout.transpose(1, 2, 3, 0)  # (C_out, Ho*Wo*B)
     W2 = W.reshape(C_out, C_in * kh * kw)  # (C_out, C_in*kh*kw)
     dW = xp.matmul(dout2, cols.T).reshape(W.shape)  # (C_out, C_in, kh, kw)
     db = dout2.sum(axis=1)  # (C_out,)
@@ -299,11 +345,11 @@ def conv2d_backward(dout, cache, *, workspace=None, need_dx=True):
         return None, dW, db
     dcols = _buffer(workspace, "dcols", cols.shape, cols.dtype, xp)
     xp.matmul(W2.T, dout2, out=dcols)  # (C_in*kh*kw, Ho*Wo*B)
-    dx = col2im(dcols, x_shape, (kh, kw), stride, padding, workspace=workspace)  # (B, C_in, H, W)
+    dx = col2im(dcols, x_shape, (kh, kw), stride, padding, workspace=workspace, layout=layout)  # (B, C_in, H, W)
     return dx, dW, db
 
 
-def conv_transpose2d_forward(x, W, b, stride=1, padding=0, output_padding=0, *, workspace=None):
+def conv_transpose2d_forward(x, W, b, stride=1, padding=0, output_padding=0, *, workspace=None, layout="NCHW"):
     """2-D transposed convolution (like PyTorch's ``conv_transpose2d``).
 
     The adjoint of :func:`conv2d_forward` with the same ``W``, plus a bias:
@@ -312,38 +358,43 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0, output_padding=0, *, 
 
     Parameters
     ----------
-    x : array, shape (B, C_in, H, W)
+    x : array, shape (B, C_in, H, W), or (C_in, H, W, B) with ``layout="CHWB"``
     W : array, shape (C_in, C_out, kh, kw)
     b : array, shape (C_out,)
     stride, padding, output_padding : int or pair
         ``output_padding`` (< stride) adds rows/columns at the bottom/right.
     workspace : Workspace, optional
         Scratch buffers to reuse (see :class:`Workspace`).
+    layout : "NCHW" or "CHWB"
+        Of ``x`` and ``out``.
 
     Returns
     -------
-    out : new C-contiguous array, shape (B, C_out, Ho, Wo),
+    out : new C-contiguous array, shape (B, C_out, Ho, Wo) (or (C_out, Ho, Wo, B)),
         ``Ho = (H - 1)*sh - 2*ph + kh + output_padding_h`` (likewise ``Wo``).
-    cache : tuple ``(x2, W, out_shape, stride, padding)`` for
+    cache : tuple ``(x2, W, out_shape, stride, padding, layout)`` for
         :func:`conv_transpose2d_backward`; ``x2`` is ``x`` laid out as
-        (C_in, H*W*B).
+        (C_in, H*W*B) and ``out_shape`` is (B, C_out, Ho, Wo).
     """
     xp = array_module(x, W, b)
     stride, padding = as_pair(stride, "stride"), as_pair(padding, "padding")
-    B, _, H, Wd = x.shape
+    B, _, H, Wd = _nchw_shape(x, _check_layout(layout))
     C_in, C_out, kh, kw = W.shape
     Ho, Wo = conv_transpose_output_size((H, Wd), (kh, kw), stride, padding, output_padding)
     if Ho < 1 or Wo < 1:
         raise ValueError(f"conv_transpose2d: output size {(Ho, Wo)} is < 1 for input size {(H, Wd)}")
-    x2 = _buffer(workspace, "x2", (C_in, H * Wd * B), x.dtype, xp)
-    x2.reshape(C_in, H, Wd, B)[...] = x.transpose(1, 2, 3, 0)  # (C_in, H*W*B)
+    if layout == "CHWB":
+        x2 = xp.ascontiguousarray(x).reshape(C_in, H * Wd * B)  # (C_in, H*W*B), a view
+    else:
+        x2 = _buffer(workspace, "x2", (C_in, H * Wd * B), x.dtype, xp)
+        x2.reshape(C_in, H, Wd, B)[...] = x.transpose(1, 2, 3, 0)  # (C_in, H*W*B)
     W2 = W.reshape(C_in, C_out * kh * kw)  # (C_in, C_out*kh*kw)
     cols = _buffer(workspace, "cols", (C_out * kh * kw, H * Wd * B), x.dtype, xp)
     xp.matmul(W2.T, x2, out=cols)  # (C_out*kh*kw, H*W*B)
     out_shape = (B, C_out, Ho, Wo)
-    out = col2im(cols, out_shape, (kh, kw), stride, padding, workspace=workspace)  # (B, C_out, Ho, Wo)
-    out += b[:, None, None]
-    return out, (x2, W, out_shape, stride, padding)
+    out = col2im(cols, out_shape, (kh, kw), stride, padding, workspace=workspace, layout=layout)
+    out += b[:, None, None, None] if layout == "CHWB" else b[:, None, None]  # (C_out, Ho, Wo, B) or (B, C_out, Ho, Wo)
+    return out, (x2, W, out_shape, stride, padding, layout)
 
 
 def conv_transpose2d_backward(dout, cache, *, workspace=None):
@@ -351,7 +402,7 @@ def conv_transpose2d_backward(dout, cache, *, workspace=None):
 
     Parameters
     ----------
-    dout : array, shape (B, C_out, Ho, Wo)
+    dout : array, shape (B, C_out, Ho, Wo) (or (C_out, Ho, Wo, B): the forward's layout)
         Upstream gradient dL/dout (not modified).
     cache : tuple from :func:`conv_transpose2d_forward`
     workspace : Workspace, optional
@@ -359,22 +410,26 @@ def conv_transpose2d_backward(dout, cache, *, workspace=None):
 
     Returns
     -------
-    dx : array, shape (B, C_in, H, W)   ``W2 @ im2col(dout)``  (a Conv2d forward)
+    dx : array, shape (B, C_in, H, W) (or (C_in, H, W, B))   ``W2 @ im2col(dout)``  (a Conv2d forward)
     dW : array, shape (C_in, C_out, kh, kw)   ``x2 @ im2col(dout).T``
     db : array, shape (C_out,)   ``dout.sum((0, 2, 3))``
     """
-    x2, W, out_shape, stride, padding = cache
+    x2, W, out_shape, stride, padding, layout = cache
     xp = array_module(dout, x2, W)
     C_in, C_out, kh, kw = W.shape
     B = out_shape[0]
-    cols = im2col(dout, (kh, kw), stride, padding, workspace=workspace)  # (C_out*kh*kw, H*W*B)
+    cols = im2col(dout, (kh, kw), stride, padding, workspace=workspace, layout=layout)  # (C_out*kh*kw, H*W*B)
     H, Wd = conv_output_size(out_shape[2:], (kh, kw), stride, padding)
     W2 = W.reshape(C_in, C_out * kh * kw)  # (C_in, C_out*kh*kw)
-    dx2 = _buffer(workspace, "dx2", (C_in, H * Wd * B), dout.dtype, xp)
-    xp.matmul(W2, cols, out=dx2)  # (C_in, H*W*B)
-    dx = xp.ascontiguousarray(dx2.reshape(C_in, H, Wd, B).transpose(3, 0, 1, 2))  # (B, C_in, H, W)
+    if layout == "CHWB":  # the product is dx: write it into a fresh array
+        dx = xp.matmul(W2, cols).reshape(C_in, H, Wd, B)  # (C_in, H, W, B)
+        db = dout.reshape(C_out, -1).sum(axis=1)  # (C_out,)
+    else:
+        dx2 = _buffer(workspace, "dx2", (C_in, H * Wd * B), dout.dtype, xp)
+        xp.matmul(W2, cols, out=dx2)  # (C_in, H*W*B)
+        dx = xp.ascontiguousarray(dx2.reshape(C_in, H, Wd, B).transpose(3, 0, 1, 2))  # (B, C_in, H, W)
+        db = dout.sum(axis=(0, 2, 3))  # (C_out,)
     dW = xp.matmul(x2, cols.T).reshape(W.shape)  # (C_in, C_out, kh, kw)
-    db = dout.sum(axis=(0, 2, 3))  # (C_out,)
     return dx, dW, db
 
 
@@ -391,6 +446,21 @@ def _check_geometry(name, in_channels, out_channels, kernel_size, stride, paddin
         raise ValueError(f"{name}: padding must be >= 0, got {padding}")
 
 
+def _in_layout(nchw_shape, layout):
+    """An NCHW shape (B, C, H, W) written in ``layout``."""
+    B, C, H, W = nchw_shape
+    return (C, H, W, B) if layout == "CHWB" else (B, C, H, W)
+
+
+def _check_image(layer, x, channels):
+    expected = (channels, None, None, None) if layer.layout == "CHWB" else (None, channels, None, None)
+    layer._check_input(x, expected, what=f"input ({layer.layout})")
+
+
+def _layout_repr(layout):
+    return "" if layout == "NCHW" else f", layout={layout!r}"
+
+
 class Conv2d(Layer):
     """2-D convolution over NCHW images (PyTorch's ``nn.Conv2d``, no dilation/groups).
 
@@ -399,6 +469,8 @@ class Conv2d(Layer):
     in_channels, out_channels : int
     kernel_size, stride, padding : int or pair of ints
         Zero padding of ``padding`` on each side.
+    layout : "NCHW" (default) or "CHWB"
+        Of the input and output images: (B, C, H, W) or (C, H, W, B).
     backend, dtype :
         See :class:`~scratchvae.layers.base.Layer`.
     rng : numpy.random.Generator, int seed or None
@@ -412,7 +484,8 @@ class Conv2d(Layer):
     fan_in = in_channels*kh*kw, drawn on the host in float64 (W first, then b).
 
     Input (B, in_channels, H, W) -> output (B, out_channels, Ho, Wo) with
-    ``Ho = (H + 2*ph - kh) // sh + 1`` (likewise ``Wo``).
+    ``Ho = (H + 2*ph - kh) // sh + 1`` (likewise ``Wo``); in CHWB, input
+    (in_channels, H, W, B) -> output (out_channels, Ho, Wo, B).
 
     Set ``input_grad = False`` on a layer whose input is data (the first
     layer of an encoder): ``backward`` then skips dL/dx and returns None.
@@ -421,8 +494,9 @@ class Conv2d(Layer):
     input_grad = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, *,
-                 backend=None, dtype="float32", rng=None):
+                 layout="NCHW", backend=None, dtype="float32", rng=None):
         super().__init__(backend=backend, dtype=dtype)
+        self.layout = _check_layout(layout)
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride = as_pair(stride, "stride")
         self.padding = as_pair(padding, "padding")
@@ -440,22 +514,23 @@ class Conv2d(Layer):
         return conv_output_size(in_size, self.kernel_size, self.stride, self.padding)
 
     def forward(self, x):
-        """x: (B, C_in, H, W) -> (B, C_out, Ho, Wo)."""
-        self._check_input(x, (None, self.in_channels, None, None))
-        Ho, Wo = self.output_size(x.shape[2:])
+        """x: (B, C_in, H, W) -> (B, C_out, Ho, Wo) (CHWB: (C_in, H, W, B) -> (C_out, Ho, Wo, B))."""
+        _check_image(self, x, self.in_channels)
+        B, _, H, W = _nchw_shape(x, self.layout)
+        Ho, Wo = self.output_size((H, W))
         if Ho < 1 or Wo < 1:
-            raise ValueError(f"Conv2d: input spatial size {tuple(x.shape[2:])} is too small for "
+            raise ValueError(f"Conv2d: input spatial size {(H, W)} is too small for "
                              f"kernel_size={self.kernel_size}, padding={self.padding} "
                              f"(output size would be {(Ho, Wo)})")
         y, self._cache = conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.padding,
-                                        workspace=self._workspace)
+                                        workspace=self._workspace, layout=self.layout)
         return y
 
     def backward(self, dy):
-        """dy: (B, C_out, Ho, Wo) -> dx: (B, C_in, H, W); accumulates dW, db."""
+        """dy: like the forward output -> dx: like its input; accumulates dW, db."""
         cache = self._get_cache()
         x_shape = cache[2]
-        self._check_dy(dy, (x_shape[0], self.out_channels) + self.output_size(x_shape[2:]))
+        self._check_dy(dy, _in_layout((x_shape[0], self.out_channels) + self.output_size(x_shape[2:]), self.layout))
         dx, dW, db = conv2d_backward(dy, cache, workspace=self._workspace, need_dx=self.input_grad)
         self.grads["W"] += dW
         self.grads["b"] += db
@@ -463,7 +538,7 @@ class Conv2d(Layer):
 
     def __repr__(self):
         return (f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding})")
+                f"stride={self.stride}, padding={self.padding}" + _layout_repr(self.layout) + ")")
 
 
 class ConvTranspose2d(Layer):
@@ -477,6 +552,8 @@ class ConvTranspose2d(Layer):
     output_padding : int or pair of ints
         Extra rows/columns at the bottom/right of the output; must be
         smaller than ``stride`` (as in PyTorch).
+    layout : "NCHW" (default) or "CHWB"
+        Of the input and output images: (B, C, H, W) or (C, H, W, B).
     backend, dtype :
         See :class:`~scratchvae.layers.base.Layer`.
     rng : numpy.random.Generator, int seed or None
@@ -491,12 +568,14 @@ class ConvTranspose2d(Layer):
     on the host in float64 (W first, then b).
 
     Input (B, in_channels, H, W) -> output (B, out_channels, Ho, Wo) with
-    ``Ho = (H - 1)*sh - 2*ph + kh + output_padding_h`` (likewise ``Wo``).
+    ``Ho = (H - 1)*sh - 2*ph + kh + output_padding_h`` (likewise ``Wo``); in
+    CHWB, input (in_channels, H, W, B) -> output (out_channels, Ho, Wo, B).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 output_padding=0, *, backend=None, dtype="float32", rng=None):
+                 output_padding=0, *, layout="NCHW", backend=None, dtype="float32", rng=None):
         super().__init__(backend=backend, dtype=dtype)
+        self.layout = _check_layout(layout)
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride = as_pair(stride, "stride")
         self.padding = as_pair(padding, "padding")
@@ -519,21 +598,22 @@ class ConvTranspose2d(Layer):
                                           self.output_padding)
 
     def forward(self, x):
-        """x: (B, C_in, H, W) -> (B, C_out, Ho, Wo)."""
-        self._check_input(x, (None, self.in_channels, None, None))
-        Ho, Wo = self.output_size(x.shape[2:])
+        """x: (B, C_in, H, W) -> (B, C_out, Ho, Wo) (CHWB: (C_in, H, W, B) -> (C_out, Ho, Wo, B))."""
+        _check_image(self, x, self.in_channels)
+        Ho, Wo = self.output_size(_nchw_shape(x, self.layout)[2:])
         if Ho < 1 or Wo < 1:
-            raise ValueError(f"ConvTranspose2d: input spatial size {tuple(x.shape[2:])} is too small for "
+            raise ValueError(f"ConvTranspose2d: input spatial size {_nchw_shape(x, self.layout)[2:]} is too small for "
                              f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding} "
                              f"(output size would be {(Ho, Wo)})")
         y, self._cache = conv_transpose2d_forward(x, self.params["W"], self.params["b"], self.stride,
-                                                  self.padding, self.output_padding, workspace=self._workspace)
+                                                  self.padding, self.output_padding, workspace=self._workspace,
+                                                  layout=self.layout)
         return y
 
     def backward(self, dy):
-        """dy: (B, C_out, Ho, Wo) -> dx: (B, C_in, H, W); accumulates dW, db."""
+        """dy: like the forward output -> dx: like its input; accumulates dW, db."""
         cache = self._get_cache()
-        self._check_dy(dy, cache[2])
+        self._check_dy(dy, _in_layout(cache[2], self.layout))
         dx, dW, db = conv_transpose2d_backward(dy, cache, workspace=self._workspace)
         self.grads["W"] += dW
         self.grads["b"] += db
@@ -541,4 +621,5 @@ class ConvTranspose2d(Layer):
 
     def __repr__(self):
         return (f"ConvTranspose2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, output_padding={self.output_padding})")
+                f"stride={self.stride}, padding={self.padding}, output_padding={self.output_padding}"
+                + _layout_repr(self.layout) + ")")

@@ -5,7 +5,7 @@ import math
 
 from .base import Layer
 
-__all__ = ["Flatten", "Reshape"]
+__all__ = ["Flatten", "Reshape", "ToCHWB", "FromCHWB"]
 
 
 class Flatten(Layer):
@@ -42,3 +42,48 @@ class Reshape(Layer):
 
     def __repr__(self):
         return f"Reshape({self.shape})"
+
+
+class ToCHWB(Layer):
+    """Flat images (B, C*H*W) -> (C, H, W, B), the batch-innermost layout.
+
+    The entry of a stack of ``layout="CHWB"`` convolutions: one transposing
+    copy here instead of two per convolution.  ``shape`` is (C, H, W).
+    """
+
+    def __init__(self, shape, **kw):
+        super().__init__(**kw)
+        self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) != 3:
+            raise ValueError(f"ToCHWB: shape must be (C, H, W), got {shape!r}")
+        self.size = math.prod(self.shape)
+
+    def forward(self, x):
+        self._check_input(x, (None, self.size))
+        B = x.shape[0]
+        self._cache = (B,)
+        return self.xp.ascontiguousarray(x.T).reshape(self.shape + (B,))  # (C, H, W, B)
+
+    def backward(self, dy):
+        (B,) = self._get_cache()
+        self._check_dy(dy, self.shape + (B,))
+        return self.xp.ascontiguousarray(dy.reshape(self.size, B).T)  # (B, C*H*W)
+
+    def __repr__(self):
+        return f"ToCHWB({self.shape})"
+
+
+class FromCHWB(Layer):
+    """(C, H, W, B) -> flat images (B, C*H*W): the exit of a CHWB convolution stack."""
+
+    def forward(self, x):
+        self._check_input(x, (None, None, None, None), what="input (CHWB)")
+        self._cache = (tuple(x.shape),)
+        B = x.shape[-1]
+        return self.xp.ascontiguousarray(x.reshape(-1, B).T)  # (B, C*H*W)
+
+    def backward(self, dy):
+        (shape,) = self._get_cache()
+        B, size = shape[-1], math.prod(shape[:-1])
+        self._check_dy(dy, (B, size))
+        return self.xp.ascontiguousarray(dy.T).reshape(shape)  # (C, H, W, B)
