@@ -26,7 +26,7 @@ import dataclasses
 from . import kernels, losses
 from .backend import array_module
 
-__all__ = ["Adam"]
+__all__ = ["Adam", "geometric_lr"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +76,18 @@ class Adam:
             "v": {k: array_module(p).zeros_like(p) for k, p in params.items()},
         }
 
-    def step(self, params: dict, grads: dict, state: dict) -> dict:
+    def step(self, params: dict, grads: dict, state: dict, lr: float | None = None) -> dict:
         """Apply one Adam step to every array in ``params`` (in place).
+
+        ``lr``, when given, replaces ``self.lr`` for this step (learning-rate
+        schedules: see :func:`geometric_lr`).
 
         Returns the new state (the moment arrays are updated in place and
         shared with the old state; ``step`` is incremented).
         """
+        lr = self.lr if lr is None else float(lr)
+        if not lr > 0:
+            raise ValueError(f"Adam.step: lr must be > 0, got {lr}")
         if params.keys() != grads.keys() or params.keys() != state["m"].keys():
             raise KeyError("Adam.step: params, grads and state must have the same keys; "
                            f"missing in grads: {sorted(set(params) - set(grads))}, "
@@ -90,6 +96,20 @@ class Adam:
         t = int(state["step"]) + 1
         b1, b2 = self.betas
         for name, p in params.items():
-            update(p, grads[name], state["m"][name], state["v"][name], lr=self.lr, beta1=b1, beta2=b2,
+            update(p, grads[name], state["m"][name], state["v"][name], lr=lr, beta1=b1, beta2=b2,
                    eps=self.eps, weight_decay=self.weight_decay, step=t)
         return {"step": t, "m": state["m"], "v": state["v"]}
+
+
+def geometric_lr(lr: float, lr_final: float | None, step: int, total_steps: int) -> float:
+    """Learning rate at ``step`` (0-based) of a geometric decay from ``lr`` to ``lr_final``.
+
+    ``lr * (lr_final / lr) ** (step / total_steps)``: ``lr`` at the first step,
+    ``lr_final`` after the last, a constant factor per step in between. With
+    ``lr_final=None`` the rate stays ``lr``.
+    """
+    if lr_final is None:
+        return lr
+    if lr <= 0 or lr_final <= 0 or total_steps < 1:
+        raise ValueError(f"geometric_lr: need lr > 0, lr_final > 0, total_steps >= 1; got {lr}, {lr_final}, {total_steps}")
+    return lr * (lr_final / lr) ** (min(step, total_steps) / total_steps)

@@ -7,6 +7,9 @@ into ``config.out``:
   recon, KL, seconds, images/s);
 * ``checkpoint.npz``: parameters, Adam state, position, random state, config
   and history, written atomically after every epoch (and on Ctrl-C);
+* ``best.npz`` (with ``keep_best``): the parameters of the epoch with the
+  lowest validation negative ELBO; the final test figures, the IWAE bound and
+  the figures then use them;
 * ``summary.json``: config, backend, device, versions, final figures;
 * the figures of :mod:`scratchvae.figures`.
 
@@ -32,7 +35,7 @@ import numpy
 from . import backend as backend_mod
 from . import checkpoint, datasets
 from .atomic import atomic_write
-from .optim import Adam
+from .optim import Adam, geometric_lr
 from .vae import NonFiniteLoss, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train", "build_model", "build_parser", "main"]
@@ -56,6 +59,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    lr_final: float | None = None
     beta: float = 1.0
     kl_warmup: float = 0.0
     free_bits: float = 0.0
@@ -64,6 +68,8 @@ class TrainConfig:
     limit: int | None = None
     test_limit: int | None = None
     iwae_k: int = 0
+    keep_best: bool = False
+    patience: int = 0
     out: str = "runs/latest"
     fused: bool = True
     figures: bool = True
@@ -83,6 +89,11 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         if self.lr <= 0 or self.beta < 0 or self.kl_warmup < 0 or self.free_bits < 0 or self.iwae_k < 0:
             raise ValueError("lr must be > 0 and beta, kl_warmup, free_bits, iwae_k >= 0")
+        if self.lr_final is not None and self.lr_final <= 0:
+            raise ValueError(f"lr_final must be > 0 when given, got {self.lr_final}")
+        if self.patience < 0 or (self.patience > 0 and not self.keep_best):
+            raise ValueError(f"patience must be >= 0 and needs keep_best (it counts epochs without a better "
+                             f"validation loss); got patience={self.patience}, keep_best={self.keep_best}")
         for key in ("limit", "test_limit"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 when given")
@@ -90,7 +101,7 @@ class TrainConfig:
 
 # Settings that define the model and the optimization: a resumed run must keep them.
 RUN_DEFINING = ("dataset", "binarize", "arch", "hidden", "channels", "latent_dim", "activation", "likelihood",
-                "model", "batch_size", "lr", "beta", "kl_warmup", "free_bits", "seed", "dtype", "limit", "fused")
+                "model", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "seed", "dtype", "limit", "fused")
 
 
 class TrainingDiverged(RuntimeError):
@@ -223,11 +234,17 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
         keep = numpy.linspace(0, x_test.shape[0] - 1, cfg.test_limit).round().astype(numpy.int64)
         x_test = x_test[keep]
         test_labels = None if test_labels is None else test_labels[keep]
-    for name, x in (("training data", x_train), ("test data", x_test)):
-        datasets.validate_images(x, cfg.likelihood, name=f"{cfg.dataset} {name}", expected_shape=data.image_shape)
+    x_valid = data.valid if cfg.keep_best else None
+    if cfg.keep_best and x_valid is None:
+        raise ValueError(f"keep_best needs a validation split and dataset {cfg.dataset!r} has none")
+    for name, x in (("training data", x_train), ("validation data", x_valid), ("test data", x_test)):
+        if x is not None:
+            datasets.validate_images(x, cfg.likelihood, name=f"{cfg.dataset} {name}", expected_shape=data.image_shape)
     dtype = numpy.dtype(cfg.dtype)
     x_train = numpy.ascontiguousarray(x_train, dtype=dtype)
     x_test_dev = be.asarray(x_test, dtype=dtype)
+    x_valid_dev = None if x_valid is None else be.asarray(x_valid, dtype=dtype)
+    best_path = out / "best.npz"
     dynamic = data.dynamic_binarization
 
     # -- model, optimizer, random state -------------------------------------------------
@@ -237,17 +254,27 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
     rng = numpy.random.default_rng(cfg.seed)
     n = x_train.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
     epoch, step, batch_start, history, partial = 0, 0, 0, [], None
+    best = {"epoch": 0, "valid_loss": math.inf}
     epoch_rng_state = resume_rng_state = None
     initial = None
 
     def test_metrics(tag):
         return model.evaluate(x_test_dev, be.rng(cfg.seed * 1_000_003 + tag))
 
+    def valid_metrics(tag):
+        return model.evaluate(x_valid_dev, be.rng(cfg.seed * 1_000_003 + 500_000 + tag))
+
     if resume is not None:
         path = pathlib.Path(resume)
         path = path / "checkpoint.npz" if path.is_dir() else path
         arrays, meta = checkpoint.load(path)
+        stored_epochs = meta["config"]["epochs"]
+        if cfg.lr_final is not None and cfg.epochs != stored_epochs:
+            raise ValueError(f"--resume {path}: the learning rate decays to lr_final over the run's {stored_epochs} "
+                             f"epochs; resuming with epochs={cfg.epochs} would change the schedule midway. "
+                             f"Resume with epochs={stored_epochs}, or start a new run")
         _restore(path, arrays, model, opt_state, be)
         opt_state["step"] = int(meta["adam_step"])
         epoch, step, batch_start = int(meta["epoch"]), int(meta["step"]), int(meta["batch_in_epoch"])
@@ -255,6 +282,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
         resume_rng_state = meta["rng_state"]
         epoch_rng_state = meta["epoch_rng_state"]
         history, partial, initial = meta["history"], meta["partial"], meta["initial_test"]
+        best = meta.get("best", best)
         log(f"resumed from {path}: epoch {epoch}, step {step}" + (f", batch {batch_start}" if batch_start else ""))
     else:
         initial = test_metrics(0)
@@ -265,7 +293,8 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
     def save(batch_in_epoch, sums):
         meta = {"epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "adam_step": opt_state["step"],
                 "rng_state": rng.bit_generator.state, "epoch_rng_state": epoch_rng_state,
-                "config": dataclasses.asdict(cfg), "history": history, "partial": sums, "initial_test": initial}
+                "config": dataclasses.asdict(cfg), "history": history, "partial": sums, "initial_test": initial,
+                "best": best}
         checkpoint.save(ckpt_path, _checkpoint_arrays(model, opt_state, be), json.loads(json.dumps(meta, default=_json_default)))
 
     def write_metrics():
@@ -311,7 +340,8 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
                     summary.update(status="diverged", error=f"non-finite loss at {where}: {err}", history=history)
                     _write_json(out / "summary.json", summary)
                     raise TrainingDiverged(f"training stopped: non-finite loss at {where}: {err}; {kept}") from err
-                opt_state = opt.step(model.params, model.grads, opt_state)
+                opt_state = opt.step(model.params, model.grads, opt_state,
+                                     lr=geometric_lr(cfg.lr, cfg.lr_final, step, total_steps))
                 step += 1
                 sums["loss"] += loss
                 sums["recon"] += stats["recon"]
@@ -343,14 +373,30 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
             record = {"epoch": epoch + 1, "step": step, "train_loss": sums["loss"] / nb,
                       "train_recon": sums["recon"] / nb, "train_kl": sums["kl"] / nb,
                       "test_loss": test["loss"], "test_recon": test["recon"], "test_kl": test["kl"],
-                      "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan")}
+                      "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan"),
+                      "lr": geometric_lr(cfg.lr, cfg.lr_final, step - 1, total_steps)}
+            if cfg.keep_best:
+                record["valid_loss"] = valid_metrics(epoch + 1)["loss"]
+                if record["valid_loss"] < best["valid_loss"]:
+                    best = {"epoch": epoch + 1, "valid_loss": record["valid_loss"]}
+                    # written before the checkpoint that names it, so a crash in between cannot
+                    # leave a checkpoint pointing at an older best.npz
+                    checkpoint.save(best_path, {f"param/{k}": be.asnumpy(p) for k, p in model.params.items()},
+                                    {"epoch": epoch + 1, "valid_loss": record["valid_loss"]})
             history.append(record)
             epoch += 1
             save(0, None)
             write_metrics()
             log(f"epoch {epoch:3d}/{cfg.epochs}  train {record['train_loss']:8.3f}  "
-                f"test {record['test_loss']:8.3f} (recon {record['test_recon']:7.3f}, kl {record['test_kl']:6.3f})  "
+                + (f"valid {record['valid_loss']:8.3f}{'*' if best['epoch'] == epoch else ' '} "
+                   if cfg.keep_best else "")
+                + f"test {record['test_loss']:8.3f} (recon {record['test_recon']:7.3f}, kl {record['test_kl']:6.3f})  "
                 f"{seconds:6.1f} s  {record['images_per_s']:8.0f} img/s")
+            if cfg.patience and epoch - best["epoch"] >= cfg.patience and epoch < cfg.epochs:
+                log(f"early stop after epoch {epoch}: no better validation loss for {cfg.patience} epochs "
+                    f"(best {best['valid_loss']:.3f} at epoch {best['epoch']})")
+                summary["stopped_early"] = True
+                break
             if stop.requested:
                 log(f"interrupted after epoch {epoch}: checkpoint saved to {ckpt_path}; continue with --resume {out}")
                 summary.update(status="interrupted", history=history)
@@ -359,6 +405,13 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
         status = "finished"
 
     final = history[-1] if history else {}
+    if cfg.keep_best and best["epoch"] > 0:
+        arrays, _ = checkpoint.load(best_path)
+        for name, p in model.params.items():
+            p[...] = be.asarray(arrays[f"param/{name}"])
+        final = history[best["epoch"] - 1]
+        summary.update(best_epoch=best["epoch"], best_valid_loss=best["valid_loss"])
+        log(f"using the parameters of epoch {best['epoch']} (validation loss {best['valid_loss']:.3f}) from {best_path}")
     summary.update(status=status, history=history, epochs=epoch, steps=step,
                    test_loss=final.get("test_loss"), test_recon=final.get("test_recon"), test_kl=final.get("test_kl"),
                    train_seconds=sum(h["seconds"] for h in history))
@@ -418,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--epochs", type=int, help=f"total epochs; with --resume, train up to this many (default {d.epochs})")
     a("--batch-size", type=int, help=f"examples per step (default {d.batch_size})")
     a("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    a("--lr-final", type=float, help="decay the learning rate geometrically, step by step, from --lr to this "
+                                     "value at the end of --epochs (default: constant)")
     a("--beta", type=float, help="weight of the KL term (beta-VAE; default 1 = the ELBO)")
     a("--kl-warmup", type=float, metavar="EPOCHS", help="ramp beta linearly from 0 over this many epochs (default 0)")
     a("--free-bits", type=float, help="per-dimension KL floor in nats against posterior collapse (default 0: off)")
@@ -427,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--test-limit", type=int, metavar="N", help="use only N evenly spaced test images (the test split is ordered by class)")
     a("--iwae-k", type=int, metavar="K", help="importance samples for the final test NLL (5000 is the paper figure; "
                                               "0 skips, default)")
+    a("--keep-best", dest="keep_best", action="store_true",
+      help="evaluate the validation split after every epoch, keep the best parameters in best.npz and report "
+           "the final test figures, IWAE bound and figures with them (model selection; needs a valid split)")
+    a("--patience", type=int, metavar="EPOCHS", help="with --keep-best: stop after this many epochs without a "
+                                                      "better validation loss (default 0: never)")
     a("--out", help=f"output folder (default {d.out}; with --resume, the resumed folder)")
     a("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.npz")
     a("--no-fused", dest="fused", action="store_false", help="use the plain array loss instead of the Numba kernels")

@@ -236,3 +236,89 @@ def test_iwae_figure_in_summary(tmp_path):
     s = train(small(tmp_path / "iw", epochs=1, test_limit=50, iwae_k=20), log=quiet)
     assert s["iwae_k"] == 20
     assert s["test_nll_iwae"] <= s["test_loss"] + 1.0   # the bound is at least about as tight as the ELBO
+
+
+# -- learning-rate decay, model selection on the validation split, early stopping ----------
+
+def test_geometric_lr_schedule_and_adam_lr_override():
+    from scratchvae.optim import Adam, geometric_lr
+    lrs = [geometric_lr(1e-3, 1e-5, t, 100) for t in range(101)]
+    assert lrs[0] == 1e-3 and lrs[-1] == pytest.approx(1e-5, rel=1e-12)
+    ratios = np.array(lrs[1:]) / np.array(lrs[:-1])
+    np.testing.assert_allclose(ratios, 0.01 ** (1 / 100), rtol=1e-12)
+    assert geometric_lr(1e-3, None, 50, 100) == 1e-3
+    with pytest.raises(ValueError, match="lr_final > 0"):
+        geometric_lr(1e-3, 0.0, 1, 10)
+    rng = np.random.default_rng(0)
+    p1 = {"w": rng.standard_normal(5)}
+    p2 = {"w": p1["w"].copy()}
+    g = {"w": rng.standard_normal(5)}
+    Adam(lr=0.3, fused=False).step(p1, g, Adam().init(p1))
+    Adam(lr=1e-3, fused=False).step(p2, g, Adam().init(p2), lr=0.3)
+    np.testing.assert_array_equal(p1["w"], p2["w"])
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        Adam().step(p1, g, Adam().init(p1), lr=-1.0)
+
+
+def test_lr_final_decays_per_step_and_resumes_exactly(tmp_path):
+    from scratchvae.optim import geometric_lr
+    whole = train(small(tmp_path / "whole", epochs=3, lr=3e-3, lr_final=3e-4), log=quiet)
+    steps = whole["steps"]
+    assert [h["lr"] for h in whole["history"]] == [geometric_lr(3e-3, 3e-4, h["step"] - 1, steps)
+                                                   for h in whole["history"]]
+    assert whole["history"][-1]["lr"] == pytest.approx(3e-3 * 0.1 ** ((steps - 1) / steps), rel=1e-12)
+    const = train(small(tmp_path / "const", epochs=3, lr=3e-3), log=quiet)
+    assert strip_times(const["history"]) != strip_times(whole["history"])   # the schedule is really applied
+
+    def press_ctrl_c(step, stats):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+    part = train(small(tmp_path / "part", epochs=3, lr=3e-3, lr_final=3e-4), log=quiet, on_step=press_ctrl_c)
+    assert part["status"] == "interrupted"
+    with pytest.raises(ValueError, match="would change the schedule"):
+        train(small(tmp_path / "part", epochs=4, lr=3e-3, lr_final=3e-4), resume=tmp_path / "part", log=quiet)
+    resumed = train(small(tmp_path / "part", epochs=3, lr=3e-3, lr_final=3e-4), resume=tmp_path / "part", log=quiet)
+    assert strip_times(resumed["history"]) == strip_times(whole["history"])
+    pw, _ = params_of(tmp_path / "whole")
+    pr, _ = params_of(tmp_path / "part")
+    for k in pw:
+        np.testing.assert_array_equal(pw[k], pr[k])
+
+
+def test_keep_best_selects_the_best_validation_epoch_and_patience_stops(tmp_path, monkeypatch):
+    """Validation losses are scripted (5, 3, 4, 6, ...): epoch 2 is the best and patience 2 stops after epoch 4;
+    the final figures are the test figures of epoch 2, computed with epoch 2's parameters."""
+    import scratchvae.train as train_mod
+    scripted = iter([5.0, 3.0, 4.0, 6.0, 7.0, 8.0])
+    build = train_mod.build_model
+
+    def build_with_scripted_validation(*args, **kw):
+        model = build(*args, **kw)
+        evaluate = model.evaluate
+
+        def scripted_evaluate(x, rng, **ekw):
+            real = evaluate(x, rng, **ekw)
+            if x.shape[0] == datasets.load("binarized-mnist").valid.shape[0]:   # the validation split
+                real = dict(real, loss=next(scripted))
+            return real
+        model.evaluate = scripted_evaluate
+        return model
+    monkeypatch.setattr(train_mod, "build_model", build_with_scripted_validation)
+    s = train(small(tmp_path / "kb", epochs=6, keep_best=True, patience=2), log=quiet)
+    assert [h["valid_loss"] for h in s["history"]] == [5.0, 3.0, 4.0, 6.0]
+    assert s["best_epoch"] == 2 and s["best_valid_loss"] == 3.0 and s["stopped_early"] and s["epochs"] == 4
+    assert s["test_loss"] == s["history"][1]["test_loss"] != s["history"][-1]["test_loss"]
+    monkeypatch.undo()
+    train(small(tmp_path / "two", epochs=2), log=quiet)      # the same run, stopped after epoch 2
+    best, meta = checkpoint.load(tmp_path / "kb" / "best.npz")
+    two, _ = params_of(tmp_path / "two")
+    assert meta["epoch"] == 2
+    for k in best:
+        np.testing.assert_array_equal(best[k], two[k])
+
+
+def test_patience_needs_keep_best():
+    with pytest.raises(ValueError, match="patience must be >= 0 and needs keep_best"):
+        TrainConfig(patience=3)
+    with pytest.raises(ValueError, match="lr_final must be > 0"):
+        TrainConfig(lr_final=0.0)
