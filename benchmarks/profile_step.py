@@ -17,7 +17,7 @@ PROCESS ONLY (the library's files are untouched):
   from the batch-innermost layout, the bias add and the bias gradient);
 * ReLU forward/backward; the loss kernels' validating wrappers in
   ``scratchvae.kernels`` and the Numba kernels in ``scratchvae.kernels.cpu``;
-  ``Adam.step``, ``kernels.adam_update`` and the Numba Adam kernel;
+  ``Adam.step``, ``kernels.adam_update(_many)`` and the Numba Adam kernels;
   ``zero_grad``.
 
 Timers are exclusive (a wrapped callee's time is subtracted from its
@@ -184,7 +184,9 @@ def instrumented(T):
     # -- optimizer
     patch(Adam, "step", T.wrap("Adam: wrappers + loop", Adam.step))
     patch(kernels, "adam_update", T.wrap("Adam: wrappers + loop", kernels.adam_update))
+    patch(kernels, "adam_update_many", T.wrap("Adam: wrappers + loop", kernels.adam_update_many))
     patch(kcpu, "adam_kernel", T.wrap("Adam: Numba kernel", kcpu.adam_kernel))
+    patch(kcpu, "adam_many_kernel", T.wrap("Adam: Numba kernel", kcpu.adam_many_kernel))
 
     patch(_Model, "zero_grad", T.wrap("zero_grad", _Model.zero_grad))
     try:

@@ -29,7 +29,7 @@ from scratchvae.backend import BackendUnavailable, array_module
 from . import cpu
 
 __all__ = ["bce_with_logits", "gaussian_nll", "reparameterize_kl", "reparameterize_kl_backward",
-           "adam_update", "cuda_module"]
+           "adam_update", "adam_update_many", "cuda_module"]
 
 _DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
@@ -200,3 +200,40 @@ def adam_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step)
                              "(the fused kernel cannot write through a strided view)")
     (grad,) = _contiguous(xp, grad)
     module.adam_update_into(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, **launch)
+
+
+def adam_update_many(params, grads, ms, vs, *, lr, beta1, beta2, eps, weight_decay, step):
+    """:func:`adam_update` on every ``(params[i], grads[i], ms[i], vs[i])``, in one kernel call on the CPU.
+
+    Parameters
+    ----------
+    params, grads, ms, vs : sequences of arrays, one per parameter
+        Each quadruple as in :func:`adam_update`; all arrays of one dtype
+        and one array library.
+
+    Returns
+    -------
+    None
+    """
+    params, grads, ms, vs = list(params), list(grads), list(ms), list(vs)
+    if not (len(params) == len(grads) == len(ms) == len(vs)):
+        raise ValueError(f"adam_update_many: got {len(params)} params, {len(grads)} grads, {len(ms)} m and "
+                         f"{len(vs)} v arrays; need one of each per parameter")
+    if not params:
+        return
+    dtype = params[0].dtype
+    _check_kernel_dtype("adam_update_many", dtype)
+    xp = array_module(*params)
+    for i, quad in enumerate(zip(params, grads, ms, vs)):
+        _plain._validate_adam(*quad, step)
+        if quad[0].dtype != dtype:
+            raise TypeError(f"adam_update_many: parameter {i} is {quad[0].dtype}, parameter 0 is {dtype}; "
+                            "one dtype per call")
+        for name, a in zip(("param", "m", "v"), (quad[0], quad[2], quad[3])):
+            if not a.flags.c_contiguous:
+                raise ValueError(f"adam_update_many: {name} {i} must be C-contiguous to be updated in place")
+    module, launch = _backend("adam_update_many", xp,
+                              {f"{kind} {i}": a for kind, arrays in (("param", params), ("grad", grads), ("m", ms),
+                                                                    ("v", vs)) for i, a in enumerate(arrays)})
+    grads = _contiguous(xp, *grads)
+    module.adam_update_many_into(params, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, step, **launch)

@@ -44,9 +44,9 @@ from scratchvae.losses import adam_coefficients
 
 __all__ = [
     "bce_with_logits_kernel", "gaussian_nll_kernel", "reparameterize_kl_kernel",
-    "reparameterize_kl_backward_kernel", "adam_kernel",
+    "reparameterize_kl_backward_kernel", "adam_kernel", "adam_many_kernel",
     "bce_with_logits_into", "gaussian_nll_into", "reparameterize_kl_into",
-    "reparameterize_kl_backward_into", "adam_update_into",
+    "reparameterize_kl_backward_into", "adam_update_into", "adam_update_many_into",
 ]
 
 # Constants are defined here, not imported: Numba freezes globals into the
@@ -262,17 +262,19 @@ def reparameterize_kl_backward_kernel(dz, mu, log_sigma, eps, kl_weight, dmu, dl
 
 
 @njit(cache=True, error_model="numpy")
-def adam_kernel(param, grad, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                weight_decay, bias_correction1, bias_correction2):
+def adam_kernel(param, grad, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, step_scale, eps_hat,
+                weight_decay):
     """One AdamW step over flat arrays, in place on ``param``, ``m``, ``v``.
 
     ``error_model="numpy"`` (IEEE division, no ZeroDivisionError check) is
-    what lets this loop vectorize.
+    what lets this loop vectorize; the folded bias corrections
+    (``step_scale``, ``eps_hat``) leave one square root and one division per
+    element, the loop's bottleneck.
 
     Parameters
     ----------
     param, grad, m, v : C-contiguous 1-D arrays, shape (N,), one float dtype
-    lr, ... bias_correction2 : scalars of that dtype, from
+    lr, ... weight_decay : scalars of that dtype, from
         :func:`scratchvae.losses.adam_coefficients`
     """
     for i in range(param.shape[0]):
@@ -281,9 +283,22 @@ def adam_kernel(param, grad, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_
         vi = v[i] * beta2 + one_minus_beta2 * (g * g)
         m[i] = mi
         v[i] = vi
-        update = (mi / bias_correction1) / (math.sqrt(vi / bias_correction2) + eps)
+        update = step_scale * mi / (math.sqrt(vi) + eps_hat)
         p = param[i]
         param[i] = p - lr * (update + weight_decay * p)
+
+
+@njit(cache=True, error_model="numpy")
+def adam_many_kernel(params, grads, ms, vs, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, step_scale,
+                     eps_hat, weight_decay):
+    """:func:`adam_kernel` over tuples of flat arrays: all parameters in one call.
+
+    One dispatch from Python instead of one per parameter (each costs
+    microseconds of argument unboxing and checks).
+    """
+    for j in range(len(params)):
+        adam_kernel(params[j], grads[j], ms[j], vs[j], lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                    step_scale, eps_hat, weight_decay)
 
 
 # ----------------------------------------------------------------------------
@@ -315,3 +330,11 @@ def adam_update_into(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, ste
     coefs = adam_coefficients(param.dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                               weight_decay=weight_decay, step=step)
     adam_kernel(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1), *coefs)
+
+
+def adam_update_many_into(params, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
+    """AdamW step in place on lists of C-contiguous arrays of one dtype, in one kernel call."""
+    coefs = adam_coefficients(params[0].dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                              weight_decay=weight_decay, step=step)
+    flat = [tuple(a.reshape(-1) for a in arrays) for arrays in (params, grads, ms, vs)]
+    adam_many_kernel(*flat, *coefs)

@@ -192,8 +192,8 @@ def reparameterize_kl_backward_kernel(dz, mu, log_sigma, eps, kl_weight, dmu, dl
 
 
 @cuda.jit
-def adam_kernel(param, grad, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                weight_decay, bias_correction1, bias_correction2):
+def adam_kernel(param, grad, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, step_scale, eps_hat,
+                weight_decay):
     """One AdamW step over flat (N,) arrays, in place; launch ``[blocks, threads]``."""
     for i in range(cuda.grid(1), param.shape[0], cuda.gridsize(1)):
         g = grad[i]
@@ -201,7 +201,7 @@ def adam_kernel(param, grad, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_
         vi = v[i] * beta2 + one_minus_beta2 * (g * g)
         m[i] = mi
         v[i] = vi
-        update = (mi / bias_correction1) / (math.sqrt(vi / bias_correction2) + eps)
+        update = step_scale * mi / (math.sqrt(vi) + eps_hat)
         p = param[i]
         param[i] = p - lr * (update + weight_decay * p)
 
@@ -308,3 +308,10 @@ def adam_update_into(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, ste
                               weight_decay=weight_decay, step=step)
     flat = [_dev(a.reshape(-1)) for a in (param, grad, m, v)]
     adam_kernel[_elementwise_grid(n, threads), threads, stream](*flat, *coefs)
+
+
+def adam_update_many_into(params, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, step, *,
+                          threads=ELEMENTWISE_THREADS, stream=0):
+    """:func:`adam_update_into` for each parameter (one launch each)."""
+    for p, g, m, v in zip(params, grads, ms, vs):
+        adam_update_into(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, threads=threads, stream=stream)

@@ -179,17 +179,28 @@ def expm1_minus_x(y):
 def adam_coefficients(dtype, *, lr, beta1, beta2, eps, weight_decay, step):
     """The scalars of one Adam step, cast to ``dtype`` (shared by all backends).
 
+    The bias corrections are folded into two scalars, so that the update
+    per element is one square root and one division::
+
+        mhat / (sqrt(vhat) + eps)
+          = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)             bc1 = 1 - beta1**t, bc2 = 1 - beta2**t
+          = m * (sqrt(bc2) / bc1) / (sqrt(v) + eps * sqrt(bc2))
+          = m * step_scale / (sqrt(v) + eps_hat)
+
+    an exact identity (Kingma & Ba, Section 2, give the same rearrangement).
+
     Returns
     -------
     tuple of ``dtype`` scalars
-        ``(lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
-        1 - beta1**step, 1 - beta2**step)``; the differences and powers are
-        formed in Python float64 before the cast.
+        ``(lr, beta1, 1 - beta1, beta2, 1 - beta2, step_scale, eps_hat,
+        weight_decay)``; the differences, powers and square roots are formed
+        in Python float64 before the cast.
     """
     c = _dtype_type(dtype)
     step = int(step)
-    return (c(lr), c(beta1), c(1.0 - beta1), c(beta2), c(1.0 - beta2), c(eps), c(weight_decay),
-            c(1.0 - beta1 ** step), c(1.0 - beta2 ** step))
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    return (c(lr), c(beta1), c(1.0 - beta1), c(beta2), c(1.0 - beta2), c(math.sqrt(bc2) / bc1),
+            c(eps * math.sqrt(bc2)), c(weight_decay))
 
 
 def _dtype_type(dtype):
@@ -364,13 +375,11 @@ def adam_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step)
     """
     _validate_adam(param, grad, m, v, step)
     xp = array_module(param, grad, m, v)
-    lr, b1, omb1, b2, omb2, eps, wd, bc1, bc2 = adam_coefficients(
+    lr, b1, omb1, b2, omb2, step_scale, eps_hat, wd = adam_coefficients(
         param.dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     m *= b1
     m += omb1 * grad
     v *= b2
     v += omb2 * (grad * grad)
-    mhat = m / bc1
-    vhat = v / bc2
-    update = mhat / (xp.sqrt(vhat) + eps)
+    update = step_scale * m / (xp.sqrt(v) + eps_hat)  # = mhat / (sqrt(vhat) + eps): see adam_coefficients
     param -= lr * (update + wd * param)

@@ -17,7 +17,8 @@ One step, for every parameter ``p`` with gradient ``g``, at step ``t >= 1``::
     p = p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p)
 
 The plain array version is :func:`scratchvae.losses.adam_update`; the fused
-one-pass kernel is :func:`scratchvae.kernels.adam_update`.
+one-pass kernel is :func:`scratchvae.kernels.adam_update`
+(:func:`~scratchvae.kernels.adam_update_many`: all parameters in one call).
 """
 from __future__ import annotations
 
@@ -92,12 +93,16 @@ class Adam:
             raise KeyError("Adam.step: params, grads and state must have the same keys; "
                            f"missing in grads: {sorted(set(params) - set(grads))}, "
                            f"missing in state: {sorted(set(params) - set(state['m']))}")
-        update = kernels.adam_update if self.fused else losses.adam_update
         t = int(state["step"]) + 1
         b1, b2 = self.betas
-        for name, p in params.items():
-            update(p, grads[name], state["m"][name], state["v"][name], lr=lr, beta1=b1, beta2=b2,
-                   eps=self.eps, weight_decay=self.weight_decay, step=t)
+        hyper = dict(lr=lr, beta1=b1, beta2=b2, eps=self.eps, weight_decay=self.weight_decay, step=t)
+        names = list(params)
+        if self.fused:  # every parameter in one kernel call
+            kernels.adam_update_many([params[k] for k in names], [grads[k] for k in names],
+                                     [state["m"][k] for k in names], [state["v"][k] for k in names], **hyper)
+        else:
+            for k in names:
+                losses.adam_update(params[k], grads[k], state["m"][k], state["v"][k], **hyper)
         return {"step": t, "m": state["m"], "v": state["v"]}
 
 

@@ -236,7 +236,7 @@ def _cuda_signatures(t):
         "gaussian_nll": (a2, a2, a1, t, a1, a2, a1),
         "reparameterize_kl": (a1,) * 5,
         "reparameterize_kl_backward": (a1,) * 7,
-        "adam": (a1,) * 4 + (t,) * 9,
+        "adam": (a1,) * 4 + (t,) * 8,
     }
 
 
@@ -370,3 +370,37 @@ if __name__ == "__main__":
         benchmark()
     else:
         sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adam_update_many_equals_one_call_per_parameter(dtype):
+    shapes = [(7, 5), (5,), (3, 2, 4), (1,)]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01)
+
+    def fresh():
+        r = np.random.default_rng(4)
+        return [[r.standard_normal(s).astype(dtype) for s in shapes] for _ in range(4)]
+    (p1, g1, m1, v1), (p2, g2, m2, v2) = fresh(), fresh()
+    for a in m1 + v1 + m2 + v2:
+        a[...] = np.abs(a)
+    for step in (1, 2, 3):
+        for quad in zip(p1, g1, m1, v1):
+            kernels.adam_update(*quad, step=step, **hyper)
+        kernels.adam_update_many(p2, g2, m2, v2, step=step, **hyper)
+    for a, b in zip(p1 + m1 + v1, p2 + m2 + v2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adam_update_many_checks_its_arguments():
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    a, b = np.zeros(3, np.float32), np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match="need one of each per parameter"):
+        kernels.adam_update_many([a, b], [a], [a, b], [a, b], **hyper)
+    with pytest.raises(TypeError, match="parameter 1 is float64, parameter 0 is float32"):
+        c = np.zeros(3)
+        kernels.adam_update_many([a, c], [a, c], [a.copy(), c.copy()], [a.copy(), c.copy()], **hyper)
+    with pytest.raises(ValueError, match="grad has shape"):
+        kernels.adam_update_many([b], [a], [b.copy()], [b.copy()], **hyper)
+    with pytest.raises(ValueError, match="param 0 must be C-contiguous"):
+        kernels.adam_update_many([b.T], [b.T], [b.T.copy()], [b.T.copy()], **hyper)
+    kernels.adam_update_many([], [], [], [], **hyper)   # nothing to do
