@@ -14,7 +14,9 @@ PROCESS ONLY (the library's files are untouched):
 * convolutions: ``numpy.matmul`` (which the conv code calls as
   ``xp.matmul``), ``im2col``, ``col2im`` and the four conv forward/backward
   functions (whose remaining, *exclusive* time is the layout copies to and
-  from the batch-innermost layout, the bias add and the bias gradient);
+  from the batch-innermost layout, the bias add and the bias gradient) and
+  the ``ToCHWB``/``FromCHWB`` layers (the transposes at the ends of the
+  conv stacks, counted with the layout copies);
 * ReLU forward/backward; the loss kernels' validating wrappers in
   ``scratchvae.kernels`` and the Numba kernels in ``scratchvae.kernels.cpu``;
   ``Adam.step``, ``kernels.adam_update(_many)`` and the Numba Adam kernels;
@@ -169,6 +171,10 @@ def instrumented(T):
     patch(conv, "col2im", T.wrap("col2im", conv.col2im))
     for fname in ("conv2d_forward", "conv2d_backward", "conv_transpose2d_forward", "conv_transpose2d_backward"):
         patch(conv, fname, T.wrap("conv layout copies + bias", getattr(conv, fname)))
+    from scratchvae.layers import shape as shape_layers   # ToCHWB / FromCHWB: the transposes at the stack's ends
+    for cls in (shape_layers.ToCHWB, shape_layers.FromCHWB):
+        for meth in ("forward", "backward"):
+            patch(cls, meth, T.wrap("conv layout copies + bias", getattr(cls, meth)))
 
     # -- activations (ReLU only in these models)
     patch(activations.ReLU, "_forward", T.wrap("ReLU fwd/bwd", activations.ReLU._forward))
