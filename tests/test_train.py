@@ -322,3 +322,19 @@ def test_patience_needs_keep_best():
         TrainConfig(patience=3)
     with pytest.raises(ValueError, match="lr_final must be > 0"):
         TrainConfig(lr_final=0.0)
+
+
+def test_evaluate_run_script_reads_best_and_last(tmp_path):
+    out = tmp_path / "run"
+    train(small(out, epochs=2, keep_best=True), log=quiet)
+    script = REPO / "examples" / "evaluate_run.py"
+    for which in ("best", "last"):
+        res = subprocess.run([sys.executable, str(script), str(out), "--params", which, "--iwae-k", "3"],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        result = json.loads((out / f"evaluation-{which}.json").read_text())
+        assert result["iwae_k"] == 3 and result["epoch"] in (1, 2)
+        assert 0 < result["test_nll_iwae"] < result["test_neg_elbo"] + 5   # a bound near (k=3) the ELBO
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "missing")], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1 and "does not exist" in res.stderr
