@@ -17,12 +17,10 @@ import pathlib
 import sys
 import time
 
-import numpy
-
 from scratchvae import backend as backend_mod
 from scratchvae import checkpoint, datasets
 from scratchvae.atomic import atomic_write
-from scratchvae.train import TrainConfig, build_model
+from scratchvae.train import TrainConfig, build_model, iwae_test_nll, load_parameters
 
 
 def main(argv=None) -> int:
@@ -37,21 +35,17 @@ def main(argv=None) -> int:
     try:
         _, meta = checkpoint.load(run / "checkpoint.npz")
         cfg = TrainConfig(**meta["config"])
-        arrays, pmeta = checkpoint.load(run / ("best.npz" if args.params == "best" else "checkpoint.npz"))
+        be = backend_mod.get(cfg.backend)
+        data = datasets.load(cfg.dataset, data_dir=cfg.data_dir, binarize=cfg.binarize, rng=cfg.seed)
+        model = build_model(cfg, data.image_shape, be)
+        pmeta = load_parameters(run / ("best.npz" if args.params == "best" else "checkpoint.npz"), model, be)
     except checkpoint.CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    be = backend_mod.get(cfg.backend)
-    data = datasets.load(cfg.dataset, data_dir=cfg.data_dir, binarize=cfg.binarize, rng=cfg.seed)
-    model = build_model(cfg, data.image_shape, be)
-    for name, a in model.params.items():
-        a[...] = be.asarray(arrays[f"param/{name}"])
     x_test = be.asarray(data.test, dtype=cfg.dtype)
     elbo = model.evaluate(x_test, be.rng(args.seed))
     t0 = time.perf_counter()
-    rng = be.rng(args.seed + 1)
-    bounds = [model.iwae_bound(x_test[i:i + 100], args.iwae_k, rng) for i in range(0, x_test.shape[0], 100)]
-    nll = -float(numpy.concatenate([be.asnumpy(b) for b in bounds]).mean())
+    nll = iwae_test_nll(model, x_test, args.iwae_k, be.rng(args.seed + 1), progress=False)
     result = {"run": str(run), "params": args.params, "epoch": pmeta.get("epoch"),
               "test_neg_elbo": elbo["loss"], "test_nll_iwae": nll, "iwae_k": args.iwae_k,
               "iwae_seconds": time.perf_counter() - t0}

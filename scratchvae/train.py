@@ -38,7 +38,8 @@ from .atomic import atomic_write
 from .optim import Adam, geometric_lr
 from .vae import NonFiniteLoss, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
 
-__all__ = ["TrainConfig", "TrainingDiverged", "train", "build_model", "build_parser", "main"]
+__all__ = ["TrainConfig", "TrainingDiverged", "train", "build_model", "load_parameters", "iwae_test_nll",
+           "build_parser", "main"]
 
 
 @dataclasses.dataclass
@@ -180,8 +181,13 @@ def _checkpoint_arrays(model, opt_state, be):
 
 
 def _restore(path, arrays, model, opt_state, be):
+    """Copy ``arrays`` (from a checkpoint file) into the model's parameters and, unless
+    ``opt_state`` is None, the Adam moments; every array is checked against its target."""
     for name, p in model.params.items():
-        for prefix, target in (("param", p), ("adam_m", opt_state["m"][name]), ("adam_v", opt_state["v"][name])):
+        targets = [("param", p)]
+        if opt_state is not None:
+            targets += [("adam_m", opt_state["m"][name]), ("adam_v", opt_state["v"][name])]
+        for prefix, target in targets:
             key = f"{prefix}/{name}"
             if key not in arrays:
                 raise checkpoint.CheckpointError(f"checkpoint {path} does not fit the model: no array {key!r}")
@@ -194,6 +200,28 @@ def _restore(path, arrays, model, opt_state, be):
     extra = {k.split("/", 1)[1] for k in arrays} - set(model.params)
     if extra:
         raise checkpoint.CheckpointError(f"checkpoint {path} does not fit the model: unknown parameters {sorted(extra)}")
+
+
+def load_parameters(path, model, be) -> dict:
+    """Load the parameters of a checkpoint or ``best.npz`` into ``model`` (checked); returns the file's meta."""
+    arrays, meta = checkpoint.load(path)
+    _restore(path, {k: a for k, a in arrays.items() if k.startswith("param/")}, model, None, be)
+    return meta
+
+
+def iwae_test_nll(model, x, k, rng, *, chunk=100, progress=None) -> float:
+    """The test NLL as papers quote it: ``-mean`` of the IWAE bound with ``k`` samples per image.
+
+    ``x`` (N, D) on the model's backend, ``rng`` a generator of that backend;
+    the images go through :meth:`VAE.iwae_bound` ``chunk`` at a time (the
+    progress bar counts chunks).
+    """
+    from tqdm.auto import tqdm
+
+    bounds = [model.iwae_bound(x[start:start + chunk], k, rng)
+              for start in tqdm(range(0, x.shape[0], chunk), desc=f"IWAE k={k}", leave=False,
+                                disable=(not progress) if progress is not None else None, file=sys.stderr)]
+    return -float(numpy.concatenate(bounds).mean())
 
 
 def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=print, on_step=None,
@@ -406,9 +434,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
 
     final = history[-1] if history else {}
     if cfg.keep_best and best["epoch"] > 0:
-        arrays, _ = checkpoint.load(best_path)
-        for name, p in model.params.items():
-            p[...] = be.asarray(arrays[f"param/{name}"])
+        load_parameters(best_path, model, be)
         final = history[best["epoch"] - 1]
         summary.update(best_epoch=best["epoch"], best_valid_loss=best["valid_loss"])
         log(f"using the parameters of epoch {best['epoch']} (validation loss {best['valid_loss']:.3f}) from {best_path}")
@@ -417,13 +443,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, log=prin
                    train_seconds=sum(h["seconds"] for h in history))
     if cfg.iwae_k > 0 and cfg.model == "vae":
         t0 = time.perf_counter()
-        bounds = []
-        iwae_rng = be.rng(cfg.seed + 7)
-        chunk = 100
-        for start in tqdm(range(0, x_test.shape[0], chunk), desc=f"IWAE k={cfg.iwae_k}", leave=False,
-                          disable=(not progress) if progress is not None else None, file=sys.stderr):
-            bounds.append(model.iwae_bound(x_test_dev[start:start + chunk], cfg.iwae_k, iwae_rng))
-        nll = -float(numpy.concatenate(bounds).mean())
+        nll = iwae_test_nll(model, x_test_dev, cfg.iwae_k, be.rng(cfg.seed + 7), progress=progress)
         summary.update(test_nll_iwae=nll, iwae_k=cfg.iwae_k, iwae_seconds=time.perf_counter() - t0)
         log(f"test NLL (IWAE bound, k={cfg.iwae_k}): {nll:.2f} nats")
     if cfg.figures:
