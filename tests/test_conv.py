@@ -463,13 +463,9 @@ def _to_nchw(a):
     return np.ascontiguousarray(a.transpose(3, 0, 1, 2))  # (C, H, W, B) -> (B, C, H, W)
 
 
-@pytest.mark.parametrize("B,C,H,W,O,k,s,p", CONV_CASES)
-def test_conv2d_chwb_is_nchw_transposed(B, C, H, W, O, k, s, p):
+def _check_chwb_equals_nchw_transposed(nchw, chwb, x, rng):
     """Same weights, same numbers: forward and every gradient, only the image axes move."""
-    rng = np.random.default_rng(11)
-    x = _randn(rng, B, C, H, W)
-    nchw = Conv2d(C, O, k, stride=s, padding=p, dtype="float64", rng=3)
-    chwb = Conv2d(C, O, k, stride=s, padding=p, layout="CHWB", dtype="float64", rng=3)
+    B, O = x.shape[0], nchw.out_channels
     y = nchw.forward(x)
     y_t = chwb.forward(_to_chwb(x))
     assert y_t.shape == (O,) + y.shape[2:] + (B,) and y_t.flags.c_contiguous
@@ -479,23 +475,24 @@ def test_conv2d_chwb_is_nchw_transposed(B, C, H, W, O, k, s, p):
     np.testing.assert_allclose(_to_nchw(dx_t), dx, rtol=1e-12, atol=1e-12)
     for name in ("W", "b"):
         np.testing.assert_allclose(chwb.grads[name], nchw.grads[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("B,C,H,W,O,k,s,p", CONV_CASES)
+def test_conv2d_chwb_is_nchw_transposed(B, C, H, W, O, k, s, p):
+    rng = np.random.default_rng(11)
+    x = _randn(rng, B, C, H, W)
+    _check_chwb_equals_nchw_transposed(Conv2d(C, O, k, stride=s, padding=p, dtype="float64", rng=3),
+                                       Conv2d(C, O, k, stride=s, padding=p, layout="CHWB", dtype="float64", rng=3),
+                                       x, rng)
 
 
 @pytest.mark.parametrize("B,C,H,W,O,k,s,p,op", TRANSPOSE_CASES)
 def test_conv_transpose2d_chwb_is_nchw_transposed(B, C, H, W, O, k, s, p, op):
     rng = np.random.default_rng(12)
     x = _randn(rng, B, C, H, W)
-    nchw = ConvTranspose2d(C, O, k, stride=s, padding=p, output_padding=op, dtype="float64", rng=4)
-    chwb = ConvTranspose2d(C, O, k, stride=s, padding=p, output_padding=op, layout="CHWB", dtype="float64", rng=4)
-    y = nchw.forward(x)
-    y_t = chwb.forward(_to_chwb(x))
-    assert y_t.shape == (O,) + y.shape[2:] + (B,) and y_t.flags.c_contiguous
-    np.testing.assert_allclose(_to_nchw(y_t), y, rtol=1e-12, atol=1e-12)
-    dy = _randn(rng, *y.shape)
-    dx, dx_t = nchw.backward(dy), chwb.backward(_to_chwb(dy))
-    np.testing.assert_allclose(_to_nchw(dx_t), dx, rtol=1e-12, atol=1e-12)
-    for name in ("W", "b"):
-        np.testing.assert_allclose(chwb.grads[name], nchw.grads[name], rtol=1e-12, atol=1e-12)
+    kw = dict(stride=s, padding=p, output_padding=op, dtype="float64", rng=4)
+    _check_chwb_equals_nchw_transposed(ConvTranspose2d(C, O, k, **kw), ConvTranspose2d(C, O, k, layout="CHWB", **kw),
+                                       x, rng)
 
 
 @settings(max_examples=15, deadline=None)
