@@ -499,7 +499,8 @@ def test_conv_transpose2d_chwb_is_nchw_transposed(B, C, H, W, O, k, s, p, op):
 @given(B=st.integers(1, 3), C=st.integers(1, 3), O=st.integers(1, 3), H=st.integers(2, 6), W=st.integers(2, 6),
        k=st.integers(1, 3), s=st.integers(1, 2), p=st.integers(0, 1), seed=st.integers(0, 2**16))
 def test_chwb_layers_gradcheck(B, C, O, H, W, k, s, p, seed):
-    assume(H + 2 * p >= k and W + 2 * p >= k)
+    assume(H + 2 * p >= k and W + 2 * p >= k)                                # Conv2d output >= 1
+    assume((H - 1) * s - 2 * p + k >= 1 and (W - 1) * s - 2 * p + k >= 1)    # ConvTranspose2d output >= 1
     x = np.random.default_rng(seed).standard_normal((C, H, W, B))
     conv = Conv2d(C, O, k, stride=s, padding=p, layout="CHWB", dtype="float64", rng=seed)
     report = gradcheck.check_layer(conv, x, seed=seed)
