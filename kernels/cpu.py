@@ -22,8 +22,8 @@ Speed (measured on 2 AVX2 cores; see tests/test_kernels.py ``--bench``):
   calls ``exp`` stays scalar.  The BCE kernel, the one hot loop with a
   transcendental per element, therefore calls no libm function:
   ``exp(-|l|)`` is :func:`_exp_neg_abs_row` (range reduction and a
-  polynomial, written so that LLVM vectorizes it: 2.2x faster than
-  ``math.exp`` per element on AVX2), and ``log1p`` of it, in [0, 1], is an
+  polynomial, written so that LLVM vectorizes it; the BCE kernel runs 2x
+  faster than with ``math.exp`` on AVX2), and ``log1p`` of it, in [0, 1], is an
   atanh series (:func:`_log1p_unit`).  Elsewhere ``expm1`` is a Taylor
   series or ``exp(y) - 1`` (glibc's ``log1pf`` and ``expm1f`` cost several
   times ``expf``).  These agree with libm within ~2 ulps.
@@ -142,9 +142,10 @@ def _exp_neg_abs_row(src, out, bits):
     integer array as wide as the floats: exponent field ``bias - k // 2``);
     the second multiplies by that power of two twice (and by 1/2 for odd k,
     folded in before).  Two factors keep each one a normal number, so that
-    results in the subnormal range round once, as libm's do.  Max error
-    below 1 ulp against the correctly rounded exp, subnormals included; NaN
-    propagates (its polynomial is NaN).
+    results in the subnormal range round once, as libm's do.  Measured
+    error: at most 1.2 ulps in float32 (against exp in float64) and 1 ulp
+    from NumPy's exp in float64, subnormals included; NaN propagates (its
+    polynomial is NaN).
 
     Parameters
     ----------
