@@ -35,6 +35,12 @@ def params_of(run_dir):
     return arrays, meta
 
 
+def assert_same_params(a, b):
+    """Every array of ``a`` (from checkpoint.load) is in ``b``, bit-identical."""
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def strip_times(history):
     return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
 
@@ -78,10 +84,7 @@ def test_same_seed_same_numbers_bit_for_bit(tmp_path):
     a = train(small(tmp_path / "a"), log=quiet)
     b = train(small(tmp_path / "b"), log=quiet)
     assert strip_times(a["history"]) == strip_times(b["history"])
-    pa, _ = params_of(tmp_path / "a")
-    pb, _ = params_of(tmp_path / "b")
-    for k in pa:
-        np.testing.assert_array_equal(pa[k], pb[k])
+    assert_same_params(params_of(tmp_path / "a")[0], params_of(tmp_path / "b")[0])
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -92,8 +95,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     pw, mw = params_of(tmp_path / "whole")
     pr, mr = params_of(tmp_path / "part")
     assert pw.keys() == pr.keys()
-    for k in pw:
-        np.testing.assert_array_equal(pw[k], pr[k])
+    assert_same_params(pw, pr)
     assert mw["rng_state"] == mr["rng_state"] and mw["step"] == mr["step"]
     assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 3
 
@@ -113,10 +115,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path):
     assert meta["epoch"] == 0 and meta["batch_in_epoch"] == 2
     resumed = train(small(tmp_path / "cut"), resume=tmp_path / "cut", log=quiet)
     assert strip_times(resumed["history"]) == strip_times(whole["history"])
-    pw, _ = params_of(tmp_path / "whole")
-    pc, _ = params_of(tmp_path / "cut")
-    for k in pw:
-        np.testing.assert_array_equal(pw[k], pc[k])
+    assert_same_params(params_of(tmp_path / "whole")[0], params_of(tmp_path / "cut")[0])
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -279,10 +278,7 @@ def test_lr_final_decays_per_step_and_resumes_exactly(tmp_path):
         train(small(tmp_path / "part", epochs=4, lr=3e-3, lr_final=3e-4), resume=tmp_path / "part", log=quiet)
     resumed = train(small(tmp_path / "part", epochs=3, lr=3e-3, lr_final=3e-4), resume=tmp_path / "part", log=quiet)
     assert strip_times(resumed["history"]) == strip_times(whole["history"])
-    pw, _ = params_of(tmp_path / "whole")
-    pr, _ = params_of(tmp_path / "part")
-    for k in pw:
-        np.testing.assert_array_equal(pw[k], pr[k])
+    assert_same_params(params_of(tmp_path / "whole")[0], params_of(tmp_path / "part")[0])
 
 
 def test_keep_best_selects_the_best_validation_epoch_and_patience_stops(tmp_path, monkeypatch):
@@ -311,10 +307,8 @@ def test_keep_best_selects_the_best_validation_epoch_and_patience_stops(tmp_path
     monkeypatch.undo()
     train(small(tmp_path / "two", epochs=2), log=quiet)      # the same run, stopped after epoch 2
     best, meta = checkpoint.load(tmp_path / "kb" / "best.npz")
-    two, _ = params_of(tmp_path / "two")
     assert meta["epoch"] == 2
-    for k in best:
-        np.testing.assert_array_equal(best[k], two[k])
+    assert_same_params(best, params_of(tmp_path / "two")[0])
 
 
 def test_patience_needs_keep_best():
