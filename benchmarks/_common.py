@@ -327,8 +327,21 @@ def torch_twin(torch, model, device="cpu"):
     import numpy as np
     from torch import nn
 
-    from scratchvae.layers import (Conv2d, ConvTranspose2d, Dense, Flatten, FromCHWB, LeakyReLU, ReLU, Reshape,
-                                   Sequential, Sigmoid, Softplus, Tanh, ToCHWB)
+    from scratchvae.layers import (
+        Conv2d,
+        ConvTranspose2d,
+        Dense,
+        Flatten,
+        FromCHWB,
+        LeakyReLU,
+        ReLU,
+        Reshape,
+        Sequential,
+        Sigmoid,
+        Softplus,
+        Tanh,
+        ToCHWB,
+    )
 
     tdtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}[np.dtype(model.dtype)]
     fk = {"dtype": tdtype, "device": device}

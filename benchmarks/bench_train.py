@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import os
 import sys
 import time
 
@@ -267,7 +266,6 @@ def check_equivalence(torch, kind, seed, model, net, batches, device="cpu"):
 
 def run_config(kind, B, X, args, torch, log, device="cpu", cupy_be=None):
     """Alternate scratchvae / torch / floor for one (model, batch, device)."""
-    import numpy as np
 
     seed = args.seed
     backend = cupy_be if device == "cuda" else None
@@ -318,7 +316,7 @@ def run_config(kind, B, X, args, torch, log, device="cpu", cupy_be=None):
         return g
 
     # warm-up (JIT, caches, allocator), then calibrate the block lengths
-    for name, fn in sides.items():
+    for fn in sides.values():
         for _ in range(args.warmup):
             fn()
     steps, one = {}, {}
@@ -459,8 +457,8 @@ def main(argv=None, log=print) -> dict:
     out = C.write_json(args.json or C.default_json_path("bench_train"), report)
     log("")
     log(table(report["results"]))
-    log(f"\nspeedup = median over rounds of (torch step time / scratchvae step time); x floor = scratchvae step "
-        f"time / matmul-only time (x floor_needed: without the first layer's unused input gradient)")
+    log("\nspeedup = median over rounds of (torch step time / scratchvae step time); x floor = scratchvae step "
+        "time / matmul-only time (x floor_needed: without the first layer's unused input gradient)")
     if cupy_be is None:
         log(f"cupy: skipped ({cupy_reason})")
     for w in report["warnings"]:

@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import cProfile
 import datetime
-import io
 import pstats
 import sys
 import time
@@ -119,9 +118,9 @@ class Timers:
 def instrumented(T):
     """Install the timers (see the module docstring); restore everything on exit."""
     import numpy
+    from scratchvae.kernels import cpu as kcpu
 
     from scratchvae import kernels
-    from scratchvae.kernels import cpu as kcpu
     from scratchvae.layers import activations, conv, dense
     from scratchvae.optim import Adam
     from scratchvae.vae import _Model
@@ -171,7 +170,7 @@ def instrumented(T):
     patch(conv, "col2im", T.wrap("col2im", conv.col2im))
     for fname in ("conv2d_forward", "conv2d_backward", "conv_transpose2d_forward", "conv_transpose2d_backward"):
         patch(conv, fname, T.wrap("conv layout copies + bias", getattr(conv, fname)))
-    from scratchvae.layers import shape as shape_layers   # ToCHWB / FromCHWB: the transposes at the stack's ends
+    from scratchvae.layers import shape as shape_layers  # ToCHWB / FromCHWB: the transposes at the stack's ends
     for cls in (shape_layers.ToCHWB, shape_layers.FromCHWB):
         for meth in ("forward", "backward"):
             patch(cls, meth, T.wrap("conv layout copies + bias", getattr(cls, meth)))
@@ -261,7 +260,7 @@ def profile_config(kind, B, X, args, log):
     n, one = C.calibrate(step, args.block_seconds, 10000)
 
     rounds = []
-    for r in range(args.rounds):
+    for _ in range(args.rounds):
         # untouched step time, then the instrumented breakdown, alternating
         t0 = time.perf_counter()
         for _ in range(n):
@@ -302,7 +301,7 @@ def profile_config(kind, B, X, args, log):
         prof.disable()
         st = pstats.Stats(prof)
         rows = []
-        for (fn_file, line, fname), (cc, nc, tt, ct, _) in st.stats.items():
+        for (fn_file, line, fname), (_, nc, tt, ct, _) in st.stats.items():
             rows.append({"function": f"{fname} ({fn_file.split('/')[-1]}:{line})", "calls_per_step": nc / k,
                          "tottime_per_step_s": tt / k, "cumtime_per_step_s": ct / k})
         rows.sort(key=lambda r: -r["tottime_per_step_s"])

@@ -1,58 +1,86 @@
 #!/usr/bin/env python
 """Evaluate a finished or interrupted training run on the test split.
 
-    python examples/evaluate_run.py RUN_DIR [--params best|last] [--iwae-k 5000]
+    python examples/evaluate_run.py RUN_DIR [--params auto|best|last] [--iwae-k 5000]
 
 Rebuilds the model from ``RUN_DIR/checkpoint.npz`` (its config), loads the
 parameters of ``best.npz`` (the best validation epoch, written with
 ``--keep-best``) or of the checkpoint, and prints the test negative ELBO and
 the importance-weighted bound on the test NLL (Burda et al., k samples per
-image). Writes ``RUN_DIR/evaluation-<params>.json``.
+image). ``--params auto`` (the default) takes ``best`` for a run trained
+with ``--keep-best`` and ``last`` otherwise; a ``best.npz`` written by another
+run is refused. Writes ``RUN_DIR/evaluation-<params>.json``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
 
 from scratchvae import backend as backend_mod
 from scratchvae import checkpoint, datasets
-from scratchvae.atomic import atomic_write
-from scratchvae.train import TrainConfig, build_model, iwae_test_nll, load_parameters
+from scratchvae.atomic import write_json
+from scratchvae.cli import USER_ERRORS
+from scratchvae.config import TrainConfig
+from scratchvae.train import build_model, describe_os_error, iwae_test_nll
+
+
+def evaluate(run: pathlib.Path, params: str, iwae_k: int, seed: int, progress) -> dict:
+    ckpt = run / "checkpoint.npz"
+    _, meta = checkpoint.load(ckpt)
+    meta = checkpoint.check_run_meta(meta, ckpt)
+    cfg = TrainConfig.from_dict(meta["config"], source=f"checkpoint {ckpt}")
+    if params == "auto":
+        params = "best" if cfg.keep_best and meta.get("best", {}).get("epoch", 0) > 0 else "last"
+    elif params == "best" and not (run / "best.npz").exists():
+        raise ValueError(f"--params best: {run} has no best.npz (the run was trained without --keep-best); "
+                         "use --params last")
+    be = backend_mod.get(cfg.backend)
+    data = datasets.load(cfg.dataset, data_dir=cfg.data_dir, binarize=cfg.binarize, rng=cfg.seed)
+    model = build_model(cfg, data.image_shape, be)
+    source = run / ("best.npz" if params == "best" else "checkpoint.npz")
+    pmeta = checkpoint.load_parameters(source, model, be, run_id=meta.get("run_id"))
+    x_test = be.asarray(data.test, dtype=cfg.dtype)
+    elbo = model.evaluate(x_test, be.rng(seed))
+    t0 = time.perf_counter()
+    nll = iwae_test_nll(model, x_test, iwae_k, be.rng(seed + 1), progress=progress)
+    return {"run": str(run), "run_id": meta.get("run_id"), "params": params, "epoch": pmeta.get("epoch"),
+            "test_neg_elbo": elbo["loss"], "test_nll_iwae": nll, "iwae_k": iwae_k,
+            "iwae_seconds": time.perf_counter() - t0}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
-    p.add_argument("--params", choices=("best", "last"), default="best",
-                   help="best.npz (best validation epoch; default) or the checkpoint's last parameters")
+    p.add_argument("--params", choices=("auto", "best", "last"), default="auto",
+                   help="best.npz (best validation epoch), the checkpoint's last parameters, or auto: best for a "
+                        "run trained with --keep-best, else last (default)")
     p.add_argument("--iwae-k", type=int, default=5000, help="importance samples per test image (default 5000)")
     p.add_argument("--seed", type=int, default=7, help="seed of the IWAE samples")
+    p.add_argument("--progress", action="store_true", default=None,
+                   help="force the progress bar on (default: on a terminal)")
     args = p.parse_args(argv)
+    if args.iwae_k < 1:
+        print(f"error: --iwae-k must be >= 1, got {args.iwae_k}", file=sys.stderr)
+        return 1
     run = pathlib.Path(args.run_dir)
     try:
-        _, meta = checkpoint.load(run / "checkpoint.npz")
-        cfg = TrainConfig(**meta["config"])
-        be = backend_mod.get(cfg.backend)
-        data = datasets.load(cfg.dataset, data_dir=cfg.data_dir, binarize=cfg.binarize, rng=cfg.seed)
-        model = build_model(cfg, data.image_shape, be)
-        pmeta = load_parameters(run / ("best.npz" if args.params == "best" else "checkpoint.npz"), model, be)
-    except checkpoint.CheckpointError as err:
+        result = evaluate(run, args.params, args.iwae_k, args.seed, args.progress)
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    x_test = be.asarray(data.test, dtype=cfg.dtype)
-    elbo = model.evaluate(x_test, be.rng(args.seed))
-    t0 = time.perf_counter()
-    nll = iwae_test_nll(model, x_test, args.iwae_k, be.rng(args.seed + 1), progress=False)
-    result = {"run": str(run), "params": args.params, "epoch": pmeta.get("epoch"),
-              "test_neg_elbo": elbo["loss"], "test_nll_iwae": nll, "iwae_k": args.iwae_k,
-              "iwae_seconds": time.perf_counter() - t0}
-    print(f"{run} ({args.params} parameters, epoch {result['epoch']}): test negative ELBO {elbo['loss']:.3f}, "
-          f"test NLL (IWAE, k={args.iwae_k}) {nll:.3f} nats")
-    with atomic_write(run / f"evaluation-{args.params}.json") as f:
-        f.write((json.dumps(result, indent=2) + "\n").encode())
+    except OSError as err:
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+    print(f"{run} ({result['params']} parameters, epoch {result['epoch']}): test negative ELBO "
+          f"{result['test_neg_elbo']:.3f}, test NLL (IWAE, k={args.iwae_k}) {result['test_nll_iwae']:.3f} nats")
+    target = run / f"evaluation-{result['params']}.json"
+    try:
+        write_json(target, result)
+    except OSError as err:
+        print(f"error: {describe_os_error(err)}; the figures above were not saved to {target}", file=sys.stderr)
+        return 1
     return 0
 
 

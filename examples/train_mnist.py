@@ -5,11 +5,12 @@
     python examples/train_mnist.py --backend cupy     # on an NVIDIA GPU
     python examples/train_mnist.py --help             # every flag
 
-Everything happens in :func:`scratchvae.train.train`; this file only runs it.
+The flags are :mod:`scratchvae.cli`'s, the training loop is
+:func:`scratchvae.train.train`; this file only runs them.
 """
 import sys
 
-from scratchvae.train import main
+from scratchvae.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

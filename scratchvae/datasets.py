@@ -54,7 +54,6 @@ import struct
 import urllib.error
 import urllib.request
 import zlib
-from typing import Callable, Optional
 
 import numpy
 
@@ -152,7 +151,6 @@ _IDX_DTYPES = {
 _IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3-D (count, rows, cols)
 _IDX_LABELS_MAGIC = 0x00000801  # uint8, 1-D (count,)
 
-Log = Optional[Callable[[str], object]]
 
 
 # --------------------------------------------------------------------------
@@ -262,13 +260,13 @@ class Dataset:
 
     name: str
     train: numpy.ndarray
-    valid: Optional[numpy.ndarray]
+    valid: numpy.ndarray | None
     test: numpy.ndarray
-    train_labels: Optional[numpy.ndarray] = None
-    test_labels: Optional[numpy.ndarray] = None
+    train_labels: numpy.ndarray | None = None
+    test_labels: numpy.ndarray | None = None
     image_shape: tuple = (1, 28, 28)
     binary: bool = False
-    valid_labels: Optional[numpy.ndarray] = None
+    valid_labels: numpy.ndarray | None = None
     dynamic_binarization: bool = False
 
     def __post_init__(self):
@@ -774,8 +772,8 @@ def download_mnist(data_dir=None, *, mirrors=None, sha256=None, timeout=30.0, lo
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DatasetUnavailable(
-            f"MNIST: cannot create the folder {folder} for {', '.join(needed)} ({err}); pass "
-            f"data_dir= a writable folder", files=needed, folder=folder) from err
+            f"MNIST: cannot create the folder {folder} for {', '.join(needed)} ({err}); point "
+            f"--data-dir (data_dir= in Python) at a writable folder", files=needed, folder=folder) from err
 
     opener = urllib.request.build_opener()
     attempts, dead, failed = [], set(), []
@@ -812,10 +810,10 @@ def download_mnist(data_dir=None, *, mirrors=None, sha256=None, timeout=30.0, lo
         lines.append("Attempts:")
         lines += [f"  {url}: {reason}" for filename, url, reason in attempts if filename in failed]
         lines.append(
-            f"Offline? Copy the official files ({', '.join(filenames)}) into {folder}, pass "
-            f"data_dir= a folder that holds them, or mirrors= URL prefixes that serve them "
-            f"(file:// works). The 'binarized-mnist' dataset ships with scratchvae and needs "
-            f"no download.")
+            f"Offline? Copy the official files ({', '.join(filenames)}) into {folder}, or point "
+            f"--data-dir (data_dir= in Python) at a folder that holds them; from Python, mirrors= "
+            f"also takes URL prefixes that serve them (file:// works). The 'binarized-mnist' "
+            f"dataset (the default --dataset) ships with scratchvae and needs no download.")
         raise DatasetUnavailable("\n".join(lines), files=failed, folder=folder, mirrors=mirrors,
                                  attempts=attempts)
     return folder

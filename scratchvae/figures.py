@@ -50,7 +50,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 from matplotlib.ticker import MaxNLocator
 
-from .atomic import atomic_write
+from .atomic import atomic_write, to_jsonable
 
 __all__ = [
     "image_grid",
@@ -133,29 +133,16 @@ def image_grid(images, ncols, pad=1, pad_value=0.5):
     return out[0] if c == 1 else np.moveaxis(out, 0, -1)
 
 
-def _to_jsonable(obj):
-    """Recursively turn NumPy scalars/arrays and tuples into plain Python."""
-    if isinstance(obj, dict):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _to_jsonable(obj.tolist())
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    return obj
-
-
-def _save(fig, path):
-    """Render ``fig`` to ``path`` atomically (temp file + :func:`os.replace`)."""
+def _save(fig, path, run_id=None):
+    """Render ``fig`` to ``path`` atomically (temp file + :func:`os.replace`); ``run_id``, when
+    given, goes into the PNG's text metadata as ``scratchvae-run-id``."""
     path = os.fspath(path)
     FigureCanvasAgg(fig)
+    metadata = {"Software": "scratchvae"}
+    if run_id is not None:
+        metadata["scratchvae-run-id"] = str(run_id)
     with atomic_write(path) as fh:
-        fig.savefig(fh, format="png", dpi=DPI, facecolor="white")
+        fig.savefig(fh, format="png", dpi=DPI, facecolor="white", metadata=metadata)
     return path
 
 
@@ -291,7 +278,7 @@ def _mean_bce(x, p, eps=1e-7):
 # figures
 # ---------------------------------------------------------------------------
 
-def plot_samples(model, path, rng, n=64):
+def plot_samples(model, path, rng, n=64, run_id=None):
     """Grid of images decoded from prior samples ``z ~ N(0, I)``.
 
     Parameters
@@ -326,10 +313,14 @@ def plot_samples(model, path, rng, n=64):
     flat = np.concatenate(chunks).astype(np.float64)
     ncols = int(math.ceil(math.sqrt(n)))
     grid = image_grid(_as_images(model, flat), ncols)
-    fig, _ = _grid_figure(grid, f"{n} samples decoded from z ~ N(0, I)  "
-                                f"({model.latent_dim}-D latent)", max_inches=7.0)
-    _save(fig, path)
-    return _to_jsonable({
+    if getattr(model, "log_sigma_head", None) is not None:
+        title = f"{n} samples decoded from z ~ N(0, I)  ({model.latent_dim}-D latent)"
+    else:   # an autoencoder has no prior: these are decoded random codes, not samples of a model
+        title = (f"{n} random {model.latent_dim}-D codes from N(0, I), decoded by the autoencoder\n"
+                 "(an autoencoder defines no prior over codes)")
+    fig, _ = _grid_figure(grid, title, max_inches=7.0)
+    _save(fig, path, run_id)
+    return to_jsonable({
         "path": os.fspath(path),
         "n": n,
         "ncols": ncols,
@@ -338,7 +329,7 @@ def plot_samples(model, path, rng, n=64):
     })
 
 
-def plot_reconstructions(model, x_test, path, n=16):
+def plot_reconstructions(model, x_test, path, n=16, run_id=None):
     """Test inputs (one row) above their reconstructions (next row).
 
     Parameters
@@ -346,7 +337,8 @@ def plot_reconstructions(model, x_test, path, n=16):
     model : VAE or autoencoder
         Must provide ``reconstruct(x)``.
     x_test : array_like, shape (N, D) or (N, C, H, W)
-        Host or backend array in [0, 1]; the first ``n`` images are used.
+        Host or backend array in [0, 1]; ``n`` evenly spaced images are used
+        (so a split ordered by class shows every class).
     path : str or os.PathLike
         Where to write the PNG.
     n : int, optional
@@ -364,8 +356,11 @@ def plot_reconstructions(model, x_test, path, n=16):
     n = min(int(n), int(x.shape[0]))
     if n < 1:
         raise ValueError("plot_reconstructions needs at least one test image")
-    inputs = _host(model, x[:n]).reshape(n, -1).astype(np.float64)
-    recons = _reconstruct_all(model, x[:n])
+    # evenly spaced over the split, not its first n: MNIST's test split is ordered by class
+    idx = np.linspace(0, x.shape[0] - 1, n).round().astype(np.int64)
+    shown = _take(model, x, idx)
+    inputs = _host(model, shown).reshape(n, -1).astype(np.float64)
+    recons = _reconstruct_all(model, shown)
     per_row = min(16, n)
     nrows = -(-n // per_row)
     tiles, row_kind = [], []
@@ -381,8 +376,8 @@ def plot_reconstructions(model, x_test, path, n=16):
     h = _image_shape(model)[1]
     ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(len(row_kind))], row_kind, fontsize=8)
     ax.tick_params(axis="y", length=0)
-    _save(fig, path)
-    return _to_jsonable({
+    _save(fig, path, run_id)
+    return to_jsonable({
         "path": os.fspath(path),
         "n": n,
         "mse": float(np.mean((recons - inputs) ** 2)),
@@ -399,7 +394,7 @@ def _series(history, key):
     return None if np.all(np.isnan(vals)) else vals
 
 
-def plot_curves(history, path):
+def plot_curves(history, path, run_id=None):
     """Training curves: negative ELBO, reconstruction and KL per epoch.
 
     Parameters
@@ -458,7 +453,7 @@ def plot_curves(history, path):
         ax.grid(alpha=0.3)
     fig.suptitle(f"Training curves ({len(history)} epoch{'s' if len(history) != 1 else ''}, "
                  f"nats per image)", fontsize=11)
-    _save(fig, path)
+    _save(fig, path, run_id)
     last = {k: v for k, v in history[-1].items()
             if isinstance(v, (int, float, np.integer, np.floating)) or v is None}
     test = _series(history, "test_loss")
@@ -468,7 +463,7 @@ def plot_curves(history, path):
         best_epoch = int(best_epoch) if float(best_epoch).is_integer() else float(best_epoch)
     else:
         best_epoch, best = None, None
-    return _to_jsonable({
+    return to_jsonable({
         "path": os.fspath(path),
         "epochs": len(history),
         "last": last,
@@ -497,7 +492,7 @@ def _pca_directions(mu, k=2):
     return vt[:k] * signs[:, None], share
 
 
-def plot_latent(model, x_test, path, labels=None):
+def plot_latent(model, x_test, path, labels=None, run_id=None):
     """Scatter of the test-set posterior means, coloured by class.
 
     A circle centred at the origin (the prior's centre) marks the radius
@@ -602,8 +597,8 @@ def plot_latent(model, x_test, path, labels=None):
                  f" dashed: prior 99% (r = {prior_r:.2f})")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.2)
-    _save(fig, path)
-    return _to_jsonable({
+    _save(fig, path, run_id)
+    return to_jsonable({
         "path": os.fspath(path),
         "projection": projection,
         "radius99": radius99,
@@ -619,7 +614,7 @@ def _normal_quantiles(n, lo=0.05, hi=0.95):
     return np.asarray([inv(p) for p in np.linspace(lo, hi, n)])
 
 
-def plot_manifold(model, path, x_test=None, n=20):
+def plot_manifold(model, path, x_test=None, n=20, run_id=None):
     """Decode a lattice over a latent plane: the learned "manifold".
 
     The lattice points sit at the standard normal's quantiles
@@ -695,8 +690,8 @@ def plot_manifold(model, path, x_test=None, n=20):
         ax.set_yticks([t * (h + 1) + (h - 1) / 2 for t in ticks],
                       [f"{q[n - 1 - t]:.2f}" for t in ticks], fontsize=8)
         ax.set_ylabel(f"z[{dims[1]}]")
-    _save(fig, path)
-    return _to_jsonable({
+    _save(fig, path, run_id)
+    return to_jsonable({
         "path": os.fspath(path),
         "dims": list(dims),
         "activity": None if activity is None else activity,
@@ -706,7 +701,7 @@ def plot_manifold(model, path, x_test=None, n=20):
 
 
 def plot_interpolation(model, x_test, path, rng, labels=None, n_pairs=6, steps=10,
-                       classes=None, n_attribute=3):
+                       classes=None, n_attribute=3, run_id=None):
     """Decoded images along straight lines in latent space.
 
     Top block: one row per random pair of test images ``(x_a, x_b)``, the
@@ -716,7 +711,8 @@ def plot_interpolation(model, x_test, path, rng, labels=None, n_pairs=6, steps=1
     Bottom block (only with ``labels``): attribute arithmetic.  With the
     class-mean encodings ``m_a`` and ``m_b``, ``decode(mu + t (m_a - m_b))``
     for ``n_attribute`` test images of class ``b`` (real input at the left),
-    ``t`` in [0, 1]; the classes are named in the title.
+    ``t`` in [0, 1], and ``decode(m_a)`` (where the rows head) at the right;
+    the classes are named in the title.
 
     Parameters
     ----------
@@ -786,12 +782,13 @@ def plot_interpolation(model, x_test, path, rng, labels=None, n_pairs=6, steps=1
             za = (base[:, None, :] + t[None, :, None] * vec[None, None, :]).reshape(-1, base.shape[1])
             dec_a = _decode_all(model, za).reshape(len(pick), steps, -1)
             real_b = _host(model, _take(model, x, pick)).reshape(len(pick), -1).astype(np.float64)
-            blank = np.full_like(real_b[:1], 0.5)
-            rows_a = [np.concatenate([real_b[i:i + 1], dec_a[i], blank]) for i in range(len(pick))]
+            target = _decode_all(model, mu_all[labels == a_cls].mean(axis=0, keepdims=True))  # decode(mean mu[a])
+            rows_a = [np.concatenate([real_b[i:i + 1], dec_a[i], target]) for i in range(len(pick))]
             bottom = image_grid(_as_images(model, np.concatenate(rows_a)), steps + 2)
-            a_cls, b_cls = _to_jsonable(a_cls), _to_jsonable(b_cls)
+            a_cls, b_cls = to_jsonable(a_cls), to_jsonable(b_cls)
             bottom_title = (f"Attribute arithmetic: class-{b_cls} input (left), then "
-                            f"decode(mu + t (mean mu[{a_cls}] - mean mu[{b_cls}])), t = 0..1")
+                            f"decode(mu + t (mean mu[{a_cls}] - mean mu[{b_cls}])), t = 0..1 | "
+                            f"decode(mean mu[{a_cls}])")
             attribute = {"from_class": b_cls, "to_class": a_cls, "indices": pick,
                          "vector_norm": float(np.linalg.norm(vec))}
 
@@ -811,9 +808,9 @@ def plot_interpolation(model, x_test, path, rng, labels=None, n_pairs=6, steps=1
     _show(ax1, top)
     ax1.set_title(f"Interpolation between test encodings: x_a | decode(mu_a + t (mu_b - mu_a)), "
                   f"{steps} steps | x_b", fontsize=9)
-    _save(fig, path)
+    _save(fig, path, run_id)
     endpoint_mse = float(np.mean((dec[:, 0] - dec[:, -1]) ** 2))
-    return _to_jsonable({
+    return to_jsonable({
         "path": os.fspath(path),
         "n_pairs": n_pairs,
         "steps": steps,
@@ -823,7 +820,7 @@ def plot_interpolation(model, x_test, path, rng, labels=None, n_pairs=6, steps=1
     })
 
 
-def save_all(model, out_dir, x_test, rng, labels=None, history=None):
+def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None):
     """Write every figure into ``out_dir``.
 
     Files: ``samples.png``, ``reconstructions.png``, ``curves.png`` (only
@@ -841,6 +838,9 @@ def save_all(model, out_dir, x_test, rng, labels=None, history=None):
     labels : array_like of int, shape (N,), optional
     history : list of dict, optional
         Per-epoch metrics for :func:`plot_curves`.
+    run_id : str, optional
+        The run's identity, written into every PNG's text metadata
+        (``scratchvae-run-id``); every ``plot_*`` function takes it too.
 
     Returns
     -------
@@ -852,12 +852,12 @@ def save_all(model, out_dir, x_test, rng, labels=None, history=None):
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     p = lambda name: os.path.join(out_dir, name + ".png")  # noqa: E731
-    results = {"samples": plot_samples(model, p("samples"), rng),
-               "reconstructions": plot_reconstructions(model, x_test, p("reconstructions"))}
+    results = {"samples": plot_samples(model, p("samples"), rng, run_id=run_id),
+               "reconstructions": plot_reconstructions(model, x_test, p("reconstructions"), run_id=run_id)}
     if history:
-        results["curves"] = plot_curves(history, p("curves"))
-    results["latent"] = plot_latent(model, x_test, p("latent"), labels=labels)
-    results["manifold"] = plot_manifold(model, p("manifold"), x_test=x_test)
-    results["interpolation"] = plot_interpolation(model, x_test, p("interpolation"), rng,
+        results["curves"] = plot_curves(history, p("curves"), run_id=run_id)
+    results["latent"] = plot_latent(model, x_test, p("latent"), labels=labels, run_id=run_id)
+    results["manifold"] = plot_manifold(model, p("manifold"), x_test=x_test, run_id=run_id)
+    results["interpolation"] = plot_interpolation(model, x_test, p("interpolation"), rng, run_id=run_id,
                                                   labels=labels)
     return results

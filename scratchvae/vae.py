@@ -34,8 +34,19 @@ import numpy
 
 from . import kernels, losses
 from .backend import resolve
-from .layers import (Conv2d, ConvTranspose2d, Dense, FromCHWB, LeakyReLU, ReLU, Sequential, Sigmoid, Softplus, Tanh,
-                     ToCHWB)
+from .layers import (
+    Conv2d,
+    ConvTranspose2d,
+    Dense,
+    FromCHWB,
+    LeakyReLU,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Softplus,
+    Tanh,
+    ToCHWB,
+)
 from .layers.activations import sigmoid, softplus
 from .layers.base import float_dtype
 
@@ -116,6 +127,12 @@ class _Model:
             x = x.astype(self.dtype)
         return xp.ascontiguousarray(x)
 
+    def _checked_input(self, x, name="x"):
+        """:meth:`_as_input` and :meth:`_check_values`: what every public entry point does with data."""
+        x = self._as_input(x, name)
+        self._check_values(x, name)
+        return x
+
     def _check_values(self, x, name="x"):
         """NaN/Inf anywhere, or values outside [0, 1] for the Bernoulli likelihood."""
         lo, hi = float(x.min()), float(x.max())
@@ -151,7 +168,7 @@ class _Model:
         backend, drawing one eps per example (a single-sample estimate).
         Returns host floats ``{"loss", "recon", "kl"}``.
         """
-        x = self._as_input(x)
+        x = self._checked_input(x)
         totals = numpy.zeros(2)
         for start in range(0, x.shape[0], batch_size):
             recon, kl = self._eval_terms(x[start:start + batch_size], rng)   # (b,), (b,)
@@ -168,6 +185,11 @@ class _Model:
         z : (B, L) -> (B, D)
         """
         z = self.backend.asarray(z, dtype=self.dtype)
+        if z.ndim != 2 or z.shape[1] != self.latent_dim or z.shape[0] < 1:
+            raise ValueError(f"z has shape {tuple(z.shape)}, expected (B, {self.latent_dim}) with B >= 1")
+        lo, hi = float(z.min()), float(z.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("z contains NaN or Inf values")
         return self._mean_image(self.parts["decoder"].forward(z))
 
     def sample(self, n: int, rng):
@@ -180,7 +202,7 @@ class _Model:
 
     def reconstruct(self, x):
         """Decode the encoder's mean code: (B, D) -> (B, D) mean images."""
-        mu, _ = self.encode(x)
+        mu, _ = self.encode(self._checked_input(x))
         return self.decode(mu)
 
 
@@ -251,9 +273,8 @@ class VAE(_Model):
             ``recon`` and ``kl`` (per-example means, nats), ``kl_term`` (the
             KL as it enters the loss, after free bits), ``kl_per_dim`` (L,) host array.
         """
-        x = self._as_input(x)
-        if check_data:
-            self._check_values(x)
+        x = self._checked_input(x) if check_data else self._as_input(x)
+        _check_loss_weights(beta, free_bits)
         B, L = x.shape[0], self.latent_dim
         if eps is None:
             if rng is None:
@@ -315,7 +336,7 @@ class VAE(_Model):
 
     def elbo(self, x, rng=None, eps=None):
         """Per-example ELBO, (B,) host float64 (no gradients, beta = 1)."""
-        recon, kl = self._eval_terms(self._as_input(x), rng, eps)
+        recon, kl = self._eval_terms(self._checked_input(x), rng, eps)
         return self.backend.asnumpy(-(recon + kl)).astype(numpy.float64)
 
     def iwae_bound(self, x, k: int, rng, max_elements: int = 2 ** 24):
@@ -342,10 +363,10 @@ class VAE(_Model):
         bound : host float64 array (B,), nats. The test NLL quoted in papers
         is ``-mean(bound)`` with k = 5000.
         """
-        if k < 1:
-            raise ValueError(f"iwae_bound: k must be >= 1, got {k}")
+        if isinstance(k, bool) or not isinstance(k, (int, numpy.integer)) or k < 1:
+            raise ValueError(f"iwae_bound: k must be an integer >= 1, got {k!r}")
         xp = self.xp
-        x = self._as_input(x)
+        x = self._checked_input(x)
         B, L = x.shape[0], self.latent_dim
         mu, log_sigma = self.encode(x)                      # (B, L)
         sigma = xp.exp(log_sigma)
@@ -405,9 +426,7 @@ class Autoencoder(_Model):
         ``rng``, ``eps``, ``beta`` and ``free_bits`` are accepted for
         interface parity with :class:`VAE` and ignored.
         """
-        x = self._as_input(x)
-        if check_data:
-            self._check_values(x)
+        x = self._checked_input(x) if check_data else self._as_input(x)
         B = x.shape[0]
         code = self.code_head.forward(self.encoder.forward(x))   # (B, L)
         out = self.decoder.forward(code)                          # (B, D)
@@ -421,6 +440,13 @@ class Autoencoder(_Model):
         self.encoder.backward(self.code_head.backward(dcode))
         return recon, {"loss": recon, "recon": recon, "kl": 0.0, "kl_term": 0.0,
                        "kl_per_dim": numpy.zeros(self.latent_dim)}
+
+
+def _check_loss_weights(beta, free_bits) -> None:
+    """beta and free_bits enter the gradient directly: a NaN or a negative value is refused here."""
+    for name, value in (("beta", beta), ("free_bits", free_bits)):
+        if not (isinstance(value, (int, float, numpy.floating)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"loss_and_grad: {name} must be a finite number >= 0, got {value!r}")
 
 
 # -- builders ----------------------------------------------------------------------

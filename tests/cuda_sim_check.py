@@ -20,9 +20,9 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
     sys.exit("cuda_sim_check.py: run with NUMBA_ENABLE_CUDASIM=1 in the environment")
 
 import numpy as np  # noqa: E402
+from scratchvae.kernels import cuda as ck  # noqa: E402
 
 from scratchvae import losses  # noqa: E402
-from scratchvae.kernels import cuda as ck  # noqa: E402
 
 B, D, L = 4, 12, 3
 RTOL = {np.float32: 2e-5, np.float64: 1e-12}

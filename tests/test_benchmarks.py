@@ -105,6 +105,7 @@ def test_profile_step(scripts, tmp_path):
     assert "matrix products" in mlp["median"]["groups_percent"]
     # the wrappers are removed again
     import numpy
+
     from scratchvae.layers import dense
     assert not hasattr(numpy.matmul, "__wrapped__") and not hasattr(dense.affine_forward, "__wrapped__")
 

@@ -17,9 +17,17 @@ from hypothesis import strategies as st
 
 from scratchvae import backend as backend_mod
 from scratchvae import gradcheck
-from scratchvae.layers.conv import (Conv2d, ConvTranspose2d, Workspace, col2im, conv2d_backward, conv2d_forward,
-                                    conv_transpose2d_backward, conv_transpose2d_forward, im2col)
-
+from scratchvae.layers.conv import (
+    Conv2d,
+    ConvTranspose2d,
+    Workspace,
+    col2im,
+    conv2d_backward,
+    conv2d_forward,
+    conv_transpose2d_backward,
+    conv_transpose2d_forward,
+    im2col,
+)
 
 # -- naive references ---------------------------------------------------------------
 

@@ -1,10 +1,19 @@
 """A non-editable ``pip install .`` into a fresh virtual environment ships
 every module (``kernels/`` mapped to ``scratchvae.kernels``) and the embedded
-data set, and imports them from outside the checkout."""
+data set, and imports them from outside the checkout.
+
+The inner venv is a plain one (no ``--system-site-packages``, which in a venv
+sees the *base* interpreter's packages, not the running environment's): the
+dependencies come from the environment running the suite (a venv, a conda
+env or the base interpreter alike) through a ``.pth`` file that lists its
+site-packages folders, added only after scratchvae itself was installed.
+"""
 import os
 import pathlib
+import site
 import subprocess
 import sys
+import sysconfig
 import textwrap
 
 import pytest
@@ -40,12 +49,18 @@ def expected_modules():
 @pytest.mark.slow
 def test_non_editable_install_imports_every_module(tmp_path):
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--quiet", str(REPO)],
-                             cwd=tmp_path, env=env, capture_output=True, text=True)
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--quiet",
+                              str(REPO)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert install.returncode == 0, install.stdout + install.stderr
+    # the running environment's packages (numpy, numba, ...), after the venv's own site-packages; .pth
+    # files in them are not processed, so the editable scratchvae of a development install stays out
+    inner_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    outer = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (pathlib.Path(inner_site) / "_outer_environment.pth").write_text("\n".join(outer) + "\n")
     run = subprocess.run([str(python), "-c", CHECK], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.split("\n")

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scratchvae import gradcheck
-from scratchvae.layers import (Dense, Flatten, LeakyReLU, ReLU, Reshape, Sequential, Sigmoid, Softplus, Tanh)
+from scratchvae.layers import Dense, Flatten, LeakyReLU, ReLU, Reshape, Sequential, Sigmoid, Softplus, Tanh
 
 F64 = dict(dtype="float64")
 TOL = 1e-6

@@ -13,9 +13,9 @@ import ast
 import pathlib
 
 import pytest
+import scratchvae.kernels
 
 import scratchvae
-import scratchvae.kernels
 
 cupy = pytest.importorskip("cupy", reason="the audit needs CuPy's namespace (pip install cupy-cuda12x)")
 

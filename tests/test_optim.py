@@ -1,9 +1,9 @@
 """The public optimizer: Adam(...).init / .step against Algorithm 1."""
 import numpy as np
 import pytest
+from test_losses import _grad_fn, _reference_adamw
 
 from scratchvae.optim import Adam
-from test_losses import _grad_fn, _reference_adamw
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])

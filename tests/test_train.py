@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from scratchvae import checkpoint, datasets
-from scratchvae.train import TrainConfig, TrainingDiverged, main, train
+from scratchvae.cli import main
+from scratchvae.train import TrainConfig, TrainingDiverged, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIGURES = ["samples.png", "reconstructions.png", "curves.png", "latent.png", "manifold.png", "interpolation.png"]
@@ -42,7 +43,7 @@ def assert_same_params(a, b):
 
 
 def strip_times(history):
-    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
+    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s", "run_id")} for h in history]
 
 
 @pytest.mark.slow
@@ -312,9 +313,9 @@ def test_keep_best_selects_the_best_validation_epoch_and_patience_stops(tmp_path
 
 
 def test_patience_needs_keep_best():
-    with pytest.raises(ValueError, match="patience must be >= 0 and needs keep_best"):
+    with pytest.raises(ValueError, match=r"patience \(--patience\) needs keep_best"):
         TrainConfig(patience=3)
-    with pytest.raises(ValueError, match="lr_final must be > 0"):
+    with pytest.raises(ValueError, match=r"lr_final \(--lr-final\) must be a finite number > 0"):
         TrainConfig(lr_final=0.0)
 
 

@@ -1,0 +1,148 @@
+"""The command line of ``examples/train_mnist.py``: flags -> :class:`TrainConfig` -> :func:`train`.
+
+Every failure the user can cause or meet (a bad flag value, a run folder in
+use, a corrupted checkpoint, missing data, a full disk, a NaN loss) ends with
+one ``error:`` line that says what happened and what was kept, and exit
+code 1; never a traceback. Ctrl-C saves a checkpoint and exits with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from . import backend as backend_mod
+from . import checkpoint, datasets
+from .config import AE_UNUSED, RUN_DEFINING, TrainConfig
+from .runfolder import RunFolderError
+from .train import RunFailed, TrainingDiverged, describe_os_error, train
+
+__all__ = ["build_parser", "config_from_args", "main", "USER_ERRORS"]
+
+# What the command line turns into one "error:" line (and exit code 1).
+USER_ERRORS = (ValueError, TypeError, backend_mod.BackendUnavailable, checkpoint.CheckpointError,
+               datasets.DatasetUnavailable, datasets.DatasetIntegrityError, TrainingDiverged, RunFailed,
+               RunFolderError)
+
+
+def _int_tuple(text):
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_mnist.py",
+        description="Train a VAE (or a plain autoencoder) on MNIST with scratchvae and write metrics, "
+                    "checkpoints and figures into --out.",
+        argument_default=argparse.SUPPRESS)
+    d = TrainConfig()
+    a = p.add_argument
+    a("--backend", choices=backend_mod.NAMES, help=f"array backend: numpy (CPU) or cupy (GPU) (default {d.backend})")
+    a("--dataset", choices=datasets.DATASETS,
+      help="binarized-mnist: static binarized MNIST shipped with scratchvae (default); mnist: grayscale MNIST, "
+           "downloaded on first use; idx: IDX files in --data-dir")
+    a("--data-dir", help="folder for downloaded or IDX files (default: the user cache folder)")
+    a("--binarize", choices=("static", "dynamic"), help="turn grayscale pixels into 0/1: once (static) or every epoch "
+                                                       "(dynamic); default: use them as probabilities")
+    a("--arch", choices=("mlp", "conv"), help=f"encoder/decoder architecture (default {d.arch})")
+    a("--hidden", type=_int_tuple, help="hidden widths, comma-separated (mlp: every layer; conv: the Dense "
+                                        "bottleneck) (default 400)")
+    a("--channels", type=_int_tuple, help="conv channels of the stride-2 convolutions (default 32,64)")
+    a("--latent-dim", type=int, help=f"latent dimensions (default {d.latent_dim})")
+    a("--activation", choices=("relu", "leaky_relu", "tanh", "softplus"), help="hidden activation (default relu)")
+    a("--likelihood", choices=("bernoulli", "gaussian"), help="p(x|z): bernoulli (logits) or gaussian with a learned "
+                                                              "per-pixel sigma (default bernoulli)")
+    a("--model", choices=("vae", "ae"), help="vae, or a plain autoencoder for comparison (default vae)")
+    a("--epochs", type=int, help=f"total epochs; with --resume, train up to this many (default {d.epochs})")
+    a("--batch-size", type=int, help=f"examples per step (default {d.batch_size})")
+    a("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    a("--lr-final", type=float, help="decay the learning rate geometrically, step by step, from --lr to this "
+                                     "value at the end of --epochs (default: constant)")
+    a("--beta", type=float, help="weight of the KL term (beta-VAE; default 1 = the ELBO; VAE only)")
+    a("--kl-warmup", type=float, metavar="EPOCHS", help="ramp beta linearly from 0 over this many epochs "
+                                                        "(default 0; VAE only)")
+    a("--free-bits", type=float, help="per-dimension KL floor in nats against posterior collapse "
+                                      "(default 0: off; VAE only)")
+    a("--seed", type=int, help="seed for weights, shuffling and noise (default 0)")
+    a("--dtype", choices=("float32", "float64"), help="floating-point precision (default float32)")
+    a("--limit", type=int, metavar="N", help="use only the first N training images (smoke runs)")
+    a("--test-limit", type=int, metavar="N", help="use only N evenly spaced test images (the test split is ordered by class)")
+    a("--iwae-k", type=int, metavar="K", help="importance samples for the final test NLL (5000 is the paper figure; "
+                                              "0 skips, default; VAE only)")
+    a("--keep-best", dest="keep_best", action="store_true",
+      help="evaluate the validation split after every epoch, keep the best parameters in best.npz and report "
+           "the final test figures, IWAE bound and figures with them (model selection; needs a valid split)")
+    a("--patience", type=int, metavar="EPOCHS", help="with --keep-best: stop after this many epochs without a "
+                                                      "better validation loss (default 0: never)")
+    a("--out", help=f"output folder, one run per folder (default {d.out}; with --resume, the resumed folder)")
+    a("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.npz")
+    a("--overwrite", dest="overwrite", action="store_true",
+      help="--out holds an earlier run: delete its files and start a new run there (without this, such a "
+           "folder is refused)")
+    a("--no-fused", dest="fused", action="store_false", help="use the plain array loss instead of the Numba kernels")
+    a("--no-figures", dest="figures", action="store_false", help="skip the PNG figures")
+    a("--progress", dest="progress", action="store_true", help="force the progress bar on (default: on a terminal)")
+    return p
+
+
+def config_from_args(args: dict) -> tuple[TrainConfig, str | None]:
+    """Merge parsed flags into a config; with --resume, onto the checkpoint's config."""
+    args = dict(args)
+    for key in ("progress", "overwrite"):
+        args.pop(key, None)
+    resume = args.pop("resume", None)
+    given = [f"--{k.replace('_', '-')}" for k in AE_UNUSED if k in args]
+    if args.get("model") == "ae" and given:
+        raise ValueError(f"{', '.join(given)}: a plain autoencoder (--model ae) has no KL term and no "
+                             "importance-weighted bound, so this does nothing; drop it or train a VAE")
+    if resume is None:
+        return TrainConfig(**args), None
+    path = pathlib.Path(resume)
+    ckpt = path / "checkpoint.npz" if path.is_dir() else path
+    _, meta = checkpoint.load(ckpt)
+    meta = checkpoint.check_run_meta(meta, ckpt)
+    stored = TrainConfig.from_dict(meta["config"], source=f"checkpoint {ckpt}")
+    for key in RUN_DEFINING:
+        if key in args:
+            given = tuple(args[key]) if isinstance(args[key], (tuple, list)) else args[key]
+            old = getattr(stored, key)
+            if given != old:
+                raise ValueError(f"--resume {resume}: the run was trained with {key}={old!r}, "
+                                 f"you passed {given!r}; drop the flag or start a new run")
+    merged = dict(vars(stored), **args)
+    if "out" not in args:
+        merged["out"] = str(ckpt.parent)
+    return TrainConfig(**merged), str(ckpt)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    progress = args.get("progress") or None
+    overwrite = bool(args.get("overwrite"))
+    if overwrite and "resume" in args:
+        print("error: --overwrite and --resume contradict each other: --resume continues the run in its "
+              "folder, --overwrite deletes it", file=sys.stderr)
+        return 1
+    try:
+        cfg, resume = config_from_args(args)
+        summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:          # outside a run (reading a checkpoint to resume, say)
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+    except MemoryError as err:
+        print(f"error: out of memory ({err or 'MemoryError'}); try a smaller --batch-size or model", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted twice; the last checkpoint written is intact", file=sys.stderr)
+        return 130
+    if summary.get("status") == "interrupted":
+        return 130
+    return 0

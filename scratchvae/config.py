@@ -1,0 +1,152 @@
+"""The typed config of a training run, and its checks.
+
+:class:`TrainConfig` holds everything that defines a run (the command line's
+flags). Every value is checked where it enters: the constructor refuses a
+wrong type, a NaN, a value out of range or a flag that does nothing for the
+chosen model, and each message names the one field (and its flag) that is
+wrong. :meth:`TrainConfig.from_dict` reads one back from a checkpoint's
+metadata and refuses unknown keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+__all__ = ["TrainConfig", "RUN_DEFINING", "AE_UNUSED"]
+
+NAMES = ("numpy", "cupy")   # scratchvae.backend.NAMES (kept here so the config imports nothing heavy)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run (the command line's flags)."""
+
+    backend: str = "numpy"
+    dataset: str = "binarized-mnist"
+    data_dir: str | None = None
+    binarize: str | None = None
+    arch: str = "mlp"
+    hidden: tuple = (400,)
+    channels: tuple = (32, 64)
+    latent_dim: int = 20
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    model: str = "vae"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_final: float | None = None
+    beta: float = 1.0
+    kl_warmup: float = 0.0
+    free_bits: float = 0.0
+    seed: int = 0
+    dtype: str = "float32"
+    limit: int | None = None
+    test_limit: int | None = None
+    iwae_k: int = 0
+    keep_best: bool = False
+    patience: int = 0
+    out: str = "runs/latest"
+    fused: bool = True
+    figures: bool = True
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _TYPES[f.name])
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.channels = tuple(int(c) for c in self.channels)
+        choices = {"arch": ("mlp", "conv"), "model": ("vae", "ae"), "likelihood": ("bernoulli", "gaussian"),
+                   "dtype": ("float32", "float64"), "backend": NAMES, "binarize": (None, "static", "dynamic"),
+                   "activation": ("relu", "leaky_relu", "tanh", "softplus")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{_name(key)} must be one of {allowed}, got {getattr(self, key)!r}")
+        for key in ("epochs", "batch_size", "latent_dim"):
+            _check_number(key, getattr(self, key), low=1)
+        for key in ("seed", "iwae_k", "patience"):
+            _check_number(key, getattr(self, key), low=0)
+        for key in ("limit", "test_limit"):
+            _check_number(key, getattr(self, key), low=1, optional=True)
+        _check_number("lr", self.lr, low=0, open_low=True)
+        _check_number("lr_final", self.lr_final, low=0, open_low=True, optional=True)
+        for key in ("beta", "kl_warmup", "free_bits"):
+            _check_number(key, getattr(self, key), low=0)
+        if any(h < 1 for h in self.hidden) or any(c < 1 for c in self.channels):
+            raise ValueError(f"hidden and channels (--hidden, --channels) must be positive widths, "
+                             f"got {self.hidden} and {self.channels}")
+        if self.patience > 0 and not self.keep_best:
+            raise ValueError(f"patience (--patience) needs keep_best (--keep-best): it counts epochs without a "
+                             f"better validation loss; got patience={self.patience}")
+        if not self.out.strip():
+            raise ValueError("out (--out) is empty; name the folder the run should write into")
+        if self.model == "ae":
+            changed = [key for key in AE_UNUSED if getattr(self, key) != _DEFAULTS[key]]
+            if changed:
+                raise ValueError(f"{', '.join(_name(k) for k in changed)}: a plain autoencoder (model 'ae') has "
+                                 "no KL term and no importance-weighted bound, so this does nothing; drop it or "
+                                 "train a VAE")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "the config") -> TrainConfig:
+        """A config from a dict (a checkpoint's ``config``), refusing unknown keys and bad values.
+
+        Raises ValueError naming ``source`` and the key.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: the config is a {type(d).__name__}, expected a JSON object")
+        unknown = sorted(set(d) - set(_TYPES))
+        if unknown:
+            raise ValueError(f"{source}: unknown config keys {unknown}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from None
+
+
+# The fields whose values make a run what it is: a resumed run must keep them.
+RUN_DEFINING = ("dataset", "binarize", "arch", "hidden", "channels", "latent_dim", "activation", "likelihood",
+                "model", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "seed", "dtype", "limit",
+                "fused")
+# VAE-only settings: given to a plain autoencoder, they would silently do nothing.
+AE_UNUSED = ("beta", "kl_warmup", "free_bits", "iwae_k")
+
+_TYPES = {"backend": str, "dataset": str, "data_dir": (str, None), "binarize": (str, None), "arch": str,
+          "hidden": tuple, "channels": tuple, "latent_dim": int, "activation": str, "likelihood": str, "model": str,
+          "epochs": int, "batch_size": int, "lr": float, "lr_final": (float, None), "beta": float,
+          "kl_warmup": float, "free_bits": float, "seed": int, "dtype": str, "limit": (int, None),
+          "test_limit": (int, None), "iwae_k": int, "keep_best": bool, "patience": int, "out": str, "fused": bool,
+          "figures": bool}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _name(key: str) -> str:
+    return f"{key} (--{key.replace('_', '-')})"
+
+
+def _check_type(key, value, kind):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if value is None and None in kinds:
+        return
+    kind = kinds[0]
+    if kind is tuple:
+        ok = isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        what = "a list of integers"
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        what = "a number"
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        what = "an integer"
+    else:
+        ok = isinstance(value, kind)
+        what = {str: "a string", bool: "true or false"}[kind]
+    if not ok:
+        raise ValueError(f"{_name(key)} must be {what}, got {value!r}")
+
+
+def _check_number(key, value, *, low, open_low=False, optional=False):
+    if value is None and optional:
+        return
+    bound = f"> {low}" if open_low else f">= {low}"
+    if not (math.isfinite(value) and (value > low if open_low else value >= low)):
+        raise ValueError(f"{_name(key)} must be a finite number {bound}, got {value!r}")
