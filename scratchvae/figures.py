@@ -313,7 +313,7 @@ def plot_samples(model, path, rng, n=64, run_id=None):
     flat = np.concatenate(chunks).astype(np.float64)
     ncols = int(math.ceil(math.sqrt(n)))
     grid = image_grid(_as_images(model, flat), ncols)
-    if getattr(model, "log_sigma_head", None) is not None:
+    if getattr(model, "code_head", None) is None:
         title = f"{n} samples decoded from z ~ N(0, I)  ({model.latent_dim}-D latent)"
     else:   # an autoencoder has no prior: these are decoded random codes, not samples of a model
         title = (f"{n} random {model.latent_dim}-D codes from N(0, I), decoded by the autoencoder\n"
@@ -348,7 +348,8 @@ def plot_reconstructions(model, x_test, path, n=16, run_id=None):
     Returns
     -------
     dict
-        ``path``, ``n``, ``mse`` (mean squared error per pixel) and ``bce``
+        ``path``, ``n``, ``indices`` (the test images shown), ``mse`` (mean
+        squared error per pixel) and ``bce``
         (Bernoulli cross-entropy in nats per image, summed over pixels and
         averaged over the ``n`` images) of the shown reconstructions.
     """
@@ -380,6 +381,7 @@ def plot_reconstructions(model, x_test, path, n=16, run_id=None):
     return to_jsonable({
         "path": os.fspath(path),
         "n": n,
+        "indices": idx,
         "mse": float(np.mean((recons - inputs) ** 2)),
         "bce": _mean_bce(inputs, recons),
     })

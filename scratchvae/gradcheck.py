@@ -21,8 +21,8 @@ Run it on a layer of your own::
 
     from scratchvae import gradcheck
     report = gradcheck.check_layer(MyLayer(dtype="float64"), x)
-    print(report)
-    assert report.max_error < 1e-6
+    print(report)          # per array: max rel. error, tolerance, PASS/FAIL, worst entry
+    assert report.passed()
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import dataclasses
 
 import numpy
 
-__all__ = ["GradcheckReport", "rel_error", "numerical_gradient", "check_layer", "check_scalar"]
+__all__ = ["GradcheckReport", "rel_error", "worst_error", "numerical_gradient", "check_layer", "check_scalar"]
 
 
 def rel_error(analytic, numeric, floor: float = 1e-8) -> float:
@@ -40,13 +40,22 @@ def rel_error(analytic, numeric, floor: float = 1e-8) -> float:
     are in effect compared absolutely, so that two zeros (or two values at
     the rounding level) are not reported as a 100% disagreement.
     """
+    return worst_error(analytic, numeric, floor)[0]
+
+
+def worst_error(analytic, numeric, floor: float = 1e-8) -> tuple[float, tuple]:
+    """:func:`rel_error` and the index of the entry where it occurs (``()`` for empty arrays)."""
     a = numpy.asarray(_to_host(analytic), dtype=numpy.float64)
     n = numpy.asarray(_to_host(numeric), dtype=numpy.float64)
     if a.shape != n.shape:
         raise ValueError(f"rel_error: shapes differ, {a.shape} vs {n.shape}")
     if a.size == 0:
-        return 0.0
-    return float(numpy.max(numpy.abs(a - n) / numpy.maximum(numpy.abs(a) + numpy.abs(n), floor)))
+        return 0.0, ()
+    err = numpy.abs(a - n) / numpy.maximum(numpy.abs(a) + numpy.abs(n), floor)
+    bad = numpy.isnan(err)
+    flat = int(numpy.argmax(bad)) if bad.any() else int(numpy.argmax(err))   # a NaN is the worst entry
+    where = numpy.unravel_index(flat, err.shape)
+    return float(err[where]), tuple(int(i) for i in where)
 
 
 def _to_host(a):
@@ -64,28 +73,40 @@ def _require_float64(name, a):
 
 @dataclasses.dataclass
 class GradcheckReport:
-    """Maximum relative error of each checked array.
+    """Maximum relative error of each checked array, where it occurs, and the verdict.
 
     Attributes
     ----------
     errors : dict[str, float]
-        ``{"x": 3e-10, "W": 1e-10, ...}``.
+        ``{"x": 3e-10, "W": 1e-10, ...}`` (NaN when a gradient is NaN).
+    worst : dict[str, tuple]
+        The index of the worst entry of each array.
+    tol : float
+        The tolerance that :meth:`passed` and the table's verdict use.
     """
 
     errors: dict
+    worst: dict = dataclasses.field(default_factory=dict)
+    tol: float = 1e-6
 
     @property
     def max_error(self) -> float:
-        """The largest error over all arrays (0 when nothing was checked)."""
-        return max(self.errors.values(), default=0.0)
+        """The largest error over all arrays (0 when nothing was checked; NaN if any is NaN)."""
+        values = list(self.errors.values())
+        if any(v != v for v in values):
+            return float("nan")
+        return max(values, default=0.0)
 
-    def passed(self, tol: float = 1e-6) -> bool:
-        return self.max_error <= tol
+    def passed(self, tol: float | None = None) -> bool:
+        tol = self.tol if tol is None else tol
+        return bool(self.max_error <= tol)   # False for NaN
 
     def __str__(self):
-        width = max((len(k) for k in self.errors), default=4)
-        lines = [f"{'array':<{width}}  max rel. error"]
-        lines += [f"{k:<{width}}  {v:.3e}" for k, v in self.errors.items()]
+        width = max((len(k) for k in self.errors), default=5)
+        lines = [f"{'array':<{width}}  {'max rel. error':>14}  {'tolerance':>9}  {'verdict':<7}  worst entry"]
+        for k, v in self.errors.items():
+            verdict = "PASS" if v <= self.tol else "FAIL"
+            lines.append(f"{k:<{width}}  {v:>14.3e}  {self.tol:>9.1e}  {verdict:<7}  {self.worst.get(k, '')}")
         return "\n".join(lines)
 
 
@@ -163,24 +184,50 @@ def check_layer(layer, x, dy=None, *, h: float = 1e-5, seed: int = 0, check_para
     """
     _require_float64("x", x)
     be = layer.backend
+    name = type(layer).__name__
     y = layer.forward(x)
     if dy is None:
         dy = be.asarray(numpy.random.default_rng(seed).standard_normal(y.shape), dtype=numpy.float64)
     dy_before = be.asnumpy(dy).copy()
     layer.zero_grad()
+    grad_arrays = dict(layer.grads)
     dx = layer.backward(dy)
     if not numpy.array_equal(be.asnumpy(dy), dy_before):
-        raise AssertionError(f"{type(layer).__name__}.backward modified its dy argument")
+        raise AssertionError(f"{name}.backward modified its dy argument")
     analytic = {"x": be.asnumpy(dx).copy()}
     if check_params:
+        _check_accumulates(layer, x, dy, grad_arrays)
         analytic.update({k: be.asnumpy(g).copy() for k, g in layer.grads.items()})
 
-    errors = {"x": rel_error(analytic["x"], numerical_gradient(lambda: layer.forward(x), x, dy, h))}
-    if check_params:
-        for name, p in layer.params.items():
-            _require_float64(name, p)
-            errors[name] = rel_error(analytic[name], numerical_gradient(lambda: layer.forward(x), p, dy, h))
-    return GradcheckReport(errors)
+    report = GradcheckReport({})
+    checks = [("x", x)] + ([(k, p) for k, p in layer.params.items()] if check_params else [])
+    for key, a in checks:
+        _require_float64(key, a)
+        report.errors[key], report.worst[key] = worst_error(
+            analytic[key], numerical_gradient(lambda: layer.forward(x), a, dy, h))
+    return report
+
+
+def _check_accumulates(layer, x, dy, grad_arrays) -> None:
+    """``backward`` must add into the very arrays in ``layer.grads`` (an optimizer holds
+    references to them): rebinding ``grads[k] = ...`` or overwriting would silently stop
+    training that parameter. A second forward/backward must double every gradient."""
+    be, name = layer.backend, type(layer).__name__
+    for k, g in layer.grads.items():
+        if grad_arrays.get(k) is not g:
+            raise AssertionError(f"{name}.backward rebound grads[{k!r}] to a new array instead of adding into "
+                                 "the existing one; an optimizer holding the old array would never see it")
+    once = {k: be.asnumpy(g).copy() for k, g in layer.grads.items()}
+    layer.forward(x)
+    layer.backward(dy)
+    for k, g in layer.grads.items():
+        twice = be.asnumpy(g)
+        if not numpy.allclose(twice, 2 * once[k], rtol=1e-12, atol=1e-300):
+            raise AssertionError(f"{name}.backward does not accumulate into grads[{k!r}]: after two backward "
+                                 f"passes it holds {rel_error(twice, 2 * once[k]):.1e} (relative) away from "
+                                 "twice one pass; gradients must be added (+=), not assigned")
+    for k, g in layer.grads.items():   # leave one pass's gradients, as a single backward would
+        g[...] = be.asarray(once[k])
 
 
 def check_scalar(f, arrays: dict, analytic: dict, *, h: float = 1e-3, order: int = 4,
@@ -207,9 +254,9 @@ def check_scalar(f, arrays: dict, analytic: dict, *, h: float = 1e-3, order: int
     """
     if floor is None:
         floor = 1e-6 * max(1.0, abs(float(f())))
-    errors = {}
+    report = GradcheckReport({})
     for name, a in arrays.items():
         _require_float64(name, a)
         numeric = numerical_gradient(lambda: float(f()), a, None, h, order)
-        errors[name] = rel_error(analytic[name], numeric, floor)
-    return GradcheckReport(errors)
+        report.errors[name], report.worst[name] = worst_error(analytic[name], numeric, floor)
+    return report

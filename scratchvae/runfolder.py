@@ -139,15 +139,16 @@ class RunFolder:
     # -- closing ---------------------------------------------------------------------
     def close(self, failed: bool = False) -> None:
         """Release the lock; after a failure, remove a folder this run created and left empty."""
-        if self._lock_fd is None:
-            return
         fd, self._lock_fd = self._lock_fd, None
-        empty = failed and self.created and {p.name for p in self.path.iterdir()} <= {LOCK_NAME}
-        if empty:
-            with contextlib.suppress(OSError):
-                (self.path / LOCK_NAME).unlink()
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        empty = False
+        if failed and self.created and self.path.is_dir():
+            empty = {p.name for p in self.path.iterdir()} <= {LOCK_NAME}
+            if empty and fd is not None:
+                with contextlib.suppress(OSError):
+                    (self.path / LOCK_NAME).unlink()
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
         if empty:
             with contextlib.suppress(OSError):
                 self.path.rmdir()

@@ -327,3 +327,34 @@ def test_overwrite_is_atomic_and_clean(tmp_path):
     figures.plot_curves(HISTORY, target)
     assert target.read_bytes()[:8] == PNG_SIGNATURE
     assert no_temp_files(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- what the figures show
+
+def test_reconstructions_show_every_class_of_a_sorted_split(tmp_path):
+    model = FakeModel(input_shape=(1, 8, 8))
+    x, labels = make_data(n=400)
+    order = np.argsort(labels, kind="stable")        # MNIST's test split is ordered by class
+    x, labels = x[order], labels[order]
+    res = figures.plot_reconstructions(model, x, tmp_path / "r.png", n=16)
+    shown = labels[np.asarray(res["indices"])]
+    assert set(shown) == set(labels), shown           # the first 16 would all be 0s
+
+
+def test_attribute_rows_end_in_the_target_decoding_not_a_blank_tile(tmp_path, monkeypatch):
+    grids = []
+    real_grid = figures.image_grid
+
+    def capture(images, ncols, *args, **kw):
+        grids.append((np.asarray(images), ncols))
+        return real_grid(images, ncols, *args, **kw)
+
+    monkeypatch.setattr(figures, "image_grid", capture)
+    model = FakeModel(latent_dim=4)
+    x, labels = make_data(n=200)
+    figures.plot_interpolation(model, x, tmp_path / "i.png", np.random.default_rng(3), labels=labels,
+                               steps=5, n_attribute=3)
+    images, ncols = grids[-1]                         # the attribute block
+    last_tiles = images.reshape(3, ncols, -1)[:, -1]
+    assert not np.allclose(last_tiles, 0.5), "a blank grey tile ends the attribute rows"
+    assert np.allclose(last_tiles, last_tiles[0])     # the same target, decode(mean mu[a]), on every row

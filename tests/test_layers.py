@@ -190,3 +190,46 @@ def test_input_grad_false_skips_dx_and_keeps_param_grads():
     bad.forward(x)
     with pytest.raises(RuntimeError, match="input_grad=False"):
         bad.backward(dy)
+
+
+# -- gradcheck catches a backward that does not accumulate -------------------------------------
+
+class _RebindingDense(Dense):
+    """A backward that rebinds grads["W"]: the values are right, but an optimizer holding the
+    old array would never see them."""
+
+    def backward(self, dy):
+        dx = super().backward(dy)
+        self.grads["W"] = self.grads["W"].copy()
+        return dx
+
+
+class _OverwritingDense(Dense):
+    """A backward that assigns (=) instead of adding (+=) into grads["b"]."""
+
+    def backward(self, dy):
+        dx = super().backward(dy)
+        self.grads["b"][...] = dy.sum(axis=0)
+        return dx
+
+
+@pytest.mark.parametrize("layer, match", [(_RebindingDense, "rebound grads\\['W'\\]"),
+                                          (_OverwritingDense, "does not accumulate into grads\\['b'\\]")])
+def test_check_layer_catches_gradients_that_are_not_accumulated(layer, match):
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    with pytest.raises(AssertionError, match=match):
+        gradcheck.check_layer(layer(4, 2, rng=0, **F64), x)
+
+
+def test_gradcheck_report_gives_verdict_tolerance_and_worst_entry():
+    layer = Dense(4, 3, rng=0, **F64)
+    report = gradcheck.check_layer(layer, np.random.default_rng(1).standard_normal((2, 4)))
+    text = str(report)
+    assert "tolerance" in text and "PASS" in text and "FAIL" not in text and report.passed()
+    assert report.worst["W"] is not None and len(report.worst["W"]) == 2
+    bad = gradcheck.GradcheckReport({"W": 0.3}, worst={"W": (1, 2)})
+    assert not bad.passed() and "FAIL" in str(bad) and "(1, 2)" in str(bad)
+    nan = gradcheck.GradcheckReport({"W": float("nan")})
+    assert not nan.passed()
+    err, where = gradcheck.worst_error(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[1.0, 2.0], [3.0, 5.0]]))
+    assert where == (1, 1) and err == pytest.approx(1 / 9)

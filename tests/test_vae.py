@@ -253,3 +253,41 @@ def test_decode_sample_reconstruct_shapes():
     assert probs.shape == (3, 12) and probs.min() >= 0 and probs.max() <= 1
     assert model.sample(4, np.random.default_rng(0)).shape == (4, 12)
     assert model.reconstruct(x.reshape(3, 1, 3, 4)).shape == (3, 12)
+
+
+# -- every entry point checks what it is given ------------------------------------------------
+
+@pytest.mark.parametrize("beta, free_bits, name", [(-1.0, 0.0, "beta"), (float("nan"), 0.0, "beta"),
+                                                   (1.0, -0.1, "free_bits"), (1.0, float("nan"), "free_bits")])
+def test_loss_and_grad_refuses_bad_weights(beta, free_bits, name):
+    model = small_mlp()
+    x = binary_batch(4, 7, 0)
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0"):
+        model.loss_and_grad(x, eps=np.zeros((4, 3)), beta=beta, free_bits=free_bits)
+
+
+@pytest.mark.parametrize("call", ["evaluate", "iwae_bound", "reconstruct", "elbo"])
+@pytest.mark.parametrize("problem, match", [("nan", "NaN or Inf"), ("range", r"\[0, 1\]"), ("shape", "shape")])
+def test_evaluation_entry_points_check_their_input(call, problem, match):
+    model = small_mlp()
+    x = binary_batch(4, 7, 1)
+    if problem == "nan":
+        x[1, 2] = np.nan
+    elif problem == "range":
+        x[0, 0] = 3.0
+    else:
+        x = x[:, :5]
+    rng = np.random.default_rng(0)
+    args = {"evaluate": (x, rng), "iwae_bound": (x, 3, rng), "reconstruct": (x,), "elbo": (x, rng)}[call]
+    with pytest.raises(ValueError, match=match):
+        getattr(model, call)(*args)
+
+
+def test_decode_checks_its_codes():
+    model = small_mlp()
+    with pytest.raises(ValueError, match=r"expected \(B, 3\)"):
+        model.decode(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model.decode(np.full((2, 3), np.inf))
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        model.iwae_bound(binary_batch(2, 7, 0), 0, np.random.default_rng(0))
