@@ -45,7 +45,7 @@ def make_cases(seed):
     """[(name, plain callable, fused callable, bytes moved per call)]."""
     import numpy as np
 
-    from scratchvae import kernels, losses
+    from scratchvae import kernels, losses, optim
     from scratchvae.optim import Adam
     from scratchvae.vae import mlp_vae
 
@@ -103,7 +103,7 @@ def make_cases(seed):
     ap, ag, am, av = adam_arrays()
     bp, bg, bm, bv = adam_arrays()
     cases.append(("adam_update 784x400",
-                  lambda: losses.adam_update(ap, ag, am, av, **hyper),
+                  lambda: optim.adam_update(ap, ag, am, av, **hyper),
                   lambda: kernels.adam_update(bp, bg, bm, bv, **hyper), ap.nbytes * 7))
 
     models, states = [], []

@@ -1,7 +1,8 @@
 """Fused kernels (installed as ``scratchvae.kernels``).
 
 The public functions here have exactly the signatures and return values of
-their plain twins in :mod:`scratchvae.losses`, so a model can switch with::
+their plain twins in :mod:`scratchvae.losses` (and, for Adam,
+:mod:`scratchvae.optim`), so a model can switch with::
 
     ops = scratchvae.kernels if fused else scratchvae.losses
 
@@ -25,6 +26,7 @@ import numpy
 
 from scratchvae import losses as _plain
 from scratchvae.backend import BackendUnavailable, array_module
+from scratchvae.optim import check_adam_arrays
 
 from . import cpu
 
@@ -176,7 +178,7 @@ def reparameterize_kl_backward(dz, mu, log_sigma, eps, kl_weight):
 
 
 def adam_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
-    """Fused :func:`scratchvae.losses.adam_update`: one pass, in place.
+    """Fused :func:`scratchvae.optim.adam_update`: one pass, in place.
 
     Parameters
     ----------
@@ -190,7 +192,7 @@ def adam_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step)
     -------
     None
     """
-    _plain._validate_adam(param, grad, m, v, step)
+    check_adam_arrays(param, grad, m, v, step)
     _check_kernel_dtype("adam_update", param.dtype)
     xp = array_module(param, grad, m, v)
     module, launch = _backend("adam_update", xp, {"param": param, "grad": grad, "m": m, "v": v})
@@ -225,7 +227,7 @@ def adam_update_many(params, grads, ms, vs, *, lr, beta1, beta2, eps, weight_dec
     _check_kernel_dtype("adam_update_many", dtype)
     xp = array_module(*params)
     for i, quad in enumerate(zip(params, grads, ms, vs)):
-        _plain._validate_adam(*quad, step)
+        check_adam_arrays(*quad, step)
         if quad[0].dtype != dtype:
             raise TypeError(f"adam_update_many: parameter {i} is {quad[0].dtype}, parameter 0 is {dtype}; "
                             "one dtype per call")

@@ -41,7 +41,7 @@ import math
 import numpy as np
 from numba import njit
 
-from scratchvae.losses import adam_coefficients
+from scratchvae.optim import adam_coefficients
 
 __all__ = [
     "bce_with_logits_kernel", "gaussian_nll_kernel", "reparameterize_kl_kernel",
@@ -323,24 +323,30 @@ def reparameterize_kl_backward_kernel(dz, mu, log_sigma, eps, kl_weight, dmu, dl
 
 @njit(cache=True, error_model="numpy")
 def adam_kernel(param, grad, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, step_scale, eps_hat,
-                weight_decay):
+                weight_decay, grad_floor, moment_floor):
     """One AdamW step over flat arrays, in place on ``param``, ``m``, ``v``.
 
     ``error_model="numpy"`` (IEEE division, no ZeroDivisionError check) is
     what lets this loop vectorize; the folded bias corrections
     (``step_scale``, ``eps_hat``) leave one square root and one division per
-    element, the loop's bottleneck.
+    element. The floors keep every operand and every stored moment out of
+    the subnormal range (see :mod:`scratchvae.optim`); the selects compile
+    to vector blends.
 
     Parameters
     ----------
     param, grad, m, v : C-contiguous 1-D arrays, shape (N,), one float dtype
-    lr, ... weight_decay : scalars of that dtype, from
-        :func:`scratchvae.losses.adam_coefficients`
+    lr, ... moment_floor : scalars of that dtype, from
+        :func:`scratchvae.optim.adam_coefficients`
     """
+    zero = param.dtype.type(0)
     for i in range(param.shape[0]):
         g = grad[i]
+        g = g if abs(g) >= grad_floor else zero
         mi = m[i] * beta1 + one_minus_beta1 * g
         vi = v[i] * beta2 + one_minus_beta2 * (g * g)
+        mi = mi if abs(mi) >= moment_floor else zero
+        vi = vi if vi >= moment_floor else zero
         m[i] = mi
         v[i] = vi
         update = step_scale * mi / (math.sqrt(vi) + eps_hat)
@@ -350,7 +356,7 @@ def adam_kernel(param, grad, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_
 
 @njit(cache=True, error_model="numpy")
 def adam_many_kernel(params, grads, ms, vs, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, step_scale,
-                     eps_hat, weight_decay):
+                     eps_hat, weight_decay, grad_floor, moment_floor):
     """:func:`adam_kernel` over tuples of flat arrays: all parameters in one call.
 
     One dispatch from Python instead of one per parameter (each costs
@@ -358,7 +364,7 @@ def adam_many_kernel(params, grads, ms, vs, lr, beta1, one_minus_beta1, beta2, o
     """
     for j in range(len(params)):
         adam_kernel(params[j], grads[j], ms[j], vs[j], lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                    step_scale, eps_hat, weight_decay)
+                    step_scale, eps_hat, weight_decay, grad_floor, moment_floor)
 
 
 # ----------------------------------------------------------------------------

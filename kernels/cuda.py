@@ -35,7 +35,8 @@ except ImportError as err:  # pragma: no cover - depends on the installation
         f"importing numba.cuda failed: {err}") from err
 
 from scratchvae.backend import BackendUnavailable
-from scratchvae.losses import EXPM1_SERIES, EXPM1_SERIES_CUTOFF, HALF_LOG_2PI, adam_coefficients
+from scratchvae.losses import EXPM1_SERIES, EXPM1_SERIES_CUTOFF, HALF_LOG_2PI
+from scratchvae.optim import adam_coefficients
 
 __all__ = [
     "MAX_ROW_THREADS", "ROW_THREADS", "ELEMENTWISE_THREADS",
@@ -193,12 +194,19 @@ def reparameterize_kl_backward_kernel(dz, mu, log_sigma, eps, kl_weight, dmu, dl
 
 @cuda.jit
 def adam_kernel(param, grad, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, step_scale, eps_hat,
-                weight_decay):
-    """One AdamW step over flat (N,) arrays, in place; launch ``[blocks, threads]``."""
+                weight_decay, grad_floor, moment_floor):
+    """One AdamW step over flat (N,) arrays, in place; launch ``[blocks, threads]``.
+
+    The floors keep values out of the subnormal range, as on the CPU (see
+    :mod:`scratchvae.optim`), so both backends follow one trajectory."""
+    zero = param.dtype.type(0)
     for i in range(cuda.grid(1), param.shape[0], cuda.gridsize(1)):
         g = grad[i]
+        g = g if abs(g) >= grad_floor else zero
         mi = m[i] * beta1 + one_minus_beta1 * g
         vi = v[i] * beta2 + one_minus_beta2 * (g * g)
+        mi = mi if abs(mi) >= moment_floor else zero
+        vi = vi if vi >= moment_floor else zero
         m[i] = mi
         v[i] = vi
         update = step_scale * mi / (math.sqrt(vi) + eps_hat)

@@ -142,8 +142,8 @@ def run_arrays(model, opt_state, be) -> dict:
     arrays = {}
     for name, p in model.params.items():
         arrays[f"param/{name}"] = be.asnumpy(p)
-        arrays[f"adam_m/{name}"] = be.asnumpy(opt_state["m"][name])
-        arrays[f"adam_v/{name}"] = be.asnumpy(opt_state["v"][name])
+        arrays[f"adam_m/{name}"] = be.asnumpy(opt_state.m[name])
+        arrays[f"adam_v/{name}"] = be.asnumpy(opt_state.v[name])
     return arrays
 
 
@@ -157,7 +157,7 @@ def restore(path, arrays: dict, model, opt_state, be) -> None:
     for name, p in model.params.items():
         targets = [("param", p)]
         if opt_state is not None:
-            targets += [("adam_m", opt_state["m"][name]), ("adam_v", opt_state["v"][name])]
+            targets += [("adam_m", opt_state.m[name]), ("adam_v", opt_state.v[name])]
         for prefix, target in targets:
             key = f"{prefix}/{name}"
             if key not in arrays:

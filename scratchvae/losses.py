@@ -1,4 +1,6 @@
-"""VAE losses and the Adam step: plain, readable array code (the ground truth).
+"""The VAE's loss terms and their gradients: plain, readable array code (the ground truth).
+
+Adam's update lives with the optimizer, in :mod:`scratchvae.optim`.
 
 Every function takes arrays and returns arrays; it works on NumPy and CuPy
 alike (``xp`` is picked with :func:`scratchvae.backend.array_module`) and
@@ -53,8 +55,6 @@ __all__ = [
     "gaussian_nll",
     "reparameterize_kl",
     "reparameterize_kl_backward",
-    "adam_update",
-    "adam_coefficients",
     "expm1_minus_x",
     "EXPM1_SERIES",
     "EXPM1_SERIES_CUTOFF",
@@ -137,16 +137,6 @@ def _validate_kl_weight(kl_weight, L, dtype, xp):
     return w
 
 
-def _validate_adam(param, grad, m, v, step):
-    _check_float("adam_update", param=param, grad=grad, m=m, v=v)
-    for name, a in (("grad", grad), ("m", m), ("v", v)):
-        if tuple(a.shape) != tuple(param.shape):
-            raise ValueError(f"adam_update: {name} has shape {tuple(a.shape)} but param has shape "
-                             f"{tuple(param.shape)}")
-    if int(step) != step or step < 1:
-        raise ValueError(f"adam_update: step is the 1-based step count t (>= 1), got {step!r}")
-
-
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
@@ -174,38 +164,6 @@ def expm1_minus_x(y):
     for coef in reversed(EXPM1_SERIES[:-1]):
         poly = poly * ys + c(coef)
     return xp.where(small, ys * ys * poly, xp.expm1(y) - y)
-
-
-def adam_coefficients(dtype, *, lr, beta1, beta2, eps, weight_decay, step):
-    """The scalars of one Adam step, cast to ``dtype`` (shared by all backends).
-
-    The bias corrections are folded into two scalars, so that the update
-    per element is one square root and one division::
-
-        mhat / (sqrt(vhat) + eps)
-          = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)             bc1 = 1 - beta1**t, bc2 = 1 - beta2**t
-          = m * (sqrt(bc2) / bc1) / (sqrt(v) + eps * sqrt(bc2))
-          = m * step_scale / (sqrt(v) + eps_hat)
-
-    an exact identity (Kingma & Ba, Section 2, give the same rearrangement).
-
-    Returns
-    -------
-    tuple of ``dtype`` scalars
-        ``(lr, beta1, 1 - beta1, beta2, 1 - beta2, step_scale, eps_hat,
-        weight_decay)``; the differences, powers and square roots are formed
-        in Python float64 before the cast.
-    """
-    c = _dtype_type(dtype)
-    step = int(step)
-    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-    return (c(lr), c(beta1), c(1.0 - beta1), c(beta2), c(1.0 - beta2), c(math.sqrt(bc2) / bc1),
-            c(eps * math.sqrt(bc2)), c(weight_decay))
-
-
-def _dtype_type(dtype):
-    import numpy  # dtype objects are NumPy dtypes on both backends
-    return numpy.dtype(dtype).type
 
 
 # ----------------------------------------------------------------------------
@@ -280,11 +238,11 @@ def gaussian_nll(mean, x, log_sigma, scale=1.0):
     r = (x - mean) * inv_sigma                  # (B, D), standardized residual
     nll = xp.sum(c(HALF_LOG_2PI) + log_sigma + c(0.5) * r * r, axis=1)
     dmean = c(scale) * ((mean - x) * inv_var)
-    g = c(1) - r * r
+    one_minus_r2 = c(1) - r * r                 # d nll / d log_sigma per entry
     if log_sigma.shape[0] == 1:
-        dlog_sigma = c(scale) * xp.sum(g).reshape(1)
+        dlog_sigma = c(scale) * xp.sum(one_minus_r2).reshape(1)
     else:
-        dlog_sigma = c(scale) * xp.sum(g, axis=0)
+        dlog_sigma = c(scale) * xp.sum(one_minus_r2, axis=0)
     return nll, dmean, dlog_sigma
 
 
@@ -343,43 +301,3 @@ def reparameterize_kl_backward(dz, mu, log_sigma, eps, kl_weight):
     dmu = dz + w * mu
     dlog_sigma = dz * xp.exp(log_sigma) * eps + w * xp.expm1(c(2) * log_sigma)
     return dmu, dlog_sigma
-
-
-def adam_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
-    """One AdamW step, in place on ``param``, ``m`` and ``v``.
-
-    Algorithm 1 of Kingma & Ba (2015) with bias correction and ``eps`` added
-    after the square root, plus decoupled weight decay (Loshchilov & Hutter)::
-
-        m     = beta1 m + (1 - beta1) g
-        v     = beta2 v + (1 - beta2) g**2
-        mhat  = m / (1 - beta1**t),   vhat = v / (1 - beta2**t)
-        param = param - lr (mhat / (sqrt(vhat) + eps) + weight_decay param)
-
-    where the decay term uses ``param`` from before this step.
-
-    Parameters
-    ----------
-    param : array, any shape
-        Updated in place.
-    grad : array, shape and dtype of ``param``
-    m, v : arrays, shape and dtype of ``param``
-        First and second moment estimates (zeros before step 1); updated in place.
-    lr, beta1, beta2, eps, weight_decay : float
-    step : int
-        The step count ``t >= 1`` (1 on the first call).
-
-    Returns
-    -------
-    None
-    """
-    _validate_adam(param, grad, m, v, step)
-    xp = array_module(param, grad, m, v)
-    lr, b1, omb1, b2, omb2, step_scale, eps_hat, wd = adam_coefficients(
-        param.dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
-    m *= b1
-    m += omb1 * grad
-    v *= b2
-    v += omb2 * (grad * grad)
-    update = step_scale * m / (xp.sqrt(v) + eps_hat)  # = mhat / (sqrt(vhat) + eps): see adam_coefficients
-    param -= lr * (update + wd * param)

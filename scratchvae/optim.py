@@ -1,7 +1,11 @@
 """Adam (Kingma & Ba 2015, Algorithm 1) with decoupled weight decay (AdamW).
 
-The optimizer object holds only hyperparameters; its state is a plain dict
-of arrays, so it can be checkpointed and restored::
+Everything about Adam is in this file: the update rule in plain array code
+(:func:`adam_update`, the readable ground truth), the scalars every
+implementation shares (:func:`adam_coefficients`), the typed state
+(:class:`AdamState`) and the optimizer that dispatches to the fused kernel
+(:class:`Adam`). The optimizer object holds only hyperparameters; its state
+is plain arrays, so it is checkpointed and restored as it is::
 
     opt = Adam(lr=1e-3)
     state = opt.init(model.params)
@@ -16,18 +20,136 @@ One step, for every parameter ``p`` with gradient ``g``, at step ``t >= 1``::
     v_hat = v / (1 - beta2**t)
     p = p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p)
 
-The plain array version is :func:`scratchvae.losses.adam_update`; the fused
-one-pass kernel is :func:`scratchvae.kernels.adam_update`
-(:func:`~scratchvae.kernels.adam_update_many`: all parameters in one call).
+**Subnormal numbers.** A parameter whose gradient stays zero (a weight of an
+always-blank border pixel, a dead ReLU unit) has moments that decay by
+``beta1`` and ``beta2`` every step until they reach the subnormal range
+(below 1.2e-38 in float32), where x86 CPUs compute in microcode, 10 to 30
+times slower: a run's Adam step then slows down as the run ages. Every
+implementation here therefore keeps its values out of that range: a moment
+smaller than ``moment_floor`` (the smallest normal number times 2**24) is
+stored as 0, and a gradient entry so small that ``(1 - beta2) g**2`` would be
+subnormal counts as 0. Both floors are about 30 orders of magnitude below
+anything that moves a parameter (the step is ``m_hat / (sqrt(v_hat) + eps)``
+with ``eps = 1e-8``), so the trajectory is Algorithm 1's wherever its values
+are normal. scratchvae never changes the processor's floating-point mode
+(flush-to-zero): the user's process computes as it did.
+
+The fused one-pass kernels are ``scratchvae.kernels.adam_update`` and
+``adam_update_many`` (all parameters in one call), imported on first use.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import NamedTuple
 
-from . import kernels, losses
+import numpy
+
 from .backend import array_module
 
-__all__ = ["Adam", "geometric_lr"]
+__all__ = ["Adam", "AdamState", "adam_update", "adam_coefficients", "check_adam_arrays", "geometric_lr"]
+
+
+class AdamState(NamedTuple):
+    """Adam's state: the step count and the two moment estimates per parameter name."""
+
+    step: int     # steps taken (0 before the first)
+    m: dict       # name -> first moment, shaped and typed like the parameter
+    v: dict       # name -> second moment
+
+
+def adam_coefficients(dtype, *, lr, beta1, beta2, eps, weight_decay, step):
+    """The scalars of one Adam step, cast to ``dtype`` (shared by every implementation).
+
+    The bias corrections are folded into two scalars, so that the update
+    per element is one square root and one division::
+
+        mhat / (sqrt(vhat) + eps)
+          = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)             bc1 = 1 - beta1**t, bc2 = 1 - beta2**t
+          = m * (sqrt(bc2) / bc1) / (sqrt(v) + eps * sqrt(bc2))
+          = m * step_scale / (sqrt(v) + eps_hat)
+
+    an exact identity (Kingma & Ba, Section 2, give the same rearrangement).
+
+    Returns
+    -------
+    tuple of ``dtype`` scalars
+        ``(lr, beta1, 1 - beta1, beta2, 1 - beta2, step_scale, eps_hat,
+        weight_decay, grad_floor, moment_floor)``; the differences, powers
+        and square roots are formed in Python float64 before the cast.
+        ``moment_floor`` is the smallest moment kept (smaller ones are stored
+        as 0); ``grad_floor`` the smallest gradient entry used, chosen so
+        that ``(1 - beta1) g`` and ``(1 - beta2) g**2`` stay normal numbers.
+    """
+    t = numpy.dtype(dtype).type
+    step = int(step)
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    tiny = float(numpy.finfo(dtype).tiny)                 # the smallest normal number
+    moment_floor = tiny * 2.0 ** 24                       # beta * m stays normal for beta >= 2**-24
+    grad_floor = 2.0 * max(math.sqrt(tiny / (1.0 - beta2)), tiny / (1.0 - beta1))
+    return (t(lr), t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2), t(math.sqrt(bc2) / bc1),
+            t(eps * math.sqrt(bc2)), t(weight_decay), t(grad_floor), t(moment_floor))
+
+
+def check_adam_arrays(param, grad, m, v, step) -> None:
+    """One floating dtype, one shape, and a 1-based step; raises naming what is wrong."""
+    for name, a in (("param", param), ("grad", grad), ("m", m), ("v", v)):
+        if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+            raise TypeError(f"adam_update: {name} must be an array, got {type(a).__name__}")
+        if a.dtype.kind != "f":
+            raise TypeError(f"adam_update: {name} has dtype {a.dtype}; expected a floating dtype (float32 or float64)")
+        if a.dtype != param.dtype:
+            raise TypeError(f"adam_update: {name} has dtype {a.dtype} but param has dtype {param.dtype}; "
+                            "pass all arrays in one dtype (cast with .astype)")
+        if tuple(a.shape) != tuple(param.shape):
+            raise ValueError(f"adam_update: {name} has shape {tuple(a.shape)} but param has shape "
+                             f"{tuple(param.shape)}")
+    if int(step) != step or step < 1:
+        raise ValueError(f"adam_update: step is the 1-based step count t (>= 1), got {step!r}")
+
+
+def adam_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
+    """One AdamW step in plain array code, in place on ``param``, ``m`` and ``v``.
+
+    Algorithm 1 of Kingma & Ba (2015) with bias correction and ``eps`` added
+    after the square root, plus decoupled weight decay (Loshchilov & Hutter)::
+
+        m     = beta1 m + (1 - beta1) g
+        v     = beta2 v + (1 - beta2) g**2
+        mhat  = m / (1 - beta1**t),   vhat = v / (1 - beta2**t)
+        param = param - lr (mhat / (sqrt(vhat) + eps) + weight_decay param)
+
+    where the decay term uses ``param`` from before this step, and values
+    below the floors of :func:`adam_coefficients` count as 0 (see the
+    module's note on subnormal numbers).
+
+    Parameters
+    ----------
+    param : array, any shape
+        Updated in place.
+    grad : array, shape and dtype of ``param``
+    m, v : arrays, shape and dtype of ``param``
+        First and second moment estimates (zeros before step 1); updated in place.
+    lr, beta1, beta2, eps, weight_decay : float
+    step : int
+        The step count ``t >= 1`` (1 on the first call).
+
+    Returns
+    -------
+    None
+    """
+    check_adam_arrays(param, grad, m, v, step)
+    xp = array_module(param, grad, m, v)
+    lr, b1, one_minus_b1, b2, one_minus_b2, step_scale, eps_hat, wd, grad_floor, moment_floor = adam_coefficients(
+        param.dtype, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    zero = param.dtype.type(0)
+    g = xp.where(xp.abs(grad) >= grad_floor, grad, zero)
+    m[...] = b1 * m + one_minus_b1 * g
+    v[...] = b2 * v + one_minus_b2 * (g * g)
+    m[...] = xp.where(xp.abs(m) >= moment_floor, m, zero)
+    v[...] = xp.where(v >= moment_floor, v, zero)
+    update = step_scale * m / (xp.sqrt(v) + eps_hat)  # = mhat / (sqrt(vhat) + eps): see adam_coefficients
+    param -= lr * (update + wd * param)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,26 +180,18 @@ class Adam:
         b1, b2 = self.betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"Adam: betas must lie in [0, 1), got {self.betas}")
-        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
-            raise ValueError(f"Adam: need lr > 0, eps > 0, weight_decay >= 0; got lr={self.lr}, "
+        if not (self.lr > 0 and self.eps > 0 and self.weight_decay >= 0) or not all(
+                math.isfinite(x) for x in (self.lr, self.eps, self.weight_decay)):
+            raise ValueError(f"Adam: need finite lr > 0, eps > 0, weight_decay >= 0; got lr={self.lr}, "
                              f"eps={self.eps}, weight_decay={self.weight_decay}")
 
-    def init(self, params: dict) -> dict:
-        """Zero moments shaped like ``params``.
+    def init(self, params: dict) -> AdamState:
+        """Zero moments shaped like ``params``: arrays on their backend, in their dtype."""
+        return AdamState(step=0,
+                         m={k: array_module(p).zeros_like(p) for k, p in params.items()},
+                         v={k: array_module(p).zeros_like(p) for k, p in params.items()})
 
-        Returns
-        -------
-        state : dict
-            ``{"step": int, "m": {name: array}, "v": {name: array}}``,
-            arrays on the parameters' backend and in their dtype.
-        """
-        return {
-            "step": 0,
-            "m": {k: array_module(p).zeros_like(p) for k, p in params.items()},
-            "v": {k: array_module(p).zeros_like(p) for k, p in params.items()},
-        }
-
-    def step(self, params: dict, grads: dict, state: dict, lr: float | None = None) -> dict:
+    def step(self, params: dict, grads: dict, state: AdamState, lr: float | None = None) -> AdamState:
         """Apply one Adam step to every array in ``params`` (in place).
 
         ``lr``, when given, replaces ``self.lr`` for this step (learning-rate
@@ -87,23 +201,24 @@ class Adam:
         shared with the old state; ``step`` is incremented).
         """
         lr = self.lr if lr is None else float(lr)
-        if not lr > 0:
+        if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"Adam.step: lr must be > 0, got {lr}")
-        if params.keys() != grads.keys() or params.keys() != state["m"].keys():
+        if params.keys() != grads.keys() or params.keys() != state.m.keys():
             raise KeyError("Adam.step: params, grads and state must have the same keys; "
                            f"missing in grads: {sorted(set(params) - set(grads))}, "
-                           f"missing in state: {sorted(set(params) - set(state['m']))}")
-        t = int(state["step"]) + 1
+                           f"missing in state: {sorted(set(params) - set(state.m))}")
+        t = int(state.step) + 1
         b1, b2 = self.betas
         hyper = dict(lr=lr, beta1=b1, beta2=b2, eps=self.eps, weight_decay=self.weight_decay, step=t)
         names = list(params)
         if self.fused:  # every parameter in one kernel call
+            from . import kernels  # imported here: the kernels use adam_coefficients from this module
             kernels.adam_update_many([params[k] for k in names], [grads[k] for k in names],
-                                     [state["m"][k] for k in names], [state["v"][k] for k in names], **hyper)
+                                     [state.m[k] for k in names], [state.v[k] for k in names], **hyper)
         else:
             for k in names:
-                losses.adam_update(params[k], grads[k], state["m"][k], state["v"][k], **hyper)
-        return {"step": t, "m": state["m"], "v": state["v"]}
+                adam_update(params[k], grads[k], state.m[k], state.v[k], **hyper)
+        return state._replace(step=t)
 
 
 def geometric_lr(lr: float, lr_final: float | None, step: int, total_steps: int) -> float:

@@ -41,7 +41,7 @@ from . import backend as backend_mod
 from . import checkpoint, datasets
 from .atomic import to_jsonable, write_json
 from .config import TrainConfig
-from .optim import Adam, geometric_lr
+from .optim import Adam, AdamState, geometric_lr
 from .runfolder import RunFolder, new_run_id
 from .vae import NonFiniteLoss, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
 
@@ -63,7 +63,7 @@ class RunState:
     """Where a run stands: everything a checkpoint saves and ``--resume`` restores."""
 
     run_id: str | None
-    opt_state: dict
+    opt_state: AdamState
     rng: numpy.random.Generator
     epoch: int = 0                      # epochs finished
     step: int = 0                       # optimizer steps taken
@@ -78,7 +78,7 @@ class RunState:
     def meta(self, cfg: TrainConfig) -> dict:
         return to_jsonable({
             "run_id": self.run_id, "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-            "adam_step": self.opt_state["step"], "rng_state": self.rng.bit_generator.state,
+            "adam_step": self.opt_state.step, "rng_state": self.rng.bit_generator.state,
             "epoch_rng_state": self.epoch_rng_state, "config": dataclasses.asdict(cfg), "history": self.history,
             "partial": self.partial, "initial_test": self.initial_test, "best": self.best})
 
@@ -243,7 +243,7 @@ class _Run:
                              f"Resume with --epochs {stored_epochs}, or start a new run")
         opt_state = self.opt.init(self.model.params)
         checkpoint.restore(path, arrays, self.model, opt_state, self.be)
-        opt_state["step"] = meta["adam_step"]
+        opt_state = opt_state._replace(step=meta["adam_step"])
         rng = numpy.random.default_rng(self.cfg.seed)
         rng.bit_generator.state = meta["rng_state"]
         state = RunState(run_id=meta.get("run_id"), opt_state=opt_state, rng=rng, epoch=meta["epoch"],

@@ -22,7 +22,7 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
 import numpy as np  # noqa: E402
 from scratchvae.kernels import cuda as ck  # noqa: E402
 
-from scratchvae import losses  # noqa: E402
+from scratchvae import losses, optim  # noqa: E402
 
 B, D, L = 4, 12, 3
 RTOL = {np.float32: 2e-5, np.float64: 1e-12}
@@ -108,7 +108,7 @@ def run(dtype):
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     for step in range(1, 6):
         g = rng.standard_normal(p_plain.shape).astype(dtype)
-        losses.adam_update(p_plain, g, m1, v1, step=step, **hyper)
+        optim.adam_update(p_plain, g, m1, v1, step=step, **hyper)
         ck.adam_update_into(p_fused, g, m2, v2, step=step, threads=8, **hyper)
     compare(f"{name} adam param after 5 steps", p_fused, p_plain, dtype)
     compare(f"{name} adam m", m2, m1, dtype)

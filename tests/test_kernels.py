@@ -8,9 +8,7 @@
   tests/cuda_sim_check.py).  On a machine with a GPU and CuPy, the dispatch
   is also checked on CuPy arrays.
 
-Benchmark (fused vs plain on the CPU)::
-
-    python tests/test_kernels.py --bench
+The fused-versus-plain timings are ``benchmarks/bench_kernels.py``'s.
 """
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-from scratchvae import kernels, losses
+from scratchvae import kernels, losses, optim
 from scratchvae.backend import BackendUnavailable
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -165,7 +163,7 @@ def test_adam_matches_plain_over_many_steps(dtype):
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
     for step in range(1, 301):
         noise = (0.1 * rng.standard_normal(shape)).astype(dtype)
-        losses.adam_update(p_plain, (p_plain - target) + noise, m1, v1, step=step, **hyper)
+        optim.adam_update(p_plain, (p_plain - target) + noise, m1, v1, step=step, **hyper)
         out = kernels.adam_update(p_fused, (p_fused - target) + noise, m2, v2, step=step, **hyper)
         assert out is None
     for name, g, w in (("param", p_fused, p_plain), ("m", m2, m1), ("v", v2, v1)):
@@ -213,7 +211,8 @@ def test_same_api_as_plain():
     import inspect
     for name in ("bce_with_logits", "gaussian_nll", "reparameterize_kl", "reparameterize_kl_backward",
                  "adam_update"):
-        assert inspect.signature(getattr(kernels, name)) == inspect.signature(getattr(losses, name)), name
+        plain = optim if name == "adam_update" else losses
+        assert inspect.signature(getattr(kernels, name)) == inspect.signature(getattr(plain, name)), name
 
 
 _IR_CHECK = r"""
@@ -267,7 +266,7 @@ def _cuda_signatures(t):
         "gaussian_nll": (a2, a2, a1, t, a1, a2, a1),
         "reparameterize_kl": (a1,) * 5,
         "reparameterize_kl_backward": (a1,) * 7,
-        "adam": (a1,) * 4 + (t,) * 8,
+        "adam": (a1,) * 4 + (t,) * 10,
     }
 
 
@@ -349,7 +348,7 @@ def test_cupy_dispatch_matches_plain():
         hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
         for step in range(1, 51):
             g = rng.standard_normal(p.shape).astype(dtype)
-            losses.adam_update(p, g, m1, v1, step=step, **hyper)
+            optim.adam_update(p, g, m1, v1, step=step, **hyper)
             kernels.adam_update(gp, cupy.asarray(g), m, v, step=step, **hyper)
         np.testing.assert_allclose(cupy.asnumpy(gp), p, rtol=RTOL[dtype] * 10, atol=ATOL[dtype] * 10)
 
@@ -357,51 +356,6 @@ def test_cupy_dispatch_matches_plain():
 # ----------------------------------------------------------------------------
 # benchmark: python tests/test_kernels.py --bench
 # ----------------------------------------------------------------------------
-
-def benchmark():
-    import timeit
-
-    def best(f, seconds=0.3):
-        f()
-        n = max(1, int(seconds / min(timeit.repeat(f, number=1, repeat=3))))
-        return min(timeit.repeat(f, number=n, repeat=7)) / n
-
-    def row(label, plain, fused):
-        tp, tf = best(plain), best(fused)
-        print(f"{label:<38} plain {tp * 1e6:9.1f} us   fused {tf * 1e6:8.1f} us   {tp / tf:5.2f}x")
-
-    rng = np.random.default_rng(0)
-    f = np.float32
-    for B in (128, 1024):
-        logits = (3 * rng.standard_normal((B, 784))).astype(f)
-        x = (rng.random((B, 784)) < 0.3).astype(f)
-        row(f"bce_with_logits ({B}, 784) f32", lambda: losses.bce_with_logits(logits, x, 1 / B),
-            lambda: kernels.bce_with_logits(logits, x, 1 / B))
-        ls = (0.1 * rng.standard_normal(784)).astype(f)
-        row(f"gaussian_nll ({B}, 784) f32", lambda: losses.gaussian_nll(logits, x, ls, 1 / B),
-            lambda: kernels.gaussian_nll(logits, x, ls, 1 / B))
-    for B in (128, 1024):
-        mu, ls, eps, dz = (rng.standard_normal((B, 32)).astype(f) for _ in range(4))
-        w = np.full(32, 1 / B, f)
-
-        def fwd_bwd(ops):
-            return lambda: (ops.reparameterize_kl(mu, ls, eps), ops.reparameterize_kl_backward(dz, mu, ls, eps, w))
-        row(f"reparam+KL fwd+bwd ({B}, 32) f32", fwd_bwd(losses), fwd_bwd(kernels))
-    p1 = rng.standard_normal((784, 400)).astype(f)
-    p2 = p1.copy()
-    g = rng.standard_normal(p1.shape).astype(f)
-    m1, v1, m2, v2 = (np.zeros_like(p1) for _ in range(4))
-    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-4, step=10)
-    row("adam_update (784, 400) f32", lambda: losses.adam_update(p1, g, m1, v1, **hyper),
-        lambda: kernels.adam_update(p2, g, m2, v2, **hyper))
-
-
-if __name__ == "__main__":
-    if "--bench" in sys.argv:
-        benchmark()
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
-
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_adam_update_many_equals_one_call_per_parameter(dtype):
