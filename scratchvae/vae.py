@@ -32,7 +32,7 @@ import math
 
 import numpy
 
-from . import kernels, losses
+from . import losses
 from .backend import resolve
 from .layers import (
     Conv2d,
@@ -57,6 +57,24 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 _LOG_2PI = math.log(2 * math.pi)
 
 
+def fused_ops():
+    """:mod:`scratchvae.kernels`, the fused Numba kernels, imported on first use.
+
+    The kernels live in the top-level ``kernels/`` folder and are installed as
+    ``scratchvae.kernels``; the plain path (``fused=False``) needs neither them
+    nor Numba.
+    """
+    try:
+        from . import kernels
+    except ImportError as err:
+        raise ImportError(
+            f"the fused kernels (scratchvae.kernels) cannot be imported: {err}. They live in the top-level "
+            "kernels/ folder, which is installed as scratchvae.kernels: from a source checkout run "
+            "`pip install -e .` first (and make sure numba is installed), or build the model with "
+            "fused=False for the plain array code") from err
+    return kernels
+
+
 class NonFiniteLoss(FloatingPointError):
     """A loss term became NaN or Inf; the message names the term."""
 
@@ -77,7 +95,7 @@ class _Model:
         self.input_dim = math.prod(self.input_shape)
         self.latent_dim = int(latent_dim)
         self.fused = bool(fused)
-        self.ops = kernels if fused else losses
+        self.ops = fused_ops() if fused else losses
         self.parts = parts
         self.params, self.grads = {}, {}
         for prefix, part in parts.items():

@@ -16,6 +16,7 @@ import threading
 import numpy as np
 import pytest
 
+import scratchvae.datasets.download  # noqa: F401  (datasets.download, monkeypatched below)
 from scratchvae import datasets
 
 SHARED_MNIST = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -131,7 +132,7 @@ def test_idx_round_trip(tmp_path):
     no_valid = datasets.load("idx", data_dir=tmp_path, n_valid=0)
     assert no_valid.valid is None and no_valid.train.shape == (7, 20)
 
-    static = datasets.load("idx", data_dir=tmp_path, binarize="static")
+    static = datasets.load("idx", data_dir=tmp_path, binarize="static", rng=0)
     again = datasets.load("idx", data_dir=tmp_path, binarize="static", rng=0)
     assert static.binary and not static.dynamic_binarization
     np.testing.assert_array_equal(static.train, again.train)
@@ -269,7 +270,7 @@ def fake_mnist(tmp_path, monkeypatch):
     src.mkdir()
     arrays = small_idx_set(src, n_train=12, n_test=4, rows=6, cols=5, gz=(True,) * 4, seed=7)
     files = {name: (src / name).read_bytes() for name in datasets.MNIST_FILES.values()}
-    monkeypatch.setattr(datasets, "MNIST_SHA256",
+    monkeypatch.setattr(datasets.download, "MNIST_SHA256",
                         {name: hashlib.sha256(body).hexdigest() for name, body in files.items()})
     return files, arrays
 

@@ -69,3 +69,30 @@ def test_non_editable_install_imports_every_module(tmp_path):
     data_line = next(line for line in lines if line.startswith("DATA"))
     shipped = set(data_line.split()[1:])
     assert shipped == {p.name for p in (REPO / "scratchvae" / "data").glob("*.npz")}
+
+
+PLAIN_WITHOUT_NUMBA = textwrap.dedent("""
+    import sys
+    sys.modules["numba"] = None               # as if Numba were not installed
+    sys.modules["scratchvae.kernels"] = None  # as in a checkout that was never installed
+    import numpy as np
+    import scratchvae.train
+    from scratchvae.vae import mlp_vae
+    model = mlp_vae(input_dim=6, hidden=(4,), latent_dim=2, fused=False)
+    x = (np.arange(12).reshape(2, 6) % 2).astype(np.float32)
+    loss, _ = model.loss_and_grad(x, eps=np.zeros((2, 2), np.float32))
+    print("plain", round(loss, 3))
+    for name in ("http.client", "urllib.request"):
+        assert name not in sys.modules, name + " imported on the training path"
+    try:
+        mlp_vae(input_dim=6, hidden=(4,), latent_dim=2, fused=True)
+    except ImportError as err:
+        print("fused:", err)
+""")
+
+
+def test_the_plain_path_imports_without_numba_and_the_fused_one_says_what_to_do():
+    run = subprocess.run([sys.executable, "-c", PLAIN_WITHOUT_NUMBA], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "plain " in run.stdout
+    assert "fused:" in run.stdout and "pip install -e ." in run.stdout and "fused=False" in run.stdout
