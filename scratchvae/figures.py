@@ -269,11 +269,6 @@ def _show(ax, grid):
         spine.set_visible(False)
 
 
-def _mean_bce(x, p, eps=1e-7):
-    p = np.clip(p, eps, 1.0 - eps)
-    return float(-(x * np.log(p) + (1.0 - x) * np.log1p(-p)).sum(axis=1).mean())
-
-
 # ---------------------------------------------------------------------------
 # figures
 # ---------------------------------------------------------------------------
@@ -348,10 +343,9 @@ def plot_reconstructions(model, x_test, path, n=16, run_id=None):
     Returns
     -------
     dict
-        ``path``, ``n``, ``indices`` (the test images shown), ``mse`` (mean
-        squared error per pixel) and ``bce``
-        (Bernoulli cross-entropy in nats per image, summed over pixels and
-        averaged over the ``n`` images) of the shown reconstructions.
+        ``path``, ``n``, ``indices`` (the test images shown) and ``mse``
+        (mean squared error per pixel of the shown reconstructions; the
+        reconstruction loss in nats is the trainer's ``test_recon``).
     """
     x = _flatten_input(model, x_test)
     n = min(int(n), int(x.shape[0]))
@@ -383,7 +377,6 @@ def plot_reconstructions(model, x_test, path, n=16, run_id=None):
         "n": n,
         "indices": idx,
         "mse": float(np.mean((recons - inputs) ** 2)),
-        "bce": _mean_bce(inputs, recons),
     })
 
 

@@ -52,7 +52,11 @@ from .backend import array_module
 
 __all__ = [
     "bce_with_logits",
+    "bce_with_logits_value",
     "gaussian_nll",
+    "gaussian_nll_value",
+    "sigmoid",
+    "softplus",
     "reparameterize_kl",
     "reparameterize_kl_backward",
     "expm1_minus_x",
@@ -194,13 +198,33 @@ def bce_with_logits(logits, x, scale=1.0):
         ``scale * (sigmoid(logits) - x)``.
     """
     _validate_bce(logits, x)
-    xp = array_module(logits, x)
     c = logits.dtype.type
-    e = xp.exp(-xp.abs(logits))                       # in (0, 1]: never overflows
-    nll = xp.sum(xp.maximum(logits, c(0)) - logits * x + xp.log1p(e), axis=1)
-    sig = xp.where(logits >= 0, c(1), e) / (c(1) + e)  # stable sigmoid, reuses e
-    dlogits = c(scale) * (sig - x)
+    nll = bce_with_logits_value(logits, x)
+    dlogits = c(scale) * (sigmoid(logits) - x)
     return nll, dlogits
+
+
+def bce_with_logits_value(logits, x):
+    """The value of :func:`bce_with_logits` alone: ``sum_d softplus(l) - l x``, shape (B,)."""
+    return (softplus(logits) - logits * x).sum(axis=1)
+
+
+def sigmoid(x):
+    """Numerically stable logistic function 1 / (1 + exp(-x)), any shape, dtype kept.
+
+    Uses ``e = exp(-|x|)``, which never overflows: for x >= 0 it is
+    1 / (1 + e), for x < 0 it is e / (1 + e).
+    """
+    xp = array_module(x)
+    c = x.dtype.type
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, c(1), e) / (c(1) + e)
+
+
+def softplus(x):
+    """Numerically stable ``log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))``, any shape."""
+    xp = array_module(x)
+    return xp.maximum(x, x.dtype.type(0)) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
 def gaussian_nll(mean, x, log_sigma, scale=1.0):
@@ -233,10 +257,9 @@ def gaussian_nll(mean, x, log_sigma, scale=1.0):
     _validate_gaussian(mean, x, log_sigma)
     xp = array_module(mean, x, log_sigma)
     c = mean.dtype.type
-    inv_sigma = xp.exp(-log_sigma)              # (D,) or (1,)
     inv_var = xp.exp(c(-2) * log_sigma)
-    r = (x - mean) * inv_sigma                  # (B, D), standardized residual
-    nll = xp.sum(c(HALF_LOG_2PI) + log_sigma + c(0.5) * r * r, axis=1)
+    r = (x - mean) * xp.exp(-log_sigma)         # (B, D), standardized residual
+    nll = gaussian_nll_value(mean, x, log_sigma)
     dmean = c(scale) * ((mean - x) * inv_var)
     one_minus_r2 = c(1) - r * r                 # d nll / d log_sigma per entry
     if log_sigma.shape[0] == 1:
@@ -244,6 +267,14 @@ def gaussian_nll(mean, x, log_sigma, scale=1.0):
     else:
         dlog_sigma = c(scale) * xp.sum(one_minus_r2, axis=0)
     return nll, dmean, dlog_sigma
+
+
+def gaussian_nll_value(mean, x, log_sigma):
+    """The value of :func:`gaussian_nll` alone, shape (B,)."""
+    xp = array_module(mean, x, log_sigma)
+    c = mean.dtype.type
+    r = (x - mean) * xp.exp(-log_sigma)         # (B, D), standardized residual
+    return xp.sum(c(HALF_LOG_2PI) + log_sigma + c(0.5) * r * r, axis=1)
 
 
 def reparameterize_kl(mu, log_sigma, eps):

@@ -47,8 +47,7 @@ from .layers import (
     Tanh,
     ToCHWB,
 )
-from .layers.activations import sigmoid, softplus
-from .layers.base import float_dtype
+from .layers.base import float_dtype, gather_params, zero_grads
 
 __all__ = ["VAE", "Autoencoder", "NonFiniteLoss", "mlp_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder",
            "LIKELIHOODS"]
@@ -97,14 +96,7 @@ class _Model:
         self.fused = bool(fused)
         self.ops = fused_ops() if fused else losses
         self.parts = parts
-        self.params, self.grads = {}, {}
-        for prefix, part in parts.items():
-            if part.backend != self.backend or part.dtype != self.dtype:
-                raise ValueError(f"model part {prefix!r} uses {part.backend.name}/{part.dtype}, "
-                                 f"expected {self.backend.name}/{self.dtype}")
-            for name in part.params:
-                self.params[f"{prefix}.{name}"] = part.params[name]
-                self.grads[f"{prefix}.{name}"] = part.grads[name]
+        self.params, self.grads = gather_params(parts.items(), "model part", self.backend, self.dtype)
         # The Gaussian likelihood's per-pixel log standard deviation: learned
         # (a parameter of the decoder's output distribution) or fixed.
         self.out_log_sigma = None
@@ -121,8 +113,7 @@ class _Model:
     # -- bookkeeping -------------------------------------------------------------
     def zero_grad(self) -> None:
         """Reset every gradient to zero, in place."""
-        for g in self.grads.values():
-            g.fill(0)
+        zero_grads(self.grads)
 
     def num_params(self) -> int:
         return sum(int(p.size) for p in self.params.values())
@@ -174,10 +165,8 @@ class _Model:
     def _log_px(self, out, x):
         """log p(x | out) per example, (B,): the value only, no gradient pass."""
         if self.likelihood == "bernoulli":
-            # log p = x l - softplus(l), summed over pixels (never log(sigmoid(l)))
-            return (x * out - softplus(out)).sum(axis=1)
-        r = (x - out) * self.xp.exp(-self.out_log_sigma)                    # (B, D) standardized residual
-        return -(0.5 * r * r + self.out_log_sigma + 0.5 * _LOG_2PI).sum(axis=1)
+            return -losses.bce_with_logits_value(out, x)
+        return -losses.gaussian_nll_value(out, x, self.out_log_sigma)
 
     def evaluate(self, x, rng, batch_size: int = 1000) -> dict:
         """Negative ELBO (beta = 1, no free bits), recon and KL: per-example means over ``x``.
@@ -195,7 +184,7 @@ class _Model:
         return {"loss": recon + kl, "recon": recon, "kl": kl}
 
     def _mean_image(self, out):
-        return sigmoid(out) if self.likelihood == "bernoulli" else out
+        return losses.sigmoid(out) if self.likelihood == "bernoulli" else out
 
     def decode(self, z):
         """Mean image of p(x | z): probabilities for Bernoulli, the mean for Gaussian.
@@ -293,16 +282,8 @@ class VAE(_Model):
         """
         x = self._checked_input(x) if check_data else self._as_input(x)
         _check_loss_weights(beta, free_bits)
-        B, L = x.shape[0], self.latent_dim
-        if eps is None:
-            if rng is None:
-                raise ValueError("loss_and_grad needs rng (to draw eps) or eps")
-            eps = rng.standard_normal((B, L), dtype=self.dtype)  # (B, L)
-        else:
-            eps = self.backend.asarray(eps, dtype=self.dtype)
-            if eps.shape != (B, L):
-                raise ValueError(f"eps has shape {tuple(eps.shape)}, expected ({B}, {L})")
-        xp = self.xp
+        B = x.shape[0]
+        eps = self._noise(B, rng, eps)                     # (B, L)
 
         # forward
         h = self.encoder.forward(x)                        # (B, H)
@@ -311,25 +292,10 @@ class VAE(_Model):
         z, kl = self.ops.reparameterize_kl(mu, log_sigma, eps)   # (B, L), (B, L)
         out = self.decoder.forward(z)                      # (B, D)
         nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / B)   # (B,), (B, D), (D,) or None
-
         kl_per_dim = kl.mean(axis=0)                       # (L,)
-        recon = float(nll.mean())
-        kl_mean = float(kl_per_dim.sum())
-        bad = []
-        if not math.isfinite(kl_mean):
-            bad.append(f"the KL term is {kl_mean} (log_sigma in [{float(log_sigma.min()):g}, "
-                       f"{float(log_sigma.max()):g}], mu in [{float(mu.min()):g}, {float(mu.max()):g}])")
-        if not math.isfinite(recon):
-            bad.append(f"the reconstruction term (-log p(x|z), {self.likelihood}) is {recon}")
-        if bad:
-            raise NonFiniteLoss("; ".join(bad))
-        if free_bits > 0:
-            active = kl_per_dim > free_bits                # (L,) dims above the floor get gradients
-            kl_term = float(xp.maximum(kl_per_dim, free_bits).sum())
-            kl_weight = (beta / B) * active.astype(self.dtype)
-        else:
-            kl_term = kl_mean
-            kl_weight = xp.full((L,), beta / B, dtype=self.dtype)
+        recon, kl_mean = float(nll.mean()), float(kl_per_dim.sum())
+        self._raise_if_not_finite(recon, kl_mean, mu, log_sigma)
+        kl_term, kl_weight = self._kl_term_and_weight(kl_per_dim, beta, free_bits, B)   # float, (L,)
 
         # backward
         if self._learn_out_log_sigma:
@@ -343,6 +309,42 @@ class VAE(_Model):
         loss = recon + beta * kl_term
         return loss, {"loss": loss, "recon": recon, "kl": kl_mean, "kl_term": kl_term,
                       "kl_per_dim": self.backend.asnumpy(kl_per_dim).astype(numpy.float64)}
+
+    def _noise(self, B, rng, eps):
+        """eps (B, L): the given one (checked), or standard normal from ``rng``."""
+        L = self.latent_dim
+        if eps is None:
+            if rng is None:
+                raise ValueError("loss_and_grad needs rng (to draw eps) or eps")
+            return rng.standard_normal((B, L), dtype=self.dtype)
+        eps = self.backend.asarray(eps, dtype=self.dtype)
+        if eps.shape != (B, L):
+            raise ValueError(f"eps has shape {tuple(eps.shape)}, expected ({B}, {L})")
+        return eps
+
+    def _raise_if_not_finite(self, recon, kl_mean, mu, log_sigma):
+        """NonFiniteLoss naming the term (and, for the KL, the ranges of mu and log_sigma)."""
+        bad = []
+        if not math.isfinite(kl_mean):
+            bad.append(f"the KL term is {kl_mean} (log_sigma in [{float(log_sigma.min()):g}, "
+                       f"{float(log_sigma.max()):g}], mu in [{float(mu.min()):g}, {float(mu.max()):g}])")
+        if not math.isfinite(recon):
+            bad.append(f"the reconstruction term (-log p(x|z), {self.likelihood}) is {recon}")
+        if bad:
+            raise NonFiniteLoss("; ".join(bad))
+
+    def _kl_term_and_weight(self, kl_per_dim, beta, free_bits, B):
+        """The KL as it enters the loss, and each dimension's KL-gradient weight (L,).
+
+        Without free bits: ``sum_j KL_j`` and ``beta / B`` everywhere. With
+        free bits lambda: ``sum_j max(lambda, KL_j)``, and dimensions at the
+        floor get no KL gradient.
+        """
+        xp = self.xp
+        if free_bits > 0:
+            active = kl_per_dim > free_bits                # (L,) dims above the floor get gradients
+            return float(xp.maximum(kl_per_dim, free_bits).sum()), (beta / B) * active.astype(self.dtype)
+        return float(kl_per_dim.sum()), xp.full((self.latent_dim,), beta / B, dtype=self.dtype)
 
     def _eval_terms(self, x, rng, eps=None):
         """-log p(x|z) (B,) and KL (B,) for one z per example; no gradients."""

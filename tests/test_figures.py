@@ -194,7 +194,7 @@ def test_plot_reconstructions(tmp_path):
     model = FakeModel(input_shape=(1, 28, 28))
     x, _ = make_data(n=40, shape=(1, 28, 28))
     res = figures.plot_reconstructions(model, x.reshape(40, 1, 28, 28), tmp_path / "r.png", n=32)
-    assert res["n"] == 32 and res["mse"] > 0 and res["bce"] > 0
+    assert res["n"] == 32 and res["mse"] > 0
     img = assert_png(tmp_path / "r.png", min_h=150, min_w=400)
     assert img.shape[1] > img.shape[0]  # 4 rows of 16: wide
     # fewer images than asked

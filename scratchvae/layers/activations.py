@@ -4,27 +4,10 @@ All of them accept any input shape; the output has the same shape.
 """
 from __future__ import annotations
 
-from ..backend import array_module
+from ..losses import sigmoid, softplus  # the one definition of each (re-exported here)
 from .base import Layer
 
 __all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softplus", "sigmoid", "softplus"]
-
-
-def sigmoid(x):
-    """Numerically stable logistic function 1 / (1 + exp(-x)), any shape.
-
-    Uses exp(-|x|), which never overflows: for x >= 0 it is 1 / (1 + e),
-    for x < 0 it is e / (1 + e).
-    """
-    xp = array_module(x)
-    e = xp.exp(-xp.abs(x))
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
-
-
-def softplus(x):
-    """Numerically stable log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))."""
-    xp = array_module(x)
-    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
 class _Elementwise(Layer):

@@ -15,7 +15,7 @@ import numpy
 
 from ..backend import resolve
 
-__all__ = ["Layer", "init_rng", "as_pair", "float_dtype"]
+__all__ = ["Layer", "init_rng", "as_pair", "float_dtype", "gather_params", "zero_grads"]
 
 
 def float_dtype(dtype) -> numpy.dtype:
@@ -40,6 +40,30 @@ def init_rng(rng):
     if rng is None or isinstance(rng, (int, numpy.integer)):
         return numpy.random.default_rng(rng)
     raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def gather_params(children, owner: str, backend, dtype) -> tuple[dict, dict]:
+    """Every child's ``params`` and ``grads`` under dotted names, ``"<prefix>.<name>"``.
+
+    ``children`` is an iterable of ``(prefix, layer)``; the dicts hold the
+    children's own arrays (not copies), in order. Each child must use
+    ``backend`` and ``dtype``; ``owner`` names the container in the error.
+    """
+    params, grads = {}, {}
+    for prefix, child in children:
+        if child.backend != backend or child.dtype != dtype:
+            raise ValueError(f"{owner}: {prefix!r} ({child!r}) uses {child.backend.name}/{child.dtype}, "
+                             f"expected {backend.name}/{dtype}")
+        for name in child.params:
+            params[f"{prefix}.{name}"] = child.params[name]
+            grads[f"{prefix}.{name}"] = child.grads[name]
+    return params, grads
+
+
+def zero_grads(grads: dict) -> None:
+    """Reset every gradient array in ``grads`` to zero, in place (the optimizer holds these arrays)."""
+    for g in grads.values():
+        g.fill(0)
 
 
 def as_pair(value, name: str) -> tuple[int, int]:
@@ -93,8 +117,7 @@ class Layer:
 
     def zero_grad(self) -> None:
         """Reset every gradient to zero, in place."""
-        for g in self.grads.values():
-            g.fill(0)
+        zero_grads(self.grads)
 
     # -- helpers for subclasses ------------------------------------------------
     def _add_param(self, name: str, host_value: numpy.ndarray) -> None:

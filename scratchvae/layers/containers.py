@@ -1,7 +1,7 @@
 """Sequential composition of layers."""
 from __future__ import annotations
 
-from .base import Layer
+from .base import Layer, gather_params
 
 __all__ = ["Sequential"]
 
@@ -24,15 +24,9 @@ class Sequential(Layer):
         first = layers[0]
         super().__init__(backend=backend if backend is not None else first.backend,
                          dtype=dtype if dtype is not None else first.dtype)
-        for i, layer in enumerate(layers):
-            if layer.backend != self.backend or layer.dtype != self.dtype:
-                raise ValueError(f"Sequential: layer {i} ({layer!r}) uses {layer.backend.name}/{layer.dtype}, "
-                                 f"expected {self.backend.name}/{self.dtype}")
         self.layers = list(layers)
-        for i, layer in enumerate(self.layers):
-            for name in layer.params:
-                self.params[f"{i}.{name}"] = layer.params[name]
-                self.grads[f"{i}.{name}"] = layer.grads[name]
+        self.params, self.grads = gather_params(((str(i), layer) for i, layer in enumerate(self.layers)),
+                                                "Sequential: layer", self.backend, self.dtype)
 
     def forward(self, x):
         for layer in self.layers:
@@ -56,10 +50,6 @@ class Sequential(Layer):
                                        f"(input_grad=False) but parameter layers come before it: {before}")
                 return None
         return dy
-
-    def zero_grad(self) -> None:
-        for layer in self.layers:
-            layer.zero_grad()
 
     def __len__(self):
         return len(self.layers)
