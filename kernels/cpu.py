@@ -13,26 +13,26 @@ bare ``0.5`` is a float64 in Numba and would promote float32 arithmetic to
 float64), so a float32 call compiles to float32 code throughout (the tests
 check the float32 LLVM IR for double-precision arithmetic).
 
-Speed (measured on 2 AVX2 cores; see tests/test_kernels.py ``--bench``):
+How the loops are kept fast (the measured effect of each is in
+``benchmarks/README.md``):
 
 * ``error_model="numpy"``: IEEE division (inf/nan, as in NumPy) instead of
   a ZeroDivisionError check, without which no loop with a division
-  vectorizes (Adam ran 8x slower).
+  vectorizes.
 * Without Intel SVML, Numba cannot vectorize libm calls, and a loop that
   calls ``exp`` stays scalar.  The BCE kernel, the one hot loop with a
   transcendental per element, therefore calls no libm function:
   ``exp(-|l|)`` is :func:`_exp_neg_abs_row` (range reduction and a
-  polynomial, written so that LLVM vectorizes it; the BCE kernel runs 2x
-  faster than with ``math.exp`` on AVX2), and ``log1p`` of it, in [0, 1], is an
+  polynomial, written so that LLVM vectorizes it), and ``log1p`` of it, in
+  [0, 1], is an
   atanh series (:func:`_log1p_unit`).  Elsewhere ``expm1`` is a Taylor
   series or ``exp(y) - 1`` (glibc's ``log1pf`` and ``expm1f`` cost several
   times ``expf``).  These agree with libm within ~2 ulps.
 * Row sums go through :func:`_sum`, compiled with ``fastmath={"reassoc"}``
   so that LLVM vectorizes it with many partial sums (as accurate as
   NumPy's pairwise sum for these lengths).
-* No ``parallel=True``: on 2 cores, one of them often busy with other
-  work, a ``prange`` over rows measured slower (BCE at B=1024: 3 ms serial,
-  8 ms parallel).
+* No ``parallel=True``: Numba's threads would compete with the BLAS
+  library's spinning threads for the same cores.
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ EXP_NEG_ZERO_F32, EXP_NEG_ZERO_F64 = 104.0, 745.5
 @njit(cache=True, error_model="numpy")
 def _single(dtype):
     """True for float32 (a comparison of constants: LLVM folds it away)."""
-    t = dtype.type
-    return t(1.0) + t(1e-10) == t(1.0)
+    cast = dtype.type   # the dtype's scalar type: cast(0.5) keeps float32 code float32
+    return cast(1.0) + cast(1e-10) == cast(1.0)
 
 
 @njit(cache=True, error_model="numpy")
@@ -94,23 +94,23 @@ def _expm1_minus_x(y, dtype):
     exact or benign (error <= 2 ulps).  libm's ``expm1f`` costs several
     times ``expf``, hence the detour.
     """
-    t = dtype.type
-    if abs(y) < t(EXPM1_SERIES_CUTOFF):
+    cast = dtype.type
+    if abs(y) < cast(EXPM1_SERIES_CUTOFF):
         last = _NEXP_F32 - 1 if _single(dtype) else _NEXP - 1
-        poly = t(_EXP_SERIES[last])
+        poly = cast(_EXP_SERIES[last])
         for k in range(last - 1, -1, -1):
-            poly = poly * y + t(_EXP_SERIES[k])
+            poly = poly * y + cast(_EXP_SERIES[k])
         return y * y * poly
-    return (math.exp(y) - t(1.0)) - y
+    return (math.exp(y) - cast(1.0)) - y
 
 
 @njit(cache=True, error_model="numpy")
 def _expm1(y, dtype):
     """expm1(y) for a scalar ``y`` of ``dtype`` (see :func:`_expm1_minus_x`)."""
-    t = dtype.type
-    if abs(y) < t(EXPM1_SERIES_CUTOFF):
+    cast = dtype.type
+    if abs(y) < cast(EXPM1_SERIES_CUTOFF):
         return y + _expm1_minus_x(y, dtype)
-    return math.exp(y) - t(1.0)
+    return math.exp(y) - cast(1.0)
 
 
 @njit(cache=True, error_model="numpy")
@@ -121,13 +121,13 @@ def _log1p_unit(e, dtype):
     s = e / (2 + e) in [0, 1/3]; 7 terms reach float32 rounding, 16 float64.
     Max error about 2 ulps (libm's log1p: under 1 ulp).
     """
-    t = dtype.type
-    s = e / (t(2.0) + e)
+    cast = dtype.type
+    s = e / (cast(2.0) + e)
     s2 = s * s
     last = _NATANH_F32 - 1 if _single(dtype) else _NATANH - 1
-    q = t(_ATANH_SERIES[last])
+    q = cast(_ATANH_SERIES[last])
     for k in range(last - 1, 0, -1):
-        q = q * s2 + t(_ATANH_SERIES[k])
+        q = q * s2 + cast(_ATANH_SERIES[k])
     two_s = s + s
     return two_s + two_s * (s2 * q)
 
@@ -153,26 +153,26 @@ def _exp_neg_abs_row(src, out, bits):
     out : output, shape and dtype of ``src`` (may not alias ``src``)
     bits : scratch, 1-D, at least as long, int32 for float32, int64 for float64
     """
-    t = src.dtype.type
-    it = bits.dtype.type
+    cast = src.dtype.type
+    cast_int = bits.dtype.type
     single = _single(src.dtype)
-    ln2_hi = t(LN2_HI_F32) if single else t(LN2_HI_F64)
-    ln2_lo = t(LN2_LO_F32) if single else t(LN2_LO_F64)
-    a_zero = t(EXP_NEG_ZERO_F32) if single else t(EXP_NEG_ZERO_F64)
+    ln2_hi = cast(LN2_HI_F32) if single else cast(LN2_HI_F64)
+    ln2_lo = cast(LN2_LO_F32) if single else cast(LN2_LO_F64)
+    a_zero = cast(EXP_NEG_ZERO_F32) if single else cast(EXP_NEG_ZERO_F64)
     deg = _DEG_EXP_F32 if single else _DEG_EXP_F64
-    mantissa_bits = it(23) if single else it(52)
-    exponent_bias = it(127) if single else it(1023)
-    half = t(0.5)
-    one = t(1.0)
+    mantissa_bits = cast_int(23) if single else cast_int(52)
+    exponent_bias = cast_int(127) if single else cast_int(1023)
+    half = cast(0.5)
+    one = cast(1.0)
     for d in range(src.shape[0]):
         a = min(abs(src[d]), a_zero)                 # exp(-a_zero) already rounds to 0
-        kf = np.floor(a * t(LOG2_E) + half)          # nearest integer (np.floor keeps the dtype)
+        kf = np.floor(a * cast(LOG2_E) + half)          # nearest integer (np.floor keeps the dtype)
         r = (kf * ln2_hi - a) + kf * ln2_lo          # = k ln2 - a, in [-ln2/2, ln2/2]
-        p = t(_EXP_TAYLOR[deg])
+        p = cast(_EXP_TAYLOR[deg])
         for j in range(deg - 1, -1, -1):
-            p = p * r + t(_EXP_TAYLOR[j])            # exp(r), Horner
-        k = it(kf)
-        k_half = k >> it(1)
+            p = p * r + cast(_EXP_TAYLOR[j])            # exp(r), Horner
+        k = cast_int(kf)
+        k_half = k >> cast_int(1)
         out[d] = p * (half if k - k_half - k_half else one)
         bits[d] = (exponent_bias - k_half) << mantissa_bits
     pow2 = bits.view(src.dtype)                      # 2**-(k // 2)
@@ -211,9 +211,9 @@ def bce_with_logits_kernel(logits, x, scale, nll, dlogits, bits):
     bits : scratch, shape (D,), int32 for float32 and int64 for float64
     """
     B, D = logits.shape
-    t = logits.dtype.type
-    zero = t(0.0)
-    one = t(1.0)
+    cast = logits.dtype.type
+    zero = cast(0.0)
+    one = cast(1.0)
     terms = np.empty(D, logits.dtype)
     for b in range(B):
         lrow = logits[b]
@@ -244,10 +244,10 @@ def gaussian_nll_kernel(mean, x, log_sigma, scale, nll, dmean, dlog_sigma):
     dlog_sigma : output, shape of ``log_sigma``
     """
     B, D = mean.shape
-    t = mean.dtype.type
-    one = t(1.0)
-    half = t(0.5)
-    c0 = t(HALF_LOG_2PI)
+    cast = mean.dtype.type
+    one = cast(1.0)
+    half = cast(0.5)
+    c0 = cast(HALF_LOG_2PI)
     shared = log_sigma.shape[0] == 1
     # per-pixel constants, computed once per call
     ls = np.empty(D, mean.dtype)
@@ -259,7 +259,7 @@ def gaussian_nll_kernel(mean, x, log_sigma, scale, nll, dmean, dlog_sigma):
         g = log_sigma[0] if shared else log_sigma[d]
         ls[d] = g
         inv_sigma[d] = math.exp(-g)
-        inv_var[d] = math.exp(t(-2.0) * g)
+        inv_var[d] = math.exp(cast(-2.0) * g)
     for b in range(B):
         mrow = mean[b]
         xrow = x[b]
@@ -289,9 +289,9 @@ def reparameterize_kl_kernel(mu, log_sigma, eps, z, kl):
     z, kl : outputs, shape (B, L)
     """
     B, L = mu.shape
-    t = mu.dtype.type
-    half = t(0.5)
-    two = t(2.0)
+    cast = mu.dtype.type
+    half = cast(0.5)
+    two = cast(2.0)
     for b in range(B):
         for j in range(L):
             m = mu[b, j]

@@ -66,11 +66,11 @@ _NSERIES = len(EXPM1_SERIES)
 @cuda.jit(device=True, inline="always")
 def _expm1_minus_x(y, dtype):
     """expm1(y) - y for a scalar ``y`` of ``dtype`` (Taylor series near 0)."""
-    t = dtype.type
-    if abs(y) < t(EXPM1_SERIES_CUTOFF):
-        poly = t(EXPM1_SERIES[_NSERIES - 1])
+    cast = dtype.type   # the dtype's scalar type: cast(0.5) keeps float32 code float32
+    if abs(y) < cast(EXPM1_SERIES_CUTOFF):
+        poly = cast(EXPM1_SERIES[_NSERIES - 1])
         for k in range(_NSERIES - 2, -1, -1):
-            poly = poly * y + t(EXPM1_SERIES[k])
+            poly = poly * y + cast(EXPM1_SERIES[k])
         return y * y * poly
     return math.expm1(y) - y
 
@@ -108,9 +108,9 @@ def bce_with_logits_kernel(logits, x, scale, nll, dlogits):
     """
     buf = cuda.shared.array(MAX_ROW_THREADS, dtype=logits.dtype)
     B, D = logits.shape
-    t = logits.dtype.type
-    zero = t(0.0)
-    one = t(1.0)
+    cast = logits.dtype.type
+    zero = cast(0.0)
+    one = cast(1.0)
     for b in range(cuda.blockIdx.x, B, cuda.gridDim.x):
         acc = zero
         for d in range(cuda.threadIdx.x, D, cuda.blockDim.x):
@@ -135,12 +135,12 @@ def gaussian_nll_kernel(mean, x, log_sigma, scale, nll, dmean, dlog_sigma):
     """
     buf = cuda.shared.array(MAX_ROW_THREADS, dtype=mean.dtype)
     B, D = mean.shape
-    t = mean.dtype.type
-    zero = t(0.0)
-    one = t(1.0)
-    half = t(0.5)
-    minus_two = t(-2.0)
-    c0 = t(HALF_LOG_2PI)
+    cast = mean.dtype.type
+    zero = cast(0.0)
+    one = cast(1.0)
+    half = cast(0.5)
+    minus_two = cast(-2.0)
+    c0 = cast(HALF_LOG_2PI)
     shared = log_sigma.shape[0] == 1
     for b in range(cuda.blockIdx.x, B, cuda.gridDim.x):
         acc = zero
@@ -169,9 +169,9 @@ def gaussian_nll_kernel(mean, x, log_sigma, scale, nll, dmean, dlog_sigma):
 @cuda.jit
 def reparameterize_kl_kernel(mu, log_sigma, eps, z, kl):
     """z and per-dimension KL over flat (N,) arrays; launch ``[blocks, threads]``."""
-    t = mu.dtype.type
-    half = t(0.5)
-    two = t(2.0)
+    cast = mu.dtype.type
+    half = cast(0.5)
+    two = cast(2.0)
     for i in range(cuda.grid(1), mu.shape[0], cuda.gridsize(1)):
         m = mu[i]
         g = log_sigma[i]

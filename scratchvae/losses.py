@@ -161,12 +161,12 @@ def expm1_minus_x(y):
     array, shape and dtype of ``y``
     """
     xp = array_module(y)
-    c = y.dtype.type
-    small = xp.abs(y) < c(EXPM1_SERIES_CUTOFF)
-    ys = xp.where(small, y, c(0))
-    poly = xp.full(y.shape, c(EXPM1_SERIES[-1]), dtype=y.dtype)
+    cast = y.dtype.type   # the dtype's scalar type: cast(0.5) keeps float32 code float32
+    small = xp.abs(y) < cast(EXPM1_SERIES_CUTOFF)
+    ys = xp.where(small, y, cast(0))
+    poly = xp.full(y.shape, cast(EXPM1_SERIES[-1]), dtype=y.dtype)
     for coef in reversed(EXPM1_SERIES[:-1]):
-        poly = poly * ys + c(coef)
+        poly = poly * ys + cast(coef)
     return xp.where(small, ys * ys * poly, xp.expm1(y) - y)
 
 
@@ -198,9 +198,9 @@ def bce_with_logits(logits, x, scale=1.0):
         ``scale * (sigmoid(logits) - x)``.
     """
     _validate_bce(logits, x)
-    c = logits.dtype.type
+    cast = logits.dtype.type
     nll = bce_with_logits_value(logits, x)
-    dlogits = c(scale) * (sigmoid(logits) - x)
+    dlogits = cast(scale) * (sigmoid(logits) - x)
     return nll, dlogits
 
 
@@ -216,9 +216,9 @@ def sigmoid(x):
     1 / (1 + e), for x < 0 it is e / (1 + e).
     """
     xp = array_module(x)
-    c = x.dtype.type
+    cast = x.dtype.type
     e = xp.exp(-xp.abs(x))
-    return xp.where(x >= 0, c(1), e) / (c(1) + e)
+    return xp.where(x >= 0, cast(1), e) / (cast(1) + e)
 
 
 def softplus(x):
@@ -256,25 +256,25 @@ def gaussian_nll(mean, x, log_sigma, scale=1.0):
     """
     _validate_gaussian(mean, x, log_sigma)
     xp = array_module(mean, x, log_sigma)
-    c = mean.dtype.type
-    inv_var = xp.exp(c(-2) * log_sigma)
+    cast = mean.dtype.type
+    inv_var = xp.exp(cast(-2) * log_sigma)
     r = (x - mean) * xp.exp(-log_sigma)         # (B, D), standardized residual
     nll = gaussian_nll_value(mean, x, log_sigma)
-    dmean = c(scale) * ((mean - x) * inv_var)
-    one_minus_r2 = c(1) - r * r                 # d nll / d log_sigma per entry
+    dmean = cast(scale) * ((mean - x) * inv_var)
+    one_minus_r2 = cast(1) - r * r                 # d nll / d log_sigma per entry
     if log_sigma.shape[0] == 1:
-        dlog_sigma = c(scale) * xp.sum(one_minus_r2).reshape(1)
+        dlog_sigma = cast(scale) * xp.sum(one_minus_r2).reshape(1)
     else:
-        dlog_sigma = c(scale) * xp.sum(one_minus_r2, axis=0)
+        dlog_sigma = cast(scale) * xp.sum(one_minus_r2, axis=0)
     return nll, dmean, dlog_sigma
 
 
 def gaussian_nll_value(mean, x, log_sigma):
     """The value of :func:`gaussian_nll` alone, shape (B,)."""
     xp = array_module(mean, x, log_sigma)
-    c = mean.dtype.type
+    cast = mean.dtype.type
     r = (x - mean) * xp.exp(-log_sigma)         # (B, D), standardized residual
-    return xp.sum(c(HALF_LOG_2PI) + log_sigma + c(0.5) * r * r, axis=1)
+    return xp.sum(cast(HALF_LOG_2PI) + log_sigma + cast(0.5) * r * r, axis=1)
 
 
 def reparameterize_kl(mu, log_sigma, eps):
@@ -299,9 +299,9 @@ def reparameterize_kl(mu, log_sigma, eps):
     """
     _validate_reparam("reparameterize_kl", mu=mu, log_sigma=log_sigma, eps=eps)
     xp = array_module(mu, log_sigma, eps)
-    c = mu.dtype.type
+    cast = mu.dtype.type
     z = mu + xp.exp(log_sigma) * eps
-    kl = c(0.5) * mu * mu + c(0.5) * expm1_minus_x(c(2) * log_sigma)
+    kl = cast(0.5) * mu * mu + cast(0.5) * expm1_minus_x(cast(2) * log_sigma)
     return z, kl
 
 
@@ -327,8 +327,8 @@ def reparameterize_kl_backward(dz, mu, log_sigma, eps, kl_weight):
     """
     B, L = _validate_reparam("reparameterize_kl_backward", dz=dz, mu=mu, log_sigma=log_sigma, eps=eps)
     xp = array_module(dz, mu, log_sigma, eps)
-    c = mu.dtype.type
+    cast = mu.dtype.type
     w = _validate_kl_weight(kl_weight, L, mu.dtype, xp)
     dmu = dz + w * mu
-    dlog_sigma = dz * xp.exp(log_sigma) * eps + w * xp.expm1(c(2) * log_sigma)
+    dlog_sigma = dz * xp.exp(log_sigma) * eps + w * xp.expm1(cast(2) * log_sigma)
     return dmu, dlog_sigma

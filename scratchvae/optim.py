@@ -81,14 +81,14 @@ def adam_coefficients(dtype, *, lr, beta1, beta2, eps, weight_decay, step):
         as 0); ``grad_floor`` the smallest gradient entry used, chosen so
         that ``(1 - beta1) g`` and ``(1 - beta2) g**2`` stay normal numbers.
     """
-    t = numpy.dtype(dtype).type
+    cast = numpy.dtype(dtype).type
     step = int(step)
     bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
     tiny = float(numpy.finfo(dtype).tiny)                 # the smallest normal number
     moment_floor = tiny * 2.0 ** 24                       # beta * m stays normal for beta >= 2**-24
     grad_floor = 2.0 * max(math.sqrt(tiny / (1.0 - beta2)), tiny / (1.0 - beta1))
-    return (t(lr), t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2), t(math.sqrt(bc2) / bc1),
-            t(eps * math.sqrt(bc2)), t(weight_decay), t(grad_floor), t(moment_floor))
+    return (cast(lr), cast(beta1), cast(1.0 - beta1), cast(beta2), cast(1.0 - beta2), cast(math.sqrt(bc2) / bc1),
+            cast(eps * math.sqrt(bc2)), cast(weight_decay), cast(grad_floor), cast(moment_floor))
 
 
 def check_adam_arrays(param, grad, m, v, step) -> None:

@@ -69,7 +69,7 @@ class RunState:
     step: int = 0                       # optimizer steps taken
     batch_in_epoch: int = 0             # batches of the current epoch already done
     epoch_rng_state: dict | None = None   # the generator at the start of the current epoch
-    partial: dict | None = None         # the current epoch's running sums, when stopped mid-epoch
+    epoch_sums: dict | None = None      # the current epoch's running loss sums, when stopped mid-epoch
     history: list = dataclasses.field(default_factory=list)
     initial_test: dict | None = None
     best: dict = dataclasses.field(default_factory=lambda: {"epoch": 0, "valid_loss": math.inf})
@@ -80,7 +80,7 @@ class RunState:
             "run_id": self.run_id, "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
             "adam_step": self.opt_state.step, "rng_state": self.rng.bit_generator.state,
             "epoch_rng_state": self.epoch_rng_state, "config": dataclasses.asdict(cfg), "history": self.history,
-            "partial": self.partial, "initial_test": self.initial_test, "best": self.best})
+            "partial": self.epoch_sums, "initial_test": self.initial_test, "best": self.best})
 
 
 @dataclasses.dataclass
@@ -248,7 +248,7 @@ class _Run:
         rng.bit_generator.state = meta["rng_state"]
         state = RunState(run_id=meta.get("run_id"), opt_state=opt_state, rng=rng, epoch=meta["epoch"],
                          step=meta["step"], batch_in_epoch=meta["batch_in_epoch"],
-                         epoch_rng_state=meta.get("epoch_rng_state"), partial=meta.get("partial"),
+                         epoch_rng_state=meta.get("epoch_rng_state"), epoch_sums=meta.get("partial"),
                          history=meta["history"], initial_test=meta.get("initial_test"),
                          best=meta.get("best", {"epoch": 0, "valid_loss": math.inf}), saved_epoch=meta["epoch"])
         if self.cfg.keep_best and state.best["epoch"] > 0:
@@ -291,11 +291,11 @@ class _Run:
                 if stop.requested and b + 1 < self.steps_per_epoch:
                     self.be.synchronize()
                     sums["seconds"] += time.perf_counter() - t0
-                    st.batch_in_epoch, st.partial = b + 1, sums
+                    st.batch_in_epoch, st.epoch_sums = b + 1, sums
                     return False
             self.be.synchronize()
         sums["seconds"] += time.perf_counter() - t0
-        st.batch_in_epoch, st.partial = 0, sums
+        st.batch_in_epoch, st.epoch_sums = 0, sums
         return True
 
     def _epoch_order(self):
@@ -308,7 +308,7 @@ class _Run:
         st.rng.bit_generator.state = st.epoch_rng_state
         perm = st.rng.permutation(n)
         st.rng.bit_generator.state = resume_state
-        return perm, dict(st.partial)
+        return perm, dict(st.epoch_sums)
 
     def _batch(self, idx):
         """Host batch (B, D) and noise eps (B, L), drawn in a fixed order from the run's generator."""
@@ -326,8 +326,8 @@ class _Run:
 
     def _end_epoch(self) -> None:
         cfg, st = self.cfg, self.state
-        sums, n = st.partial, self.data.train.shape[0]
-        st.partial = None
+        sums, n = st.epoch_sums, self.data.train.shape[0]
+        st.epoch_sums = None
         test = self._test_metrics(st.epoch + 1)
         nb, seconds = sums["batches"], sums["seconds"]
         record = {"run_id": st.run_id, "epoch": st.epoch + 1, "step": st.step, "train_loss": sums["loss"] / nb,

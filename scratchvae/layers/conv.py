@@ -6,7 +6,7 @@ Images are NCHW, ``(B, C, H, W)``, by default.  Every function and layer also
 takes ``layout="CHWB"``: images ``(C, H, W, B)``, batch innermost, which is
 the layout the products below work in.  A stack of convolutions in CHWB
 skips the two transposing copies per layer (to and from NCHW, in forward and
-backward: 15% of the conv VAE's step); :class:`~scratchvae.layers.ToCHWB`
+backward); :class:`~scratchvae.layers.ToCHWB`
 and :class:`~scratchvae.layers.FromCHWB` convert at the ends of the stack.
 Weights have the same shapes in both layouts.
 
@@ -30,7 +30,7 @@ batch-innermost layout (C, Hp, Wp, B); then a loop over the ``kh*kw`` kernel
 offsets (not over pixels or images) copies one strided slice per offset.  With
 the batch innermost, every slice is made of contiguous runs of B elements, so
 the gather runs at memory speed (with NCHW slices the runs would be Wo
-elements long, a few pixels, and the copy is 2-3 times slower).
+elements long, a few pixels).
 :func:`col2im` is the adjoint of :func:`im2col`: one strided slice-add per
 kernel offset into a zero (C, Hp, Wp, B) buffer, then a crop and a copy back
 to NCHW.
@@ -103,8 +103,7 @@ class Workspace:
     the matrix products) are the same shape at every training step.  Fresh
     multi-megabyte NumPy arrays come from newly mapped memory, and touching
     it for the first time (page faults) costs about as much as the copy
-    itself; reusing them makes a Conv2d forward+backward about 25% faster on
-    the CPU.  A layer owns one workspace; the pure functions take one as an
+    itself, so they are reused.  A layer owns one workspace; the pure functions take one as an
     optional keyword.
 
     A cache returned by a forward function given a workspace aliases its
@@ -378,18 +377,18 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0, output_padding=0, *, 
     """
     xp = array_module(x, W, b)
     stride, padding = as_pair(stride, "stride"), as_pair(padding, "padding")
-    B, _, H, Wd = _nchw_shape(x, _check_layout(layout))
+    B, _, H_in, W_in = _nchw_shape(x, _check_layout(layout))
     C_in, C_out, kh, kw = W.shape
-    Ho, Wo = conv_transpose_output_size((H, Wd), (kh, kw), stride, padding, output_padding)
+    Ho, Wo = conv_transpose_output_size((H_in, W_in), (kh, kw), stride, padding, output_padding)
     if Ho < 1 or Wo < 1:
-        raise ValueError(f"conv_transpose2d: output size {(Ho, Wo)} is < 1 for input size {(H, Wd)}")
+        raise ValueError(f"conv_transpose2d: output size {(Ho, Wo)} is < 1 for input size {(H_in, W_in)}")
     if layout == "CHWB":
-        x2 = xp.ascontiguousarray(x).reshape(C_in, H * Wd * B)  # (C_in, H*W*B), a view
+        x2 = xp.ascontiguousarray(x).reshape(C_in, H_in * W_in * B)  # (C_in, H*W*B), a view
     else:
-        x2 = _buffer(workspace, "x2", (C_in, H * Wd * B), x.dtype, xp)
-        x2.reshape(C_in, H, Wd, B)[...] = x.transpose(1, 2, 3, 0)  # (C_in, H*W*B)
+        x2 = _buffer(workspace, "x2", (C_in, H_in * W_in * B), x.dtype, xp)
+        x2.reshape(C_in, H_in, W_in, B)[...] = x.transpose(1, 2, 3, 0)  # (C_in, H*W*B)
     W2 = W.reshape(C_in, C_out * kh * kw)  # (C_in, C_out*kh*kw)
-    cols = _buffer(workspace, "cols", (C_out * kh * kw, H * Wd * B), x.dtype, xp)
+    cols = _buffer(workspace, "cols", (C_out * kh * kw, H_in * W_in * B), x.dtype, xp)
     xp.matmul(W2.T, x2, out=cols)  # (C_out*kh*kw, H*W*B)
     out_shape = (B, C_out, Ho, Wo)
     out = col2im(cols, out_shape, (kh, kw), stride, padding, workspace=workspace, layout=layout)
@@ -419,15 +418,15 @@ def conv_transpose2d_backward(dout, cache, *, workspace=None):
     C_in, C_out, kh, kw = W.shape
     B = out_shape[0]
     cols = im2col(dout, (kh, kw), stride, padding, workspace=workspace, layout=layout)  # (C_out*kh*kw, H*W*B)
-    H, Wd = conv_output_size(out_shape[2:], (kh, kw), stride, padding)
+    H_in, W_in = conv_output_size(out_shape[2:], (kh, kw), stride, padding)
     W2 = W.reshape(C_in, C_out * kh * kw)  # (C_in, C_out*kh*kw)
     if layout == "CHWB":  # the product is dx: write it into a fresh array
-        dx = xp.matmul(W2, cols).reshape(C_in, H, Wd, B)  # (C_in, H, W, B)
+        dx = xp.matmul(W2, cols).reshape(C_in, H_in, W_in, B)  # (C_in, H, W, B)
         db = dout.reshape(C_out, -1).sum(axis=1)  # (C_out,)
     else:
-        dx2 = _buffer(workspace, "dx2", (C_in, H * Wd * B), dout.dtype, xp)
+        dx2 = _buffer(workspace, "dx2", (C_in, H_in * W_in * B), dout.dtype, xp)
         xp.matmul(W2, cols, out=dx2)  # (C_in, H*W*B)
-        dx = xp.ascontiguousarray(dx2.reshape(C_in, H, Wd, B).transpose(3, 0, 1, 2))  # (B, C_in, H, W)
+        dx = xp.ascontiguousarray(dx2.reshape(C_in, H_in, W_in, B).transpose(3, 0, 1, 2))  # (B, C_in, H, W)
         db = dout.sum(axis=(0, 2, 3))  # (C_out,)
     dW = xp.matmul(x2, cols.T).reshape(W.shape)  # (C_in, C_out, kh, kw)
     return dx, dW, db
