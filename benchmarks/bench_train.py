@@ -8,24 +8,31 @@ model, the same loss (BCE with logits summed over pixels and averaged over
 the batch, plus the analytic KL with ``z = mu + exp(log_sigma) * eps``) and
 ``torch.optim.Adam(lr=1e-3)``; both sides get the very same batches and eps.
 
-Timing design (meant to withstand a noisy machine): after a warm-up, the sides
-ALTERNATE within one run, round after round: a block of scratchvae steps, a
-block of PyTorch steps, a block of the matmul "floor".  Each block lasts about
-``--block-seconds``.  Every per-round figure is kept; the report is the MEDIAN
-of the per-round ratios (speedup = torch time / scratchvae time; floor
-multiple = scratchvae time / floor time).
+Timing design: measured the way a user runs. Each library runs alone in its
+own worker process (in one process, OpenBLAS's and PyTorch's spinning worker
+threads slow whichever side runs next). Each worker first trains its side on
+real binarized-MNIST batches until a real run's steady state (1,500 MLP steps,
+900 conv steps, in images at other batch sizes: the weights and the Adam
+moments of a trained model, which change the cost), then waits. The parent
+then asks the workers in turn for a block of steps of about
+``--block-seconds``, pausing ``--settle-seconds`` before every block so that
+the last process's threads have stopped spinning, in ABBA order (reversed
+every other round) so that a slow drift of the machine hits both sides
+alike. Every per-round figure is kept; the report is the MEDIAN of the
+per-round ratios (speedup = torch time / scratchvae time).
 
-The floor is the time of the step's matrix products alone, NumPy's BLAS,
-float32, the same shapes (and the same transposed views) as the real step,
-into preallocated outputs: for each Dense layer ``x @ W``, ``dy @ W.T`` and
+The floor is the time of the step's matrix products alone, in float32, the
+same shapes (and the same transposed views) as the real step, into
+preallocated outputs: for each Dense layer ``x @ W``, ``dy @ W.T`` and
 ``x.T @ dy``; for the convolutions the im2col products of
-scratchvae.layers.conv.  ``floor`` counts every product scratchvae computes;
-``floor_needed`` drops the input gradient of the first layer, which no one
-uses (scratchvae computes it today).
+scratchvae.layers.conv. It is measured for both BLAS libraries, each in its
+own process: NumPy's OpenBLAS (``floor``: every product; ``floor_needed``:
+without the first layer's input gradient, which neither side computes) and
+PyTorch's MKL (``torch_floor``, the needed products).
 
 Usage::
 
-    python benchmarks/bench_train.py                      # full run (~3-5 min on 2 cores)
+    python benchmarks/bench_train.py                      # full run (~5 min on 2 cores)
     python benchmarks/bench_train.py --quick              # a quick look
     python benchmarks/bench_train.py --threads 1 --models mlp --batches 128
     python benchmarks/bench_train.py --no-torch           # NumPy figures + floor only
@@ -42,6 +49,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
+import pathlib
 import sys
 import time
 
@@ -50,23 +59,28 @@ try:
 except ImportError:  # run as a script: benchmarks/ is sys.path[0]
     import _common as C
 
-TARGETS = {("mlp", 128): {"speedup_vs_torch": 2.0, "floor_multiple": 1.25},
-           ("mlp", 1024): {"speedup_vs_torch": 1.3},
-           ("conv", 128): {"speedup_vs_torch": 1.0},
-           ("conv", 1024): {"speedup_vs_torch": 1.0}}
+TARGETS = {("mlp", 128): {"speedup_vs_torch": 1.5},
+           ("mlp", 1024): {"speedup_vs_torch": 1.2},
+           ("conv", 128): {"speedup_vs_torch": 1.0}}
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="3 rounds of short blocks (a quick look, noisy)")
+    p.add_argument("--quick", action="store_true", help="3 rounds of short blocks, short warm-up (a quick look, noisy)")
     p.add_argument("--rounds", type=int, default=None, help="alternation rounds (default 7, --quick 3)")
     p.add_argument("--block-seconds", type=float, default=None,
                    help="target length of one block of steps (default 0.75 s, --quick 0.15 s)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per side (default 3, --quick 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="training steps per side before timing (default: a steady state, 1500 MLP / 900 conv "
+                        "steps' worth of images; --quick 20)")
+    p.add_argument("--settle-seconds", type=float, default=None,
+                   help="pause before every block, so the other process's threads stop spinning (default 0.5)")
     p.add_argument("--models", default="mlp,conv", help="comma list of mlp, conv")
     p.add_argument("--batches", default="128,1024", help="comma list of batch sizes")
     p.add_argument("--no-gpu", action="store_true", help="skip the CuPy / torch CUDA comparison")
+    p.add_argument("--gpu-only", action="store_true", help="only the CuPy / torch CUDA rows (benchmarks/gpu_check.sh)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)   # internal: run one side in this process
     C.add_common_args(p, default_json_name="bench_train")
     return p
 
@@ -264,73 +278,199 @@ def check_equivalence(torch, kind, seed, model, net, batches, device="cpu"):
     return {"ok": ok, "float64": f64, "float32": f32}
 
 
-def run_config(kind, B, X, args, torch, log, device="cpu", cupy_be=None):
-    """Alternate scratchvae / torch / floor for one (model, batch, device)."""
+# -- the worker processes ---------------------------------------------------------------------
+#
+# Each library runs alone in its own process. A worker builds its side, warms it up by
+# training on real batches until the run's steady state (the weights and Adam moments of a
+# real run, not fresh ones), then waits on its stdin; the parent asks one worker at a time
+# for a block of steps, and pauses between blocks so that the other process's BLAS/OpenMP
+# threads have stopped spinning before the next block starts.
 
-    seed = args.seed
-    backend = cupy_be if device == "cuda" else None
-    model = build_model(kind, backend, seed)
-    batches = Batches(X, B, model.latent_dim, seed + B)
-    res = {"model": kind, "batch": B, "device": device if device == "cpu" else f"cuda ({cupy_be.device})",
-           "num_params": model.num_params()}
+# warm-up: images trained on before timing (1500 MLP steps, 900 conv steps at B=128)
+WARMUP_IMAGES = {"mlp": 1500 * 128, "conv": 900 * 128}
 
-    net = None
-    if torch is not None:
-        tdev = "cuda" if device == "cuda" else "cpu"
-        net = C.torch_twin(torch, model, tdev)
-        res["check"] = check_equivalence(torch, kind, seed, model, net, batches, tdev)
-        if not res["check"]["ok"]:
-            log(f"  WARNING: scratchvae and PyTorch disagree on the first step: {res['check']}")
 
-    if device == "cuda":
-        put = cupy_be.asarray
-        sync_s = cupy_be.synchronize
-        sync_t = torch.cuda.synchronize if torch is not None else None
-    else:
-        put, sync_s, sync_t = (lambda a: a), None, None
-    sides, sync = {}, {}
-    s_step, s_box = scratch_stepper(model, batches, put)
-    sides["scratchvae"] = s_step
-    sync["scratchvae"] = sync_s
-    if net is not None:
-        t_step, t_box = torch_stepper(torch, net, batches, "cuda" if device == "cuda" else "cpu")
-        sides["torch"] = t_step
-        sync["torch"] = sync_t
-    flops = None
+def worker_main(spec: dict) -> int:
+    """Serve blocks of steps of ``spec["sides"]`` (one library) over stdin/stdout, one JSON line each."""
+    import json
+
+    C.preset_thread_env(spec["threads"])
+    uses_torch = any(side.startswith("torch") for side in spec["sides"])
+    torch = C.import_torch(False)[0] if uses_torch else None
+    import numpy as np
+
+    with C.thread_limits(spec["threads"], torch) as tinfo:
+        device = spec["device"]
+        backend = C.cupy_backend(False)[0] if device == "cuda" else None
+        model = build_model(spec["kind"], backend, spec["seed"])
+        batches = Batches(C.mnist("train"), spec["batch"], model.latent_dim, spec["seed"] + spec["batch"],
+                          count=spec["pool"])
+        fns, syncs, boxes = {}, {}, {}
+        ready = {"threads": tinfo, "versions": C.versions(torch), "pid": os.getpid(),
+                 "torch_imported": "torch" in sys.modules}
+        for side in spec["sides"]:
+            if side == "scratchvae":
+                put = backend.asarray if backend is not None else (lambda a: a)
+                fns[side], boxes[side] = scratch_stepper(model, batches, put)
+                syncs[side] = backend.synchronize if backend is not None else None
+            elif side == "torch":
+                tdev = "cuda" if device == "cuda" else "cpu"
+                net = C.torch_twin(torch, model, tdev)
+                ready["check"] = check_equivalence(torch, spec["kind"], spec["seed"], model, net, batches, tdev)
+                fns[side], boxes[side] = torch_stepper(torch, net, batches, tdev)
+                syncs[side] = torch.cuda.synchronize if device == "cuda" else None
+            elif side in ("floor", "floor_needed"):
+                products = matmul_products(model, spec["batch"])
+                fns[side], flops = floor_stepper(products, spec["seed"], skip_first_input_grad=side == "floor_needed")
+                ready[f"{side}_gflop_per_step"], ready["floor_products"] = flops / 1e9, len(products)
+            elif side == "torch_floor":
+                fns[side], flops = torch_floor_stepper(torch, matmul_products(model, spec["batch"]), spec["seed"])
+            else:
+                raise ValueError(f"unknown side {side!r}")
+        t0 = time.perf_counter()
+        for side, fn in fns.items():   # warm-up: training steps (the floors just run their products)
+            for _ in range(spec["warmup_steps"] if side in ("scratchvae", "torch") else 3):
+                fn()
+            if syncs.get(side):
+                syncs[side]()
+        ready.update(ready=True, warmup_seconds=time.perf_counter() - t0,
+                     warmup_loss={k: _loss(b) for k, b in boxes.items()})
+        _send(json.dumps(ready, default=C._json_default))
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd["op"] == "quit":
+                break
+            side, n = cmd["side"], int(cmd["steps"])
+            fn, sync = fns[side], syncs.get(side)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            if sync:
+                sync()
+            seconds = time.perf_counter() - t0
+            _send(json.dumps({"seconds": seconds, "loss": _loss(boxes.get(side)),
+                              "steps_taken": boxes[side]["i"] if side in boxes else None}))
+    del np
+    return 0
+
+
+def _loss(box):
+    if box is None or box.get("loss") is None:
+        return None
+    loss = box["loss"]
+    return float(loss.item()) if hasattr(loss, "item") else float(loss)
+
+
+def _send(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def torch_floor_stepper(torch, products, seed):
+    """The same products as :func:`floor_stepper`, with torch.matmul (MKL here), into preallocated outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    work = []
+    for a_shape, b_shape, ta, tb, role, is_first in products:
+        if is_first and role == "input_grad":
+            continue            # PyTorch skips the data's gradient too
+        a, b = torch.randn(a_shape, generator=gen), torch.randn(b_shape, generator=gen)
+        av, bv = (a.T if ta else a), (b.T if tb else b)
+        work.append((av, bv, torch.empty((av.shape[0], bv.shape[1]))))
+
+    def step():
+        with torch.no_grad():
+            for av, bv, out in work:
+                torch.matmul(av, bv, out=out)
+
+    return step, sum(2.0 * av.shape[0] * av.shape[1] * bv.shape[1] for av, bv, _ in work)
+
+
+class Worker:
+    """One worker process, driven one JSON line at a time."""
+
+    def __init__(self, spec: dict):
+        import json
+        import subprocess
+        self._json = json
+        self.proc = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).resolve()), "--worker",
+                                      json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise RuntimeError(f"benchmark worker exited with code {code} before answering")
+        return self._json.loads(line)
+
+    def run(self, side: str, steps: int) -> dict:
+        self.proc.stdin.write(self._json.dumps({"op": "run", "side": side, "steps": steps}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, ValueError, Exception):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_config(kind, B, args, torch_ok, log, device="cpu"):
+    """Alternate the workers of one (model, batch, device), each library in its own process."""
+    warmup_steps = args.warmup if args.warmup is not None else math.ceil(WARMUP_IMAGES[kind] / B)
+    base = {"kind": kind, "batch": B, "threads": args.threads, "seed": args.seed, "device": device,
+            "warmup_steps": warmup_steps, "pool": 64}
+    groups = {"scratchvae": ["scratchvae"]}
+    if torch_ok:
+        groups["torch"] = ["torch"]
     if device == "cpu":
-        products = matmul_products(model, B)
-        f_step, flops = floor_stepper(products, seed)
-        fn_step, _ = floor_stepper(products, seed, skip_first_input_grad=True)
-        sides["floor"] = f_step
-        sides["floor_needed"] = fn_step
-        res["floor_products"] = len(products)
-        res["floor_gflop_per_step"] = flops / 1e9
-
-    def synced(name, fn):
-        s = sync.get(name)
-        if s is None:
-            return fn
-        def g():
-            fn()
-            s()
-        return g
-
-    # warm-up (JIT, caches, allocator), then calibrate the block lengths
-    for fn in sides.values():
-        for _ in range(args.warmup):
-            fn()
-    steps, one = {}, {}
-    for name, fn in sides.items():
-        steps[name], one[name] = C.calibrate(synced(name, fn), args.block_seconds)
-    res["steps_per_block"] = steps
-    res["warmup_step_s"] = one
-    log(f"  {kind} B={B} {res['device']}: blocks of " + ", ".join(f"{k} {v}" for k, v in steps.items())
-        + f" steps, {args.rounds} rounds")
-
-    times = C.alternate(sides, args.rounds, steps, sync)
-    per_round = {f"{k}_s": v for k, v in times.items() if k != "load"}
-    per_round["load"] = times["load"]
+        groups["floor"] = ["floor", "floor_needed"]
+        if torch_ok:
+            groups["torch_floor"] = ["torch_floor"]
+    res = {"model": kind, "batch": B, "device": device, "warmup_steps": warmup_steps,
+           "settle_seconds": args.settle_seconds}
+    workers = {}
+    try:
+        for name, sides in groups.items():       # started and warmed up one after the other
+            t0 = time.perf_counter()
+            workers[name] = Worker(dict(base, sides=sides))
+            log(f"  {kind} B={B} {device}: {name} ready after {time.perf_counter() - t0:.1f} s "
+                f"(warm-up {workers[name].ready['warmup_seconds']:.1f} s)")
+        owner = {side: name for name, sides in groups.items() for side in sides}
+        res["worker_ready"] = {name: w.ready for name, w in workers.items()}
+        if "torch" in workers and "check" in workers["torch"].ready:
+            res["check"] = workers["torch"].ready["check"]
+            if not res["check"]["ok"]:
+                log(f"  WARNING: scratchvae and PyTorch disagree on the first step: {res['check']}")
+        res["floor_products"] = workers["floor"].ready.get("floor_products") if "floor" in workers else None
+        steps = {}
+        for side, name in owner.items():      # calibrate the blocks
+            time.sleep(args.settle_seconds)
+            probe = max(1, min(20, warmup_steps // 10 or 1))
+            one = workers[name].run(side, probe)["seconds"] / probe
+            steps[side] = max(1, round(args.block_seconds / max(one, 1e-9)))
+        res["steps_per_block"] = steps
+        times = {side: [] for side in owner}
+        times["load"] = []
+        order = list(owner)
+        for r in range(args.rounds):          # ABBA: the order reverses every other round
+            for side in (order if r % 2 == 0 else order[::-1]):
+                time.sleep(args.settle_seconds)
+                answer = workers[owner[side]].run(side, steps[side])
+                times[side].append(answer["seconds"] / steps[side])
+            la = C.load_average()
+            times["load"].append(la[0] if la else None)
+        res["last_loss"] = {side: workers[owner[side]].run(side, 1)["loss"] for side in ("scratchvae", "torch")
+                            if side in owner}
+    finally:
+        for w in workers.values():
+            w.close()
     med = {f"{k}_s": C.median(v) for k, v in times.items() if k != "load"}
+    per_round = {f"{k}_s" if k != "load" else k: v for k, v in times.items()}
     if "torch" in times:
         per_round["speedup_vs_torch"] = C.ratios(times["torch"], times["scratchvae"])
         med["speedup_vs_torch"] = C.median(per_round["speedup_vs_torch"])
@@ -340,29 +480,16 @@ def run_config(kind, B, X, args, torch, log, device="cpu", cupy_be=None):
         per_round["floor_needed_multiple"] = C.ratios(times["scratchvae"], times["floor_needed"])
         med["floor_multiple"] = C.median(per_round["floor_multiple"])
         med["floor_needed_multiple"] = C.median(per_round["floor_needed_multiple"])
-        med["floor_gflops"] = flops / med["floor_s"] / 1e9
-        if "torch" in times:
-            per_round["torch_floor_multiple"] = C.ratios(times["torch"], times["floor"])
-            med["torch_floor_multiple"] = C.median(per_round["torch_floor_multiple"])
+    if "torch_floor" in times:
+        per_round["torch_floor_multiple"] = C.ratios(times["torch"], times["torch_floor"])
+        med["torch_floor_multiple"] = C.median(per_round["torch_floor_multiple"])
     med["scratchvae_images_per_s"] = B / med["scratchvae_s"]
     res["per_round"] = per_round
     res["median"] = med
-    # the last batch's loss and the steps each side took (a sanity check that both trained, not a comparison)
-    res["last_loss"] = {"scratchvae": float(s_box["loss"]) if s_box["loss"] is not None else None}
-    res["steps_taken"] = {"scratchvae": s_box["i"]}
-    if net is not None:
-        res["last_loss"]["torch"] = float(t_box["loss"].item())
-        res["steps_taken"]["torch"] = t_box["i"]
-        res["torch_optimizer"] = t_box["optimizer"]
     target = TARGETS.get((kind, B))
-    if target and device == "cpu":
+    if target and device == "cpu" and "speedup_vs_torch" in med:
         res["target"] = target
-        met = {}
-        if "speedup_vs_torch" in med:
-            met["speedup_vs_torch"] = med["speedup_vs_torch"] >= target["speedup_vs_torch"]
-        if "floor_multiple" in target and "floor_multiple" in med:
-            met["floor_multiple"] = med["floor_multiple"] <= target["floor_multiple"]
-        res["target_met"] = met
+        res["target_met"] = {"speedup_vs_torch": med["speedup_vs_torch"] >= target["speedup_vs_torch"]}
     return res
 
 
@@ -376,90 +503,83 @@ def table(results) -> str:
         m = r["median"]
         tgt = r.get("target", {})
         met = r.get("target_met", {})
-        mark = ""
-        if met:
-            mark = " ".join(f"{k.split('_')[0]}:{'ok' if v else 'MISS'}" for k, v in met.items())
-        rows.append([f"{r['model']}", r["batch"], r["device"].split(" ")[0],
-                     f"{m['scratchvae_images_per_s']:.0f}",
-                     f"{m['torch_images_per_s']:.0f}" if "torch_images_per_s" in m else "-",
-                     _f(m.get("speedup_vs_torch")) or "-",
-                     _f(tgt.get("speedup_vs_torch")) or "-",
+        rows.append([r["model"], r["batch"], r["device"],
                      f"{m['scratchvae_s'] * 1e3:.2f}",
-                     f"{m['floor_s'] * 1e3:.2f}" if "floor_s" in m else "-",
-                     _f(m.get("floor_multiple")) or "-",
+                     f"{m['torch_s'] * 1e3:.2f}" if "torch_s" in m else "-",
+                     _f(m.get("speedup_vs_torch")) or "-",
+                     (_f(tgt.get("speedup_vs_torch")) or "-") + (
+                         "" if not met else (" ok" if met.get("speedup_vs_torch") else " MISS")),
+                     f"{m['floor_needed_s'] * 1e3:.2f}" if "floor_needed_s" in m else "-",
+                     f"{m['torch_floor_s'] * 1e3:.2f}" if "torch_floor_s" in m else "-",
                      _f(m.get("floor_needed_multiple")) or "-",
-                     _f(m.get("torch_floor_multiple")) or "-",
-                     mark or "-"])
-    return C.fmt_table(["model", "B", "dev", "svae img/s", "torch img/s", "speedup", "target", "svae ms",
-                        "floor ms", "x floor", "x floor_needed", "torch x floor", "targets"], rows)
+                     _f(m.get("torch_floor_multiple")) or "-"])
+    return C.fmt_table(["model", "B", "dev", "svae ms", "torch ms", "speedup", "target", "OpenBLAS floor ms",
+                        "MKL floor ms", "svae x floor", "torch x floor"], rows)
 
 
 def main(argv=None, log=print) -> dict:
     args = build_parser().parse_args(argv)
+    if args.worker is not None:
+        import json
+        return worker_main(json.loads(args.worker))
     if args.rounds is None:
         args.rounds = 3 if args.quick else 7
     if args.block_seconds is None:
         args.block_seconds = 0.15 if args.quick else 0.75
-    if args.warmup is None:
-        args.warmup = 1 if args.quick else 3
-    if args.rounds < 1 or args.block_seconds <= 0 or args.threads < 1:
-        raise SystemExit("--rounds, --block-seconds and --threads must be positive")
+    if args.warmup is None and args.quick:
+        args.warmup = 20
+    if args.settle_seconds is None:
+        args.settle_seconds = 0.1 if args.quick else 0.5
+    if args.rounds < 1 or args.block_seconds <= 0 or args.threads < 1 or (args.warmup is not None and args.warmup < 0):
+        raise SystemExit("--rounds, --block-seconds and --threads must be positive, --warmup >= 0")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     for m in models:
         if m not in ("mlp", "conv"):
             raise SystemExit(f"unknown model {m!r}; choose from mlp, conv")
 
-    env_note = C.preset_thread_env(args.threads)
-    torch, torch_reason = C.import_torch(args.no_torch)
-    import numpy  # noqa: F401  (after the thread environment)
-
-    cupy_be, cupy_reason = C.cupy_backend(args.no_gpu)
-    tcuda, tcuda_reason = C.torch_cuda(torch) if not args.no_gpu else (None, "disabled (--no-gpu)")
-    if torch is None:
+    # The parent only starts and times workers: it imports neither NumPy's BLAS work nor torch's.
+    torch_ok, torch_reason = _probe("torch", args.no_torch)
+    cupy_ok, cupy_reason = (False, "disabled (--no-gpu)") if args.no_gpu else _probe_cupy()
+    if not torch_ok:
         log(f"PyTorch: {torch_reason}; reporting scratchvae figures and the matmul floor only")
-    log(f"cupy: {'available, ' + cupy_be.device if cupy_be else 'skipped (' + cupy_reason + ')'}")
-
-    X = C.mnist("train")
-    report = {"script": "bench_train", "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    log(f"cupy: {'available' if cupy_ok else 'skipped (' + cupy_reason + ')'}")
+    report = {"script": "bench_train", "method": "each library in its own worker process, alternating blocks "
+                                                  "(ABBA order), after a steady-state warm-up",
+              "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "argv": list(argv) if argv is not None else sys.argv[1:],
-              "machine": C.machine_info(), "versions": C.versions(torch),
+              "machine": C.machine_info(), "versions": C.versions(None),
               "config": {"rounds": args.rounds, "block_seconds": args.block_seconds, "warmup": args.warmup,
-                         "models": models, "batches": batches, "dtype": "float32", "seed": args.seed,
-                         "thread_env": env_note},
-              "torch": {"available": torch is not None, "reason": torch_reason},
-              "cupy": {"available": cupy_be is not None, "reason": cupy_reason,
-                       "device": cupy_be.device if cupy_be else None},
-              "torch_cuda": {"available": tcuda is not None, "reason": tcuda_reason},
+                         "settle_seconds": args.settle_seconds, "models": models, "batches": batches,
+                         "dtype": "float32", "seed": args.seed, "threads": args.threads},
+              "torch": {"available": torch_ok, "reason": torch_reason},
+              "cupy": {"available": cupy_ok, "reason": cupy_reason},
               "load_average": {"start": C.load_average()}, "warnings": [], "results": []}
     warn = C.busy_warning(args.threads)
     if warn:
         log("WARNING: " + warn)
         report["warnings"].append(warn)
     t_start = time.perf_counter()
-    with C.thread_limits(args.threads, torch) as tinfo:
-        report["threads"] = tinfo
-        log(f"threads: NumPy BLAS {tinfo['numpy_blas']} ({tinfo['method']}), torch {tinfo['torch']}; "
-            f"load average {report['load_average']['start']}")
+    if args.gpu_only and not cupy_ok:
+        raise SystemExit(f"--gpu-only: the CuPy backend is unavailable ({cupy_reason})")
+    devices = ([] if args.gpu_only else ["cpu"]) + (["cuda"] if cupy_ok else [])
+    for device in devices:
         for kind in models:
             for B in batches:
-                report["results"].append(run_config(kind, B, X, args, torch, log))
-        if cupy_be is not None:
-            gpu_torch = torch if tcuda is not None else None
-            for kind in models:
-                for B in batches:
-                    report["results"].append(run_config(kind, B, X, args, gpu_torch, log, device="cuda",
-                                                        cupy_be=cupy_be))
-        else:
-            report["results_gpu"] = f"cupy: skipped ({cupy_reason})"
+                report["results"].append(run_config(kind, B, args, torch_ok, log, device=device))
+    if not cupy_ok:
+        report["results_gpu"] = f"cupy: skipped ({cupy_reason})"
+    first = report["results"][0]["worker_ready"] if report["results"] else {}
+    report["threads"] = {name: r.get("threads") for name, r in first.items()}
+    report["versions"] = dict(report["versions"], **first.get("torch", {}).get("versions", {}))
     report["load_average"]["end"] = C.load_average()
     report["seconds"] = time.perf_counter() - t_start
     out = C.write_json(args.json or C.default_json_path("bench_train"), report)
     log("")
     log(table(report["results"]))
-    log("\nspeedup = median over rounds of (torch step time / scratchvae step time); x floor = scratchvae step "
-        "time / matmul-only time (x floor_needed: without the first layer's unused input gradient)")
-    if cupy_be is None:
+    log("\nspeedup = median over rounds of (torch step time / scratchvae step time), each in its own process; "
+        "x floor = step time / its own BLAS's time for the step's matrix products")
+    if not cupy_ok:
         log(f"cupy: skipped ({cupy_reason})")
     for w in report["warnings"]:
         log("WARNING: " + w)
@@ -469,5 +589,28 @@ def main(argv=None, log=print) -> dict:
     return report
 
 
+def _probe(module: str, disabled: bool) -> tuple[bool, str]:
+    """Whether a worker could import ``module`` (checked in a subprocess: the parent stays clean)."""
+    import subprocess
+    if disabled:
+        return False, f"disabled (--no-{module})"
+    run = subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__version__)"],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        return False, f"could not import {module!r}: {run.stderr.strip().splitlines()[-1] if run.stderr else ''}"
+    return True, f"{module} {run.stdout.strip()}"
+
+
+def _probe_cupy() -> tuple[bool, str]:
+    import subprocess
+    code = "from scratchvae import backend; be = backend.get('cupy'); print(be.device)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if run.returncode != 0:
+        lines = run.stderr.strip().splitlines()
+        return False, lines[-1] if lines else "CuPy backend unavailable"
+    return True, run.stdout.strip()
+
+
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

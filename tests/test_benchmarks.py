@@ -53,6 +53,15 @@ def test_bench_train_without_torch(scripts, tmp_path):
         assert {"scratchvae_s", "floor_s", "floor_needed_s", "floor_multiple", "scratchvae_images_per_s"} <= set(r["median"])
         assert len(r["per_round"]["scratchvae_s"]) == 1 and len(r["per_round"]["load"]) == 1
         assert "speedup_vs_torch" not in r["median"]
+    # each side ran in a worker process of its own, warmed up by training; the scratchvae and NumPy-floor
+    # workers never imported torch
+    import os
+    for r in data["results"]:
+        ready = r["worker_ready"]
+        pids = {w["pid"] for w in ready.values()}
+        assert set(ready) == {"scratchvae", "floor"} and len(pids) == 2 and os.getpid() not in pids
+        assert not any(w["torch_imported"] for w in ready.values())
+        assert r["warmup_steps"] == 1
     # 5 Dense layers x 3 products for the MLP
     assert data["results"][0]["floor_products"] == 15
     assert report["json_path"] == str(out)
@@ -125,3 +134,15 @@ def test_torch_twin_is_the_same_model(scripts):
             eps = [rng.standard_normal((6, 20), dtype=np.float32)]
         check = bt.check_equivalence(torch, kind, 0, model, net, Tiny)
         assert check["ok"], check
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
+    import shutil
+    import subprocess
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi: gpu_check.sh would run the real check")
+    run = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "no NVIDIA GPU" in run.stdout
+    assert "no NVIDIA GPU" in (tmp_path / "out" / "log.txt").read_text()
