@@ -197,8 +197,8 @@ def check_run_meta(meta: dict, path) -> dict:
     if len(meta["history"]) != meta["epoch"] or not all(isinstance(h, dict) for h in meta["history"]):
         raise CheckpointError(f"checkpoint {path}: metadata 'history' has {len(meta['history'])} entries for "
                               f"epoch {meta['epoch']}; the file was edited or is corrupted")
-    if meta["batch_in_epoch"] > 0 and (meta.get("partial") is None or meta.get("epoch_rng_state") is None):
-        raise CheckpointError(f"checkpoint {path}: a mid-epoch checkpoint without 'partial' and 'epoch_rng_state'")
+    if meta["batch_in_epoch"] > 0 and meta.get("partial") is None:
+        raise CheckpointError(f"checkpoint {path}: a mid-epoch checkpoint without the epoch's sums ('partial')")
     best = meta.get("best", {"epoch": 0, "valid_loss": math.inf})
     if not (isinstance(best.get("epoch"), int) and 0 <= best["epoch"] <= meta["epoch"]
             and isinstance(best.get("valid_loss"), (int, float))):

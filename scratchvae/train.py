@@ -49,6 +49,14 @@ __all__ = ["TrainConfig", "TrainingDiverged", "RunFailed", "RunState", "train", 
            "iwae_test_nll", "describe_os_error"]
 
 
+# How the run's randomness is drawn (recorded in checkpoints): every epoch's shuffle and noise
+# come from generators seeded by (seed, epoch), so a resumed run regenerates what an
+# uninterrupted one drew, on either backend, without saving a generator's state.
+NOISE_SCHEME = "seed-epoch-v1"
+# The loss sums and the finiteness flag stay on the device and are read every this many steps.
+CHECK_EVERY = 50
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the message says when, which term, and what was kept."""
 
@@ -64,11 +72,9 @@ class RunState:
 
     run_id: str | None
     opt_state: AdamState
-    rng: numpy.random.Generator
     epoch: int = 0                      # epochs finished
     step: int = 0                       # optimizer steps taken
     batch_in_epoch: int = 0             # batches of the current epoch already done
-    epoch_rng_state: dict | None = None   # the generator at the start of the current epoch
     epoch_sums: dict | None = None      # the current epoch's running loss sums, when stopped mid-epoch
     history: list = dataclasses.field(default_factory=list)
     initial_test: dict | None = None
@@ -78,14 +84,14 @@ class RunState:
     def meta(self, cfg: TrainConfig) -> dict:
         return to_jsonable({
             "run_id": self.run_id, "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-            "adam_step": self.opt_state.step, "rng_state": self.rng.bit_generator.state,
-            "epoch_rng_state": self.epoch_rng_state, "config": dataclasses.asdict(cfg), "history": self.history,
+            "adam_step": self.opt_state.step, "rng_state": {"scheme": NOISE_SCHEME},
+            "epoch_rng_state": None, "config": dataclasses.asdict(cfg), "history": self.history,
             "partial": self.epoch_sums, "initial_test": self.initial_test, "best": self.best})
 
 
 @dataclasses.dataclass
 class _Data:
-    train: numpy.ndarray           # (N, D) host, the model's dtype
+    train: object                  # (N, D) on the backend: uint8 for 0/1 pixels, else the model's dtype
     test: numpy.ndarray            # (N_test, D) host
     test_labels: numpy.ndarray | None
     test_dev: object               # the test split on the backend
@@ -106,27 +112,33 @@ def build_model(cfg: TrainConfig, image_shape, be):
                  **common)
 
 
-def train_step(model, opt, opt_state, xb, eps, *, beta, free_bits, lr):
+def train_step(model, opt, opt_state, xb, eps, *, beta, free_bits, lr, sync=True):
     """One optimizer step on the batch ``xb`` (B, D) with the noise ``eps`` (B, L).
 
     Returns ``(opt_state, loss, stats)``; the parameters are updated in place.
-    Raises :class:`~scratchvae.vae.NonFiniteLoss` before any update when the
-    loss is not finite.
+    With ``sync`` (the default) the loss is a host float and a non-finite loss
+    raises :class:`~scratchvae.vae.NonFiniteLoss` before any update; without
+    it the step reads nothing back from the device (the loss is a 0-d array
+    and the caller checks it, as :func:`train` does every few steps).
     """
     model.zero_grad()
-    loss, stats = model.loss_and_grad(xb, eps=eps, beta=beta, free_bits=free_bits, check_data=False)
+    loss, stats = model.loss_and_grad(xb, eps=eps, beta=beta, free_bits=free_bits, check_data=False, sync=sync)
     opt_state = opt.step(model.params, model.grads, opt_state, lr=lr)
     return opt_state, loss, stats
 
 
-def iwae_test_nll(model, x, k, rng, *, chunk=100, progress=None) -> float:
+def iwae_test_nll(model, x, k, rng, *, chunk=None, progress=None) -> float:
     """The test NLL as papers quote it: ``-mean`` of the IWAE bound with ``k`` samples per image.
 
     ``x`` (N, D) on the model's backend, ``rng`` a generator of that backend;
-    the images go through :meth:`VAE.iwae_bound` ``chunk`` at a time (the
+    the images go through :meth:`VAE.iwae_bound` ``chunk`` at a time (default
+    100 on the CPU, 1000 on a GPU, which needs large launches to be busy; the
     progress bar counts images).
     """
     from tqdm.auto import tqdm
+
+    if chunk is None:
+        chunk = 1000 if model.backend.name == "cupy" else 100
 
     bounds = []
     with tqdm(total=x.shape[0], desc=f"IWAE k={k}", unit="img", leave=False, file=sys.stderr,
@@ -224,8 +236,7 @@ class _Run:
 
     def _start(self) -> RunState:
         cfg = self.cfg
-        state = RunState(run_id=new_run_id(), opt_state=self.opt.init(self.model.params),
-                         rng=numpy.random.default_rng(cfg.seed))
+        state = RunState(run_id=new_run_id(), opt_state=self.opt.init(self.model.params))
         state.initial_test = self._test_metrics(0)
         loss_name = "loss" if cfg.model == "vae" else "reconstruction loss"
         self.log(f"{cfg.model} ({cfg.arch}) on {cfg.dataset}: {self.data.train.shape[0]} train / "
@@ -244,11 +255,12 @@ class _Run:
         opt_state = self.opt.init(self.model.params)
         checkpoint.restore(path, arrays, self.model, opt_state, self.be)
         opt_state = opt_state._replace(step=meta["adam_step"])
-        rng = numpy.random.default_rng(self.cfg.seed)
-        rng.bit_generator.state = meta["rng_state"]
-        state = RunState(run_id=meta.get("run_id"), opt_state=opt_state, rng=rng, epoch=meta["epoch"],
-                         step=meta["step"], batch_in_epoch=meta["batch_in_epoch"],
-                         epoch_rng_state=meta.get("epoch_rng_state"), epoch_sums=meta.get("partial"),
+        if meta["rng_state"].get("scheme") != NOISE_SCHEME:
+            self.log(f"note: {path} was written by a scratchvae that drew its noise from one saved generator; "
+                     "the run continues with per-epoch noise, so it will not match an uninterrupted run of that "
+                     "version bit for bit")
+        state = RunState(run_id=meta.get("run_id"), opt_state=opt_state, epoch=meta["epoch"],
+                         step=meta["step"], batch_in_epoch=meta["batch_in_epoch"], epoch_sums=meta.get("partial"),
                          history=meta["history"], initial_test=meta.get("initial_test"),
                          best=meta.get("best", {"epoch": 0, "valid_loss": math.inf}), saved_epoch=meta["epoch"])
         if self.cfg.keep_best and state.best["epoch"] > 0:
@@ -264,59 +276,115 @@ class _Run:
         return state
 
     def _run_epoch(self, stop, on_step) -> bool:
-        """Train the rest of the current epoch; False when Ctrl-C stopped it midway."""
+        """Train the rest of the current epoch; False when Ctrl-C stopped it midway.
+
+        The step reads nothing back from the device: the loss sums and a
+        finiteness flag accumulate there and are read every CHECK_EVERY steps
+        (and at the end), after a snapshot of the parameters and Adam state
+        was taken; a non-finite loss is then found exactly by replaying the
+        steps since the snapshot, one checked step at a time.
+        """
         from tqdm.auto import tqdm
 
-        cfg, st, n = self.cfg, self.state, self.data.train.shape[0]
-        perm, sums = self._epoch_order()
+        cfg, st, xp = self.cfg, self.state, self.be.xp
+        n = self.data.train.shape[0]
+        self._noise = self._epoch_noise(st.epoch)
+        sums = dict(st.epoch_sums) if st.batch_in_epoch else {"loss": 0.0, "recon": 0.0, "kl": 0.0, "batches": 0,
+                                                             "seconds": 0.0}
         t0 = time.perf_counter()
         with tqdm(total=n, initial=min(n, st.batch_in_epoch * cfg.batch_size), unit="img", leave=False,
                   desc=f"epoch {st.epoch + 1}/{cfg.epochs}", file=sys.stderr,
                   disable=(not self.progress) if self.progress is not None else None) as bar:
+            snapshot = self._snapshot(st.batch_in_epoch)
+            pending, finite = xp.zeros(3, dtype=xp.float64), xp.ones((), dtype=bool)
             for b in range(st.batch_in_epoch, self.steps_per_epoch):
-                self.where = f"epoch {st.epoch + 1}, step {st.step + 1} (batch {b + 1} of {self.steps_per_epoch})"
-                xb, eps = self._batch(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
-                st.opt_state, loss, stats = train_step(
-                    self.model, self.opt, st.opt_state, self.be.asarray(xb), self.be.asarray(eps),
-                    beta=self._beta(), free_bits=cfg.free_bits,
-                    lr=geometric_lr(cfg.lr, cfg.lr_final, st.step, cfg.epochs * self.steps_per_epoch))
-                st.step += 1
-                for key, value in (("loss", loss), ("recon", stats["recon"]), ("kl", stats["kl"]), ("batches", 1)):
-                    sums[key] += value
-                bar.update(xb.shape[0])
-                if b % 20 == 0 and not bar.disable:
-                    bar.set_postfix(loss=f"{sums['loss'] / sums['batches']:.2f}")
+                loss, stats = self._step(b, sync=False)
+                pending += xp.stack([loss, stats["recon"], stats["kl"]]).astype(xp.float64)
+                finite &= xp.isfinite(loss)
+                bar.update(min(cfg.batch_size, n - b * cfg.batch_size))
                 if on_step is not None:
                     on_step(st.step, stats)
-                if stop.requested and b + 1 < self.steps_per_epoch:
-                    self.be.synchronize()
+                last = b + 1 == self.steps_per_epoch
+                if last or stop.requested or (b + 1 - snapshot["batch"]) % CHECK_EVERY == 0:
+                    self._check(snapshot, b, pending, finite, sums, on_step)
+                    if not bar.disable:
+                        bar.set_postfix(loss=f"{sums['loss'] / max(sums['batches'], 1):.2f}")
+                    snapshot = self._snapshot(b + 1)
+                    pending, finite = xp.zeros(3, dtype=xp.float64), xp.ones((), dtype=bool)
+                if stop.requested and not last:
                     sums["seconds"] += time.perf_counter() - t0
                     st.batch_in_epoch, st.epoch_sums = b + 1, sums
                     return False
-            self.be.synchronize()
         sums["seconds"] += time.perf_counter() - t0
         st.batch_in_epoch, st.epoch_sums = 0, sums
         return True
 
-    def _epoch_order(self):
-        """The current epoch's permutation and running sums (replayed when resuming mid-epoch)."""
-        st, n = self.state, self.data.train.shape[0]
-        if st.batch_in_epoch == 0:
-            st.epoch_rng_state = st.rng.bit_generator.state
-            return st.rng.permutation(n), {"loss": 0.0, "recon": 0.0, "kl": 0.0, "batches": 0, "seconds": 0.0}
-        resume_state = st.rng.bit_generator.state
-        st.rng.bit_generator.state = st.epoch_rng_state
-        perm = st.rng.permutation(n)
-        st.rng.bit_generator.state = resume_state
-        return perm, dict(st.epoch_sums)
+    def _step(self, b, *, sync):
+        """Train on batch ``b`` of the current epoch (no host transfer: data and noise are on the device)."""
+        cfg, st = self.cfg, self.state
+        self.where = f"epoch {st.epoch + 1}, step {st.step + 1} (batch {b + 1} of {self.steps_per_epoch})"
+        xb, eps = self._batch(b)
+        st.opt_state, loss, stats = train_step(
+            self.model, self.opt, st.opt_state, xb, eps, beta=self._beta(), free_bits=cfg.free_bits,
+            lr=geometric_lr(cfg.lr, cfg.lr_final, st.step, cfg.epochs * self.steps_per_epoch), sync=sync)
+        st.step += 1
+        return loss, stats
 
-    def _batch(self, idx):
-        """Host batch (B, D) and noise eps (B, L), drawn in a fixed order from the run's generator."""
-        xb = self.data.train[idx]
+    def _check(self, snapshot, b, pending, finite, sums, on_step):
+        """Read the device's sums and flag (one transfer); on a non-finite loss, replay from ``snapshot``."""
+        flag, values = self.be.asnumpy(finite), self.be.asnumpy(pending)
+        if not bool(flag):
+            self._replay(snapshot, b, on_step)      # raises NonFiniteLoss at the exact step and term
+        for key, value in zip(("loss", "recon", "kl"), values.tolist()):
+            sums[key] += value
+        sums["batches"] += b + 1 - snapshot["batch"]
+
+    def _snapshot(self, batch) -> dict:
+        """Copies (on the device, into buffers reused from one snapshot to the next) of what the
+        steps from ``batch`` on change, to replay them from."""
+        st, xp = self.state, self.be.xp
+        if getattr(self, "_snapshot_buffers", None) is None:
+            self._snapshot_buffers = {part: {k: xp.empty_like(a) for k, a in arrays.items()} for part, arrays in
+                                      (("params", self.model.params), ("m", st.opt_state.m), ("v", st.opt_state.v))}
+        for part, arrays in (("params", self.model.params), ("m", st.opt_state.m), ("v", st.opt_state.v)):
+            for k, a in arrays.items():
+                xp.copyto(self._snapshot_buffers[part][k], a)
+        return dict(self._snapshot_buffers, batch=batch, step=st.step, adam_step=st.opt_state.step)
+
+    def _replay(self, snapshot, b, on_step):
+        """Restore ``snapshot`` and redo its steps checked one by one, so the error names the step and term."""
+        st = self.state
+        for k, p in self.model.params.items():
+            p[...] = snapshot["params"][k]
+        for k in st.opt_state.m:
+            st.opt_state.m[k][...] = snapshot["m"][k]
+            st.opt_state.v[k][...] = snapshot["v"][k]
+        st.opt_state, st.step = st.opt_state._replace(step=snapshot["adam_step"]), snapshot["step"]
+        for replayed in range(snapshot["batch"], b + 1):
+            _, stats = self._step(replayed, sync=True)
+            if on_step is not None:
+                on_step(st.step, stats)
+        raise NonFiniteLoss(f"a loss of steps {snapshot['step'] + 1} to {st.step} was not finite, but not when "
+                            "they were replayed one by one (a nondeterministic fault)")
+
+    def _epoch_noise(self, epoch):
+        """The epoch's shuffle (a device index array) and eps for all its steps (steps, B, L), on the device."""
+        cfg, be = self.cfg, self.be
+        n = self.data.train.shape[0]
+        perm = numpy.random.default_rng(_seeds(cfg.seed, epoch, 0)).permutation(n)
+        eps = be.rng(_seeds(cfg.seed, epoch, 1)).standard_normal(
+            (self.steps_per_epoch, cfg.batch_size, cfg.latent_dim), dtype=numpy.dtype(cfg.dtype))
+        return {"perm": be.asarray(perm), "eps": eps, "epoch": epoch}
+
+    def _batch(self, b):
+        """Batch ``b`` (B, D) and its eps (B, L), gathered on the device; dynamic binarization drawn there."""
+        cfg, noise = self.cfg, self._noise
+        idx = noise["perm"][b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        xb = self.data.train[idx].astype(numpy.dtype(cfg.dtype))
         if self.data.dynamic:
-            xb = datasets.binarize_dynamic(xb, self.state.rng)
-        eps = self.state.rng.standard_normal((xb.shape[0], self.cfg.latent_dim)).astype(xb.dtype)
-        return xb, eps
+            u = self.be.rng(_seeds(cfg.seed, noise["epoch"], 2 + b)).random(xb.shape, dtype=xb.dtype)
+            xb = (u < xb).astype(xb.dtype)
+        return xb, noise["eps"][b, :xb.shape[0]]
 
     def _beta(self) -> float:
         cfg = self.cfg
@@ -447,10 +515,19 @@ def _prepare_data(cfg: TrainConfig, be, log) -> _Data:
         if x is not None:
             datasets.validate_images(x, cfg.likelihood, name=f"{cfg.dataset} {name}", expected_shape=data.image_shape)
     dtype = numpy.dtype(cfg.dtype)
-    return _Data(train=numpy.ascontiguousarray(x_train, dtype=dtype), test=x_test, test_labels=test_labels,
+    # the training split lives on the device for the whole run: 0/1 pixels as uint8 (a quarter of the
+    # float32 size), expanded batch by batch
+    binary = data.binary and not data.dynamic_binarization
+    train_dev = be.asarray(numpy.ascontiguousarray(x_train, dtype=numpy.uint8 if binary else dtype))  # rows contiguous
+    return _Data(train=train_dev, test=x_test, test_labels=test_labels,
                  test_dev=be.asarray(x_test, dtype=dtype),
                  valid_dev=None if x_valid is None else be.asarray(x_valid, dtype=dtype),
                  image_shape=data.image_shape, dynamic=data.dynamic_binarization)
+
+
+def _seeds(seed: int, epoch: int, stream: int) -> int:
+    """A 63-bit seed for one stream (0: shuffle, 1: eps, 2 + b: batch b's binarization) of one epoch."""
+    return int(numpy.random.SeedSequence([seed, epoch, stream]).generate_state(1, numpy.uint64)[0] >> numpy.uint64(1))
 
 
 def _checkpoint_path(resume) -> pathlib.Path:

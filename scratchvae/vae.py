@@ -168,7 +168,7 @@ class _Model:
             return -losses.bce_with_logits_value(out, x)
         return -losses.gaussian_nll_value(out, x, self.out_log_sigma)
 
-    def evaluate(self, x, rng, batch_size: int = 1000) -> dict:
+    def evaluate(self, x, rng, batch_size: int | None = None) -> dict:
         """Negative ELBO (beta = 1, no free bits), recon and KL: per-example means over ``x``.
 
         No gradients are computed. ``rng`` is a generator of the model's
@@ -176,6 +176,8 @@ class _Model:
         Returns host floats ``{"loss", "recon", "kl"}``.
         """
         x = self._checked_input(x)
+        if batch_size is None:   # sized for the device: a GPU wants large batches, a CPU its caches
+            batch_size = 10_000 if self.backend.name == "cupy" else 1000
         totals = numpy.zeros(2)
         for start in range(0, x.shape[0], batch_size):
             recon, kl = self._eval_terms(x[start:start + batch_size], rng)   # (b,), (b,)
@@ -251,7 +253,7 @@ class VAE(_Model):
         h = self.encoder.forward(self._as_input(x))
         return self.mu_head.forward(h), self.log_sigma_head.forward(h)
 
-    def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True):
+    def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True, sync=True):
         """Negative ELBO in nats per example; accumulates its gradient into ``grads``.
 
         Parameters
@@ -271,14 +273,21 @@ class VAE(_Model):
         check_data : bool
             Check x for NaN/Inf and range (one reduction); the trainer
             validates the whole data set once and turns this off.
+        sync : bool
+            True: return host floats and raise :class:`NonFiniteLoss` at
+            once (each costs a device-to-host read). False: return 0-d arrays
+            on the model's backend and leave the finiteness check to the
+            caller (the trainer checks every few steps), so the step queues
+            its work without waiting for the device.
 
         Returns
         -------
-        loss : float
+        loss : float (0-d array with ``sync=False``)
             ``mean_b recon + beta * KL term``.
         stats : dict
             ``recon`` and ``kl`` (per-example means, nats), ``kl_term`` (the
-            KL as it enters the loss, after free bits), ``kl_per_dim`` (L,) host array.
+            KL as it enters the loss, after free bits), ``kl_per_dim`` (L,)
+            (a host float64 array, or the device array with ``sync=False``).
         """
         x = self._checked_input(x) if check_data else self._as_input(x)
         _check_loss_weights(beta, free_bits)
@@ -293,9 +302,13 @@ class VAE(_Model):
         out = self.decoder.forward(z)                      # (B, D)
         nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / B)   # (B,), (B, D), (D,) or None
         kl_per_dim = kl.mean(axis=0)                       # (L,)
-        recon, kl_mean = float(nll.mean()), float(kl_per_dim.sum())
-        self._raise_if_not_finite(recon, kl_mean, mu, log_sigma)
-        kl_term, kl_weight = self._kl_term_and_weight(kl_per_dim, beta, free_bits, B)   # float, (L,)
+        recon, kl_mean = nll.mean(), kl_per_dim.sum()      # 0-d, on the backend
+        if sync:
+            recon, kl_mean = float(recon), float(kl_mean)
+            self._raise_if_not_finite(recon, kl_mean, mu, log_sigma)
+        kl_term, kl_weight = self._kl_term_and_weight(kl_per_dim, beta, free_bits, B)   # 0-d, (L,)
+        if sync:
+            kl_term = float(kl_term)
 
         # backward
         if self._learn_out_log_sigma:
@@ -307,8 +320,8 @@ class VAE(_Model):
         self.encoder.backward(dh)
 
         loss = recon + beta * kl_term
-        return loss, {"loss": loss, "recon": recon, "kl": kl_mean, "kl_term": kl_term,
-                      "kl_per_dim": self.backend.asnumpy(kl_per_dim).astype(numpy.float64)}
+        per_dim = self.backend.asnumpy(kl_per_dim).astype(numpy.float64) if sync else kl_per_dim
+        return loss, {"loss": loss, "recon": recon, "kl": kl_mean, "kl_term": kl_term, "kl_per_dim": per_dim}
 
     def _noise(self, B, rng, eps):
         """eps (B, L): the given one (checked), or standard normal from ``rng``."""
@@ -334,7 +347,7 @@ class VAE(_Model):
             raise NonFiniteLoss("; ".join(bad))
 
     def _kl_term_and_weight(self, kl_per_dim, beta, free_bits, B):
-        """The KL as it enters the loss, and each dimension's KL-gradient weight (L,).
+        """The KL as it enters the loss (0-d, on the backend), and each dimension's KL-gradient weight (L,).
 
         Without free bits: ``sum_j KL_j`` and ``beta / B`` everywhere. With
         free bits lambda: ``sum_j max(lambda, KL_j)``, and dimensions at the
@@ -343,8 +356,8 @@ class VAE(_Model):
         xp = self.xp
         if free_bits > 0:
             active = kl_per_dim > free_bits                # (L,) dims above the floor get gradients
-            return float(xp.maximum(kl_per_dim, free_bits).sum()), (beta / B) * active.astype(self.dtype)
-        return float(kl_per_dim.sum()), xp.full((self.latent_dim,), beta / B, dtype=self.dtype)
+            return xp.maximum(kl_per_dim, free_bits).sum(), (beta / B) * active.astype(self.dtype)
+        return kl_per_dim.sum(), xp.full((self.latent_dim,), beta / B, dtype=self.dtype)
 
     def _eval_terms(self, x, rng, eps=None):
         """-log p(x|z) (B,) and KL (B,) for one z per example; no gradients."""
@@ -359,7 +372,7 @@ class VAE(_Model):
         recon, kl = self._eval_terms(self._checked_input(x), rng, eps)
         return self.backend.asnumpy(-(recon + kl)).astype(numpy.float64)
 
-    def iwae_bound(self, x, k: int, rng, max_elements: int = 2 ** 24):
+    def iwae_bound(self, x, k: int, rng, max_elements: int | None = None):
         """Importance-weighted lower bound on log p(x) (Burda et al. 2015).
 
         For each example, with z_i ~ q(z | x), i = 1..k::
@@ -387,6 +400,8 @@ class VAE(_Model):
             raise ValueError(f"iwae_bound: k must be an integer >= 1, got {k!r}")
         xp = self.xp
         x = self._checked_input(x)
+        if max_elements is None:   # 64 MB of float32 decoder outputs on the CPU, 512 MB on a GPU
+            max_elements = 2 ** 27 if self.backend.name == "cupy" else 2 ** 24
         B, L = x.shape[0], self.latent_dim
         mu, log_sigma = self.encode(x)                      # (B, L)
         sigma = xp.exp(log_sigma)
@@ -440,26 +455,29 @@ class Autoencoder(_Model):
         recon = -self._log_px(self.decoder.forward(code), x)
         return recon, self.xp.zeros_like(recon)
 
-    def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True):
+    def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True, sync=True):
         """Reconstruction NLL per example (nats); accumulates its gradient.
 
         ``rng``, ``eps``, ``beta`` and ``free_bits`` are accepted for
-        interface parity with :class:`VAE` and ignored.
+        interface parity with :class:`VAE` and ignored; ``sync`` as there.
         """
         x = self._checked_input(x) if check_data else self._as_input(x)
         B = x.shape[0]
         code = self.code_head.forward(self.encoder.forward(x))   # (B, L)
         out = self.decoder.forward(code)                          # (B, D)
         nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / B)
-        recon = float(nll.mean())
-        if not math.isfinite(recon):
-            raise NonFiniteLoss(f"the reconstruction term (-log p(x|z), {self.likelihood}) is {recon}")
+        recon = nll.mean()                                        # 0-d, on the backend
+        zero = self.xp.zeros((), dtype=self.dtype)
+        if sync:
+            recon, zero = float(recon), 0.0
+            if not math.isfinite(recon):
+                raise NonFiniteLoss(f"the reconstruction term (-log p(x|z), {self.likelihood}) is {recon}")
         if self._learn_out_log_sigma:
             self.grads["decoder.out_log_sigma"] += dout_log_sigma
         dcode = self.decoder.backward(dout)
         self.encoder.backward(self.code_head.backward(dcode))
-        return recon, {"loss": recon, "recon": recon, "kl": 0.0, "kl_term": 0.0,
-                       "kl_per_dim": numpy.zeros(self.latent_dim)}
+        per_dim = numpy.zeros(self.latent_dim) if sync else self.xp.zeros(self.latent_dim, dtype=self.dtype)
+        return recon, {"loss": recon, "recon": recon, "kl": zero, "kl_term": zero, "kl_per_dim": per_dim}
 
 
 def _check_loss_weights(beta, free_bits) -> None:

@@ -97,7 +97,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     pr, mr = params_of(tmp_path / "part")
     assert pw.keys() == pr.keys()
     assert_same_params(pw, pr)
-    assert mw["rng_state"] == mr["rng_state"] and mw["step"] == mr["step"]
+    assert mw["step"] == mr["step"] and mw["adam_step"] == mr["adam_step"]
     assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
@@ -333,3 +333,60 @@ def test_evaluate_run_script_reads_best_and_last(tmp_path):
     res = subprocess.run([sys.executable, str(script), str(tmp_path / "missing")], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 1 and "does not exist" in res.stderr
+
+
+def test_the_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """Run on NumPy with the backend's transfer and sync functions counted: between the checks
+    every CHECK_EVERY steps (and at an epoch's end), a step calls none of them, and the trainer
+    itself copies nothing from the host during an epoch."""
+    import sys as _sys
+
+    import scratchvae.train as train_mod
+    from scratchvae import backend as backend_mod
+
+    calls = []
+
+    class Counting(backend_mod.Backend):
+        def asnumpy(self, a):
+            calls.append("asnumpy")
+            return super().asnumpy(a)
+
+        def synchronize(self):
+            calls.append("synchronize")
+            return super().synchronize()
+
+        def asarray(self, a, dtype=None):
+            if _sys._getframe(1).f_globals.get("__name__") == "scratchvae.train":
+                calls.append("asarray from the trainer")
+            return super().asarray(a, dtype=dtype)
+
+    counting = Counting(name="numpy", xp=np, device="cpu")
+    monkeypatch.setattr(backend_mod, "get", lambda name="numpy": counting)
+    monkeypatch.setattr(train_mod, "CHECK_EVERY", 4)
+    per_step = {}
+
+    def count(step, stats):
+        per_step[step] = len(calls)
+        assert not isinstance(stats["recon"], float)      # device values, not host floats
+
+    train(small(tmp_path / "run", epochs=1, limit=640, batch_size=32, test_limit=50), log=quiet, on_step=count)
+    steps = sorted(per_step)                                # 20 steps: checks after steps 4, 8, ..., 20
+    moved = [s for s in steps[1:] if per_step[s] != per_step[s - 1]]
+    assert moved == [5, 9, 13, 17], moved                  # only the steps right after a check saw a transfer
+
+
+def test_dynamic_binarization_resumes_bit_identically(tmp_path, monkeypatch):
+    x = np.random.default_rng(0).random((200, 784)).astype(np.float32)
+    fake = datasets.Dataset(name="fake", train=x, valid=None, test=x[:40], image_shape=(1, 28, 28),
+                            dynamic_binarization=True)
+    monkeypatch.setattr(datasets, "load", lambda *a, **k: fake)
+    whole = train(small(tmp_path / "whole", epochs=2, limit=None, batch_size=32), log=quiet)
+
+    def press_ctrl_c(step, stats):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    assert train(small(tmp_path / "cut", epochs=2, limit=None, batch_size=32), log=quiet,
+                 on_step=press_ctrl_c)["status"] == "interrupted"
+    resumed = train(small(tmp_path / "cut", epochs=2, limit=None, batch_size=32), resume=tmp_path / "cut", log=quiet)
+    assert strip_times(resumed["history"]) == strip_times(whole["history"])
+    assert_same_params(params_of(tmp_path / "whole")[0], params_of(tmp_path / "cut")[0])
