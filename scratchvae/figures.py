@@ -414,10 +414,13 @@ def plot_curves(history, path, run_id=None):
     if not history:
         raise ValueError("plot_curves needs at least one epoch in history")
     epochs = np.asarray([h.get("epoch", i + 1) for i, h in enumerate(history)], dtype=np.float64)
+    kls = [h.get(k) for h in history for k in ("train_kl", "test_kl") if h.get(k) is not None]
+    autoencoder = bool(kls) and all(v == 0 for v in kls)    # a plain autoencoder records KL = 0
     panels = [
-        ("Negative ELBO", "train_loss", "test_loss", "negative ELBO (nats)"),
+        ("Reconstruction loss (no KL term)", "train_loss", "test_loss", "reconstruction NLL (nats)") if autoencoder
+        else ("Negative ELBO", "train_loss", "test_loss", "negative ELBO (nats)"),
         ("Reconstruction", "train_recon", "test_recon", "reconstruction NLL (nats)"),
-        ("KL(q(z|x) || p(z))", "train_kl", "test_kl", "KL (nats)"),
+        ("KL(q(z|x) || p(z))", None if autoencoder else "train_kl", None if autoencoder else "test_kl", "KL (nats)"),
     ]
     fig = Figure(figsize=(13, 3.8), layout="constrained")
     axes = fig.subplots(1, 3)
@@ -425,7 +428,7 @@ def plot_curves(history, path, run_id=None):
     for ax, (title, tr_key, te_key, ylabel) in zip(axes, panels):
         drawn = False
         for key, label, style in ((tr_key, "train", "-o"), (te_key, "test", "--s")):
-            vals = _series(history, key)
+            vals = None if key is None else _series(history, key)
             if vals is None:
                 continue
             ok = ~np.isnan(vals)
@@ -434,8 +437,8 @@ def plot_curves(history, path, run_id=None):
         if drawn:
             ax.legend(fontsize=8)
         else:
-            ax.text(0.5, 0.5, "not recorded\n(plain autoencoder?)", ha="center", va="center",
-                    transform=ax.transAxes, color="gray")
+            ax.text(0.5, 0.5, "none: a plain autoencoder has no KL term" if autoencoder else "not recorded",
+                    ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)

@@ -358,3 +358,21 @@ def test_attribute_rows_end_in_the_target_decoding_not_a_blank_tile(tmp_path, mo
     last_tiles = images.reshape(3, ncols, -1)[:, -1]
     assert not np.allclose(last_tiles, 0.5), "a blank grey tile ends the attribute rows"
     assert np.allclose(last_tiles, last_tiles[0])     # the same target, decode(mean mu[a]), on every row
+
+
+def test_autoencoder_curves_say_reconstruction_loss_not_elbo(tmp_path, monkeypatch):
+    titles = []
+    real_set_title = matplotlib.axes.Axes.set_title
+
+    def record(self, label, *args, **kw):
+        titles.append(label)
+        return real_set_title(self, label, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", record)
+    ae = [{"epoch": e, "train_loss": 90.0 / e, "test_loss": 95.0 / e, "train_recon": 90.0 / e,
+           "test_recon": 95.0 / e, "train_kl": 0.0, "test_kl": 0.0} for e in (1, 2)]   # as the trainer records an AE
+    figures.plot_curves(ae, tmp_path / "ae.png")
+    assert not any("ELBO" in t for t in titles), titles
+    titles.clear()
+    figures.plot_curves(HISTORY, tmp_path / "vae.png")
+    assert "Negative ELBO" in titles
