@@ -115,8 +115,63 @@ def run(dtype):
     compare(f"{name} adam v", v2, v1, dtype)
 
 
+def check_streams():
+    """Every launch wrapper launches on the stream it is given (the public functions pass CuPy's
+    current stream): each kernel's launch configuration is recorded, then the results are compared."""
+    from numba import cuda
+    stream = cuda.stream()
+    seen = {}
+    originals = {name: getattr(ck, name) for name in ("bce_with_logits_kernel", "gaussian_nll_kernel",
+                                                      "reparameterize_kl_kernel",
+                                                      "reparameterize_kl_backward_kernel", "adam_kernel")}
+
+    class Recording:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, config):
+            seen[self.name] = config[2] if len(config) > 2 else 0
+            return self.kernel[config]
+
+    for name, kernel in originals.items():
+        setattr(ck, name, Recording(name, kernel))
+    try:
+        rng = np.random.default_rng(3)
+        f = np.float32
+        a, b = rng.standard_normal((B, D)).astype(f), rng.random((B, D)).astype(f)
+        nll, dl = np.empty(B, f), np.empty((B, D), f)
+        ck.bce_with_logits_into(a, b, 0.5, nll, dl, threads=16, stream=stream)
+        compare("float32 bce on a stream", nll, losses.bce_with_logits(a, b, 0.5)[0], f)
+        ls = (0.1 * rng.standard_normal(D)).astype(f)
+        n2, dm, dls = np.empty(B, f), np.empty((B, D), f), np.empty(D, f)
+        ck.gaussian_nll_into(a, b, ls, 0.5, n2, dm, dls, threads=16, stream=stream)
+        compare("float32 gaussian on a stream", n2, losses.gaussian_nll(a, b, ls, 0.5)[0], f)
+        mu, lsg, eps = (rng.standard_normal((B, L)).astype(f) for _ in range(3))
+        z, kl = np.empty((B, L), f), np.empty((B, L), f)
+        ck.reparameterize_kl_into(mu, lsg, eps, z, kl, threads=8, stream=stream)
+        compare("float32 reparam on a stream", z, losses.reparameterize_kl(mu, lsg, eps)[0], f)
+        dmu, dlsg = np.empty((B, L), f), np.empty((B, L), f)
+        w = np.full(L, 0.25, f)
+        ck.reparameterize_kl_backward_into(z, mu, lsg, eps, w, dmu, dlsg, threads=8, stream=stream)
+        compare("float32 reparam backward on a stream", dmu, losses.reparameterize_kl_backward(z, mu, lsg, eps, w)[0], f)
+        p1, g = rng.standard_normal(9).astype(f), rng.standard_normal(9).astype(f)
+        p2, m1, v1, m2, v2 = p1.copy(), *(np.zeros(9, f) for _ in range(4))
+        hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+        ck.adam_update_many_into([p2], [g], [m2], [v2], threads=8, stream=stream, **hyper)
+        optim.adam_update(p1, g, m1, v1, **hyper)
+        compare("float32 adam on a stream", p2, p1, f)
+    finally:
+        for name, kernel in originals.items():
+            setattr(ck, name, kernel)
+    wrong = {name: s for name, s in seen.items() if s is not stream}
+    print(f"{'ok ' if not wrong and len(seen) == 5 else 'BAD'} every kernel launched on the given stream: {sorted(seen)}")
+    if wrong or len(seen) != 5:
+        failures.append(f"streams {wrong or seen}")
+
+
 for dt in (np.float32, np.float64):
     run(dt)
+check_streams()
 if failures:
     print(f"{len(failures)} mismatches: {failures}")
     sys.exit(1)
