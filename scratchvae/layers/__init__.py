@@ -8,7 +8,8 @@ from .base import Layer
 from .containers import Sequential
 from .conv import Conv2d, ConvTranspose2d
 from .dense import Dense
+from .pooling import MaxPool2d, Upsample2d
 from .shape import Flatten, FromCHWB, Reshape, ToCHWB
 
 __all__ = ["Layer", "Dense", "Conv2d", "ConvTranspose2d", "ReLU", "LeakyReLU", "Sigmoid", "Tanh",
-           "Softplus", "Flatten", "Reshape", "ToCHWB", "FromCHWB", "Sequential"]
+           "Softplus", "Flatten", "Reshape", "ToCHWB", "FromCHWB", "Sequential", "MaxPool2d", "Upsample2d"]
