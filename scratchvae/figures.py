@@ -818,12 +818,63 @@ def plot_interpolation(model, x_test, path, rng, labels=None, n_pairs=6, steps=1
     })
 
 
+def plot_posterior(history, path, run_id=None):
+    """Posterior collapse made visible: the KL of each latent dimension and the active units.
+
+    Left: the last epoch's test KL per dimension, a bar per dimension, dark
+    where the dimension is active (``Var_x(E_q[z_j]) > 0.01``, Burda et al.).
+    Right: the number of active units per epoch.
+
+    Parameters
+    ----------
+    history : list of dict
+        Per-epoch records with ``kl_per_dim``, ``latent_activity`` and
+        ``active_units`` (as the trainer writes them for a VAE).
+    path : str or os.PathLike
+
+    Returns
+    -------
+    dict
+        ``path``, ``active_units`` (last epoch), ``latent_dim``, ``collapsed``
+        (the indices of the inactive dimensions).
+    """
+    rows = [h for h in history if h.get("kl_per_dim") is not None]
+    if not rows:
+        raise ValueError("plot_posterior needs epochs with kl_per_dim (a VAE's history)")
+    last = rows[-1]
+    kl = np.asarray(last["kl_per_dim"], dtype=np.float64)
+    active = np.asarray(last["latent_activity"], dtype=np.float64) > 0.01
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[2, 1])
+    dims = np.arange(kl.size)
+    ax1.bar(dims[active], kl[active], color="#1f4e79", label="active")
+    if not active.all():
+        ax1.bar(dims[~active], kl[~active], color="#c0c0c0", label="inactive (collapsed)")
+    ax1.set_xlabel("latent dimension")
+    ax1.set_ylabel("test KL (nats)")
+    ax1.set_title(f"KL per dimension, epoch {last.get('epoch', len(rows))}: {int(active.sum())} of {kl.size} "
+                  "active (Var_x E[z_j] > 0.01)", fontsize=10)
+    ax1.legend(fontsize=8)
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(rows)]
+    ax2.plot(epochs, [h["active_units"] for h in rows], "-o", ms=4)
+    ax2.set_ylim(0, kl.size + 0.5)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("active units")
+    ax2.set_title("Active units per epoch", fontsize=10)
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.grid(alpha=0.3)
+    _save(fig, path, run_id)
+    return to_jsonable({"path": os.fspath(path), "active_units": int(active.sum()), "latent_dim": int(kl.size),
+                        "collapsed": np.flatnonzero(~active)})
+
+
 def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None):
     """Write every figure into ``out_dir``.
 
     Files: ``samples.png``, ``reconstructions.png``, ``curves.png`` (only
-    when ``history`` is given), ``latent.png``, ``manifold.png`` and
-    ``interpolation.png``.
+    when ``history`` is given), ``posterior.png`` (a VAE's history),
+    ``latent.png``, ``manifold.png`` and ``interpolation.png``.
 
     Parameters
     ----------
@@ -854,6 +905,8 @@ def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None
                "reconstructions": plot_reconstructions(model, x_test, p("reconstructions"), run_id=run_id)}
     if history:
         results["curves"] = plot_curves(history, p("curves"), run_id=run_id)
+        if any(h.get("kl_per_dim") is not None for h in history):
+            results["posterior"] = plot_posterior(history, p("posterior"), run_id=run_id)
     results["latent"] = plot_latent(model, x_test, p("latent"), labels=labels, run_id=run_id)
     results["manifold"] = plot_manifold(model, p("manifold"), x_test=x_test, run_id=run_id)
     results["interpolation"] = plot_interpolation(model, x_test, p("interpolation"), rng, run_id=run_id,

@@ -403,6 +403,10 @@ class _Run:
                   "test_recon": test["recon"], "test_kl": test["kl"], "seconds": seconds,
                   "images_per_s": n / seconds if seconds > 0 else float("nan"),
                   "lr": geometric_lr(cfg.lr, cfg.lr_final, st.step - 1, cfg.epochs * self.steps_per_epoch)}
+        if cfg.model == "vae":   # posterior collapse, made visible: active units and the KL of each dimension
+            latent = self.model.latent_activity(self.data.test_dev)
+            record.update(active_units=latent["active_units"], kl_per_dim=latent["kl_per_dim"].tolist(),
+                          latent_activity=latent["activity"].tolist())
         if cfg.keep_best:
             record["valid_loss"] = self.model.evaluate(self.data.valid_dev,
                                                        self.be.rng(cfg.seed * 1_000_003 + 500_000 + st.epoch + 1))["loss"]
@@ -419,7 +423,8 @@ class _Run:
         best_mark = "*" if st.best["epoch"] == st.epoch else " "
         self.log(f"epoch {st.epoch:3d}/{cfg.epochs}  train {record['train_loss']:8.3f}  "
                  + (f"valid {record['valid_loss']:8.3f}{best_mark} " if cfg.keep_best else "")
-                 + (f"test {record['test_loss']:8.3f} (recon {record['test_recon']:7.3f}, kl {record['test_kl']:6.3f})"
+                 + (f"test {record['test_loss']:8.3f} (recon {record['test_recon']:7.3f}, kl {record['test_kl']:6.3f}, "
+                    f"active {record['active_units']}/{cfg.latent_dim})"
                     if cfg.model == "vae" else f"test reconstruction loss {record['test_loss']:8.3f}")
                  + f"  {seconds:6.1f} s  {record['images_per_s']:8.0f} img/s")
 
@@ -453,7 +458,8 @@ class _Run:
                      f"{st.best['valid_loss']:.3f}) from {self.best_path}")
         summary.update(status="finished", history=st.history, epochs=st.epoch, steps=st.step,
                        test_loss=final.get("test_loss"), test_recon=final.get("test_recon"),
-                       test_kl=final.get("test_kl"), train_seconds=sum(h["seconds"] for h in st.history))
+                       test_kl=final.get("test_kl"), active_units=final.get("active_units"),
+                       kl_per_dim=final.get("kl_per_dim"), train_seconds=sum(h["seconds"] for h in st.history))
         if cfg.iwae_k > 0 and cfg.model == "vae":
             t0 = time.perf_counter()
             nll = iwae_test_nll(self.model, self.data.test_dev, cfg.iwae_k, self.be.rng(cfg.seed + 7),

@@ -53,6 +53,7 @@ __all__ = ["VAE", "Autoencoder", "NonFiniteLoss", "mlp_vae", "conv_vae", "mlp_au
            "LIKELIHOODS"]
 
 LIKELIHOODS = ("bernoulli", "gaussian")
+ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al. (2015): a latent dimension is active when Var_x(E_q[z_j]) > 0.01
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -366,6 +367,29 @@ class VAE(_Model):
             eps = rng.standard_normal(mu.shape, dtype=self.dtype)
         z, kl = losses.reparameterize_kl(mu, log_sigma, self.backend.asarray(eps, dtype=self.dtype))
         return -self._log_px(self.decoder.forward(z), x), kl.sum(axis=1)
+
+    def latent_activity(self, x, batch_size: int | None = None) -> dict:
+        """Posterior collapse made visible: per latent dimension, over the images ``x``.
+
+        Returns host float64 arrays of shape (L,): ``activity``, Burda et al.'s
+        ``Cov_x(E_q[z_j | x]) = Var_x(mu_j)``; ``kl_per_dim``, the analytic
+        ``mean_x KL(q(z_j | x) || N(0, 1))``; and ``active_units``, the number
+        of dimensions whose activity exceeds 0.01 (Burda et al.'s threshold).
+        No noise is drawn.
+        """
+        x = self._checked_input(x)
+        if batch_size is None:
+            batch_size = 10_000 if self.backend.name == "cupy" else 1000
+        mus, kls = [], []
+        for start in range(0, x.shape[0], batch_size):
+            mu, log_sigma = self.encode(x[start:start + batch_size])           # (b, L)
+            kl = losses.reparameterize_kl(mu, log_sigma, self.xp.zeros_like(mu))[1]
+            mus.append(self.backend.asnumpy(mu).astype(numpy.float64))
+            kls.append(self.backend.asnumpy(kl.sum(axis=0)).astype(numpy.float64))
+        mu = numpy.concatenate(mus)                                            # (N, L)
+        activity = mu.var(axis=0)
+        return {"activity": activity, "kl_per_dim": numpy.sum(kls, axis=0) / x.shape[0],
+                "active_units": int((activity > ACTIVE_UNIT_THRESHOLD).sum())}
 
     def elbo(self, x, rng=None, eps=None):
         """Per-example ELBO, (B,) host float64 (no gradients, beta = 1)."""

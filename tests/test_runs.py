@@ -108,8 +108,11 @@ def test_every_file_of_a_run_records_its_identity(tmp_path, capsys):
     assert isinstance(run_id, str) and len(run_id) == 32
     assert checkpoint.load(out / "best.npz")[1]["run_id"] == run_id
     assert all(json.loads(line)["run_id"] == run_id for line in (out / "metrics.jsonl").read_text().splitlines())
-    assert json.loads((out / "summary.json").read_text())["run_id"] == run_id
-    for png in ("samples", "reconstructions", "curves", "latent", "manifold", "interpolation"):
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run_id"] == run_id
+    assert 0 <= summary["active_units"] <= 3 and len(summary["kl_per_dim"]) == 3   # posterior collapse, per epoch too
+    assert all(len(json.loads(line)["kl_per_dim"]) == 3 for line in (out / "metrics.jsonl").read_text().splitlines())
+    for png in ("samples", "reconstructions", "curves", "posterior", "latent", "manifold", "interpolation"):
         with Image.open(out / f"{png}.png") as im:
             assert im.text["scratchvae-run-id"] == run_id, png
 

@@ -291,3 +291,23 @@ def test_decode_checks_its_codes():
         model.decode(np.full((2, 3), np.inf))
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
         model.iwae_bound(binary_batch(2, 7, 0), 0, np.random.default_rng(0))
+
+
+def test_latent_activity_finds_the_collapsed_dimensions():
+    """A model whose mu head ignores the input in dimension 1 and whose log_sigma is 0 there has
+    that dimension inactive with zero KL; the others carry information and count as active."""
+    model = small_mlp()
+    x = binary_batch(200, 7, 5)
+    model.mu_head.params["W"][:, 1] = 0.0
+    model.mu_head.params["b"][1] = 0.0
+    model.log_sigma_head.params["W"][:, 1] = 0.0
+    model.log_sigma_head.params["b"][1] = 0.0
+    model.mu_head.params["W"][:, [0, 2]] *= 20.0          # make the others clearly active
+    out = model.latent_activity(x, batch_size=64)           # several batches
+    assert out["active_units"] == 2
+    assert out["activity"][1] == 0.0 and out["kl_per_dim"][1] == 0.0
+    assert np.all(out["activity"][[0, 2]] > 0.01) and np.all(out["kl_per_dim"][[0, 2]] > 0)
+    mu, log_sigma = model.encode(x)
+    kl = 0.5 * mu ** 2 + 0.5 * (np.exp(2 * log_sigma) - 1) - log_sigma
+    np.testing.assert_allclose(out["kl_per_dim"], kl.mean(axis=0), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(out["activity"], mu.var(axis=0), rtol=1e-12)
