@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(default 0; VAE only)")
     a("--free-bits", type=float, help="per-dimension KL floor in nats against posterior collapse "
                                       "(default 0: off; VAE only)")
+    a("--input-noise", type=float, metavar="P", help="train a denoising model: the encoder sees corrupted images "
+                                                    "(binary data: a share P of the pixels set to random 0/1; "
+                                                    "continuous data: Gaussian noise of standard deviation P) and "
+                                                    "the reconstruction is scored against the clean ones (default 0)")
     a("--seed", type=int, help="seed for weights, shuffling and noise (default 0)")
     a("--dtype", choices=("float32", "float64"), help="floating-point precision (default float32)")
     a("--limit", type=int, metavar="N", help="use only the first N training images (smoke runs)")

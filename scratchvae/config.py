@@ -39,6 +39,7 @@ class TrainConfig:
     beta: float = 1.0
     kl_warmup: float = 0.0
     free_bits: float = 0.0
+    input_noise: float = 0.0
     seed: int = 0
     dtype: str = "float32"
     limit: int | None = None
@@ -69,6 +70,10 @@ class TrainConfig:
             _check_number(key, getattr(self, key), low=1, optional=True)
         _check_number("lr", self.lr, low=0, open_low=True)
         _check_number("lr_final", self.lr_final, low=0, open_low=True, optional=True)
+        _check_number("input_noise", self.input_noise, low=0)
+        if self.input_noise >= 1:
+            raise ValueError(f"{_name('input_noise')} must be below 1 (the share of corrupted pixels, or the noise's "
+                             f"standard deviation on [0, 1] pixels), got {self.input_noise!r}")
         for key in ("beta", "kl_warmup", "free_bits"):
             _check_number(key, getattr(self, key), low=0)
         if any(h < 1 for h in self.hidden) or any(c < 1 for c in self.channels):
@@ -105,15 +110,15 @@ class TrainConfig:
 
 # The fields whose values make a run what it is: a resumed run must keep them.
 RUN_DEFINING = ("dataset", "binarize", "arch", "hidden", "channels", "latent_dim", "activation", "likelihood",
-                "model", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "seed", "dtype", "limit",
-                "fused")
+                "model", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "input_noise", "seed", "dtype",
+                "limit", "fused")
 # VAE-only settings: given to a plain autoencoder, they would silently do nothing.
 AE_UNUSED = ("beta", "kl_warmup", "free_bits", "iwae_k")
 
 _TYPES = {"backend": str, "dataset": str, "data_dir": (str, None), "binarize": (str, None), "arch": str,
           "hidden": tuple, "channels": tuple, "latent_dim": int, "activation": str, "likelihood": str, "model": str,
           "epochs": int, "batch_size": int, "lr": float, "lr_final": (float, None), "beta": float,
-          "kl_warmup": float, "free_bits": float, "seed": int, "dtype": str, "limit": (int, None),
+          "kl_warmup": float, "free_bits": float, "input_noise": float, "seed": int, "dtype": str, "limit": (int, None),
           "test_limit": (int, None), "iwae_k": int, "keep_best": bool, "patience": int, "out": str, "fused": bool,
           "figures": bool}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

@@ -869,7 +869,44 @@ def plot_posterior(history, path, run_id=None):
                         "collapsed": np.flatnonzero(~active)})
 
 
-def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None):
+def plot_denoising(model, x_clean, x_noisy, path, n=12, run_id=None):
+    """A denoising model at work: corrupted inputs (top row), the clean images, and the
+    reconstructions of the corrupted inputs (bottom row).
+
+    Parameters
+    ----------
+    model : VAE or autoencoder
+    x_clean, x_noisy : array_like, shape (N, D)
+        The clean test images and the corrupted copies the model is given.
+    n : int
+        Images shown, evenly spaced over the split.
+
+    Returns
+    -------
+    dict
+        ``path``, ``n``, ``mse_noisy`` and ``mse_denoised`` (per pixel, against the clean images).
+    """
+    clean = _flatten_input(model, x_clean)
+    noisy = _flatten_input(model, x_noisy)
+    if clean.shape != noisy.shape:
+        raise ValueError(f"plot_denoising: clean {tuple(clean.shape)} and noisy {tuple(noisy.shape)} differ")
+    n = min(int(n), int(clean.shape[0]))
+    idx = np.linspace(0, clean.shape[0] - 1, n).round().astype(np.int64)
+    c = _host(model, _take(model, clean, idx)).reshape(n, -1).astype(np.float64)
+    z = _host(model, _take(model, noisy, idx)).reshape(n, -1).astype(np.float64)
+    r = _reconstruct_all(model, _take(model, noisy, idx))
+    grid = image_grid(_as_images(model, np.concatenate([z, c, r])), n)
+    fig, ax = _grid_figure(grid, "Denoising: corrupted input (top), clean image, reconstruction of the corrupted input",
+                           max_inches=9.0)
+    h = _image_shape(model)[1]
+    ax.set_yticks([k * (h + 1) + (h - 1) / 2 for k in range(3)], ["input", "clean", "recon"], fontsize=8)
+    ax.tick_params(axis="y", length=0)
+    _save(fig, path, run_id)
+    return to_jsonable({"path": os.fspath(path), "n": n, "mse_noisy": float(np.mean((z - c) ** 2)),
+                        "mse_denoised": float(np.mean((r - c) ** 2))})
+
+
+def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None, noisy=None):
     """Write every figure into ``out_dir``.
 
     Files: ``samples.png``, ``reconstructions.png``, ``curves.png`` (only
@@ -890,6 +927,8 @@ def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None
     run_id : str, optional
         The run's identity, written into every PNG's text metadata
         (``scratchvae-run-id``); every ``plot_*`` function takes it too.
+    noisy : array_like, shape of ``x_test``, optional
+        Corrupted copies of ``x_test`` (a denoising model): adds ``denoising.png``.
 
     Returns
     -------
@@ -911,4 +950,6 @@ def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None
     results["manifold"] = plot_manifold(model, p("manifold"), x_test=x_test, run_id=run_id)
     results["interpolation"] = plot_interpolation(model, x_test, p("interpolation"), rng, run_id=run_id,
                                                   labels=labels)
+    if noisy is not None:
+        results["denoising"] = plot_denoising(model, x_test, noisy, p("denoising"), run_id=run_id)
     return results

@@ -55,6 +55,8 @@ __all__ = ["TrainConfig", "TrainingDiverged", "RunFailed", "RunState", "train", 
 NOISE_SCHEME = "seed-epoch-v1"
 # The loss sums and the finiteness flag stay on the device and are read every this many steps.
 CHECK_EVERY = 50
+# The generator stream of batch b's denoising corruption (streams 0, 1 and 2 + b are shuffle, eps, binarization).
+DENOISING_STREAM = 1 << 40
 
 
 class TrainingDiverged(RuntimeError):
@@ -98,6 +100,7 @@ class _Data:
     valid_dev: object | None       # the validation split on the backend (keep_best)
     image_shape: tuple
     dynamic: bool                  # resample binary pixels every epoch
+    binary: bool                   # batches hold 0/1 pixels (static or dynamic binarization)
 
 
 def build_model(cfg: TrainConfig, image_shape, be):
@@ -112,17 +115,19 @@ def build_model(cfg: TrainConfig, image_shape, be):
                  **common)
 
 
-def train_step(model, opt, opt_state, xb, eps, *, beta, free_bits, lr, sync=True):
+def train_step(model, opt, opt_state, xb, eps, *, beta, free_bits, lr, sync=True, x_in=None):
     """One optimizer step on the batch ``xb`` (B, D) with the noise ``eps`` (B, L).
 
     Returns ``(opt_state, loss, stats)``; the parameters are updated in place.
     With ``sync`` (the default) the loss is a host float and a non-finite loss
     raises :class:`~scratchvae.vae.NonFiniteLoss` before any update; without
     it the step reads nothing back from the device (the loss is a 0-d array
-    and the caller checks it, as :func:`train` does every few steps).
+    and the caller checks it, as :func:`train` does every few steps). ``x_in``
+    is what the encoder sees when it is not ``xb`` (a denoising model).
     """
     model.zero_grad()
-    loss, stats = model.loss_and_grad(xb, eps=eps, beta=beta, free_bits=free_bits, check_data=False, sync=sync)
+    loss, stats = model.loss_and_grad(xb, eps=eps, beta=beta, free_bits=free_bits, check_data=False, sync=sync,
+                                      x_in=x_in)
     opt_state = opt.step(model.params, model.grads, opt_state, lr=lr)
     return opt_state, loss, stats
 
@@ -323,10 +328,10 @@ class _Run:
         """Train on batch ``b`` of the current epoch (no host transfer: data and noise are on the device)."""
         cfg, st = self.cfg, self.state
         self.where = f"epoch {st.epoch + 1}, step {st.step + 1} (batch {b + 1} of {self.steps_per_epoch})"
-        xb, eps = self._batch(b)
+        xb, eps, x_in = self._batch(b)
         st.opt_state, loss, stats = train_step(
             self.model, self.opt, st.opt_state, xb, eps, beta=self._beta(), free_bits=cfg.free_bits,
-            lr=geometric_lr(cfg.lr, cfg.lr_final, st.step, cfg.epochs * self.steps_per_epoch), sync=sync)
+            lr=geometric_lr(cfg.lr, cfg.lr_final, st.step, cfg.epochs * self.steps_per_epoch), sync=sync, x_in=x_in)
         st.step += 1
         return loss, stats
 
@@ -377,14 +382,19 @@ class _Run:
         return {"perm": be.asarray(perm), "eps": eps, "epoch": epoch}
 
     def _batch(self, b):
-        """Batch ``b`` (B, D) and its eps (B, L), gathered on the device; dynamic binarization drawn there."""
+        """Batch ``b`` (B, D), its eps (B, L) and the encoder's input (None: the batch itself), made on
+        the device; dynamic binarization and the denoising corruption are drawn there."""
         cfg, noise = self.cfg, self._noise
         idx = noise["perm"][b * cfg.batch_size:(b + 1) * cfg.batch_size]
         xb = self.data.train[idx].astype(numpy.dtype(cfg.dtype))
         if self.data.dynamic:
             u = self.be.rng(_seeds(cfg.seed, noise["epoch"], 2 + b)).random(xb.shape, dtype=xb.dtype)
             xb = (u < xb).astype(xb.dtype)
-        return xb, noise["eps"][b, :xb.shape[0]]
+        x_in = None
+        if cfg.input_noise > 0:
+            gen = self.be.rng(_seeds(cfg.seed, noise["epoch"], DENOISING_STREAM + b))
+            x_in = datasets.corrupt(xb, cfg.input_noise, gen, binary=self.data.binary)
+        return xb, noise["eps"][b, :xb.shape[0]], x_in
 
     def _beta(self) -> float:
         cfg = self.cfg
@@ -468,8 +478,14 @@ class _Run:
             self.log(f"test NLL (IWAE bound, k={cfg.iwae_k}): {nll:.2f} nats")
         if cfg.figures:
             from . import figures
+            noisy = None
+            if cfg.input_noise > 0:   # the same corruption as in training, on the test images shown
+                x_test = numpy.asarray(self.data.test, dtype=cfg.dtype).reshape(self.data.test.shape[0], -1)
+                noisy = datasets.corrupt(x_test, cfg.input_noise, numpy.random.default_rng(cfg.seed + 11),
+                                         binary=self.data.binary)
             summary["figures"] = figures.save_all(self.model, self.out, self.data.test, numpy.random.default_rng(cfg.seed),
-                                                  labels=self.data.test_labels, history=st.history, run_id=st.run_id)
+                                                  labels=self.data.test_labels, history=st.history, run_id=st.run_id,
+                                                  noisy=noisy)
         write_json(self.out / "summary.json", summary)
         what = "negative ELBO" if cfg.model == "vae" else "reconstruction loss"
         self.log(f"final test {what} {summary['test_loss']:.3f} nats; outputs in {self.out}")
@@ -528,7 +544,8 @@ def _prepare_data(cfg: TrainConfig, be, log) -> _Data:
     return _Data(train=train_dev, test=x_test, test_labels=test_labels,
                  test_dev=be.asarray(x_test, dtype=dtype),
                  valid_dev=None if x_valid is None else be.asarray(x_valid, dtype=dtype),
-                 image_shape=data.image_shape, dynamic=data.dynamic_binarization)
+                 image_shape=data.image_shape, dynamic=data.dynamic_binarization,
+                 binary=bool(data.binary or data.dynamic_binarization))
 
 
 def _seeds(seed: int, epoch: int, stream: int) -> int:

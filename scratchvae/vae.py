@@ -143,6 +143,13 @@ class _Model:
         self._check_values(x, name)
         return x
 
+    def _encoder_input(self, x_in, x, check_data):
+        """The encoder's input of a denoising model: shaped like ``x``, checked as ``x`` is."""
+        x_in = self._checked_input(x_in, "x_in") if check_data else self._as_input(x_in, "x_in")
+        if x_in.shape != x.shape:
+            raise ValueError(f"x_in has shape {tuple(x_in.shape)}, x has {tuple(x.shape)}; they must match")
+        return x_in
+
     def _check_values(self, x, name="x"):
         """NaN/Inf anywhere, or values outside [0, 1] for the Bernoulli likelihood."""
         lo, hi = float(x.min()), float(x.max())
@@ -254,7 +261,8 @@ class VAE(_Model):
         h = self.encoder.forward(self._as_input(x))
         return self.mu_head.forward(h), self.log_sigma_head.forward(h)
 
-    def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True, sync=True):
+    def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True, sync=True,
+                      x_in=None):
         """Negative ELBO in nats per example; accumulates its gradient into ``grads``.
 
         Parameters
@@ -280,6 +288,10 @@ class VAE(_Model):
             on the model's backend and leave the finiteness check to the
             caller (the trainer checks every few steps), so the step queues
             its work without waiting for the device.
+        x_in : array, shape of ``x``, optional
+            What the encoder sees, when it is not ``x`` itself: a corrupted
+            copy for a denoising model, whose reconstruction is scored against
+            the clean ``x``.
 
         Returns
         -------
@@ -291,12 +303,13 @@ class VAE(_Model):
             (a host float64 array, or the device array with ``sync=False``).
         """
         x = self._checked_input(x) if check_data else self._as_input(x)
+        x_in = x if x_in is None else self._encoder_input(x_in, x, check_data)
         _check_loss_weights(beta, free_bits)
         B = x.shape[0]
         eps = self._noise(B, rng, eps)                     # (B, L)
 
         # forward
-        h = self.encoder.forward(x)                        # (B, H)
+        h = self.encoder.forward(x_in)                     # (B, H)
         mu = self.mu_head.forward(h)                       # (B, L)
         log_sigma = self.log_sigma_head.forward(h)         # (B, L)
         z, kl = self.ops.reparameterize_kl(mu, log_sigma, eps)   # (B, L), (B, L)
@@ -479,15 +492,18 @@ class Autoencoder(_Model):
         recon = -self._log_px(self.decoder.forward(code), x)
         return recon, self.xp.zeros_like(recon)
 
-    def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True, sync=True):
+    def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True, sync=True,
+                      x_in=None):
         """Reconstruction NLL per example (nats); accumulates its gradient.
 
         ``rng``, ``eps``, ``beta`` and ``free_bits`` are accepted for
-        interface parity with :class:`VAE` and ignored; ``sync`` as there.
+        interface parity with :class:`VAE` and ignored; ``sync`` and ``x_in``
+        (the encoder's input, for a denoising autoencoder) as there.
         """
         x = self._checked_input(x) if check_data else self._as_input(x)
+        x_in = x if x_in is None else self._encoder_input(x_in, x, check_data)
         B = x.shape[0]
-        code = self.code_head.forward(self.encoder.forward(x))   # (B, L)
+        code = self.code_head.forward(self.encoder.forward(x_in))   # (B, L)
         out = self.decoder.forward(code)                          # (B, D)
         nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / B)
         recon = nll.mean()                                        # 0-d, on the backend

@@ -390,3 +390,23 @@ def test_dynamic_binarization_resumes_bit_identically(tmp_path, monkeypatch):
     resumed = train(small(tmp_path / "cut", epochs=2, limit=None, batch_size=32), resume=tmp_path / "cut", log=quiet)
     assert strip_times(resumed["history"]) == strip_times(whole["history"])
     assert_same_params(params_of(tmp_path / "whole")[0], params_of(tmp_path / "cut")[0])
+
+
+def test_a_denoising_run_corrupts_the_encoder_input_and_draws_the_figure(tmp_path):
+    from scratchvae import datasets as ds
+    x = (np.random.default_rng(0).random((64, 784)) < 0.3).astype(np.float32)
+    noisy = ds.corrupt(x, 0.2, np.random.default_rng(1), binary=True)
+    changed = float((noisy != x).mean())
+    assert 0.07 < changed < 0.13                       # a share 0.2 replaced by a coin: half of them change
+    assert set(np.unique(noisy)) <= {0.0, 1.0}
+    g = ds.corrupt(np.full((4, 10), 0.5, np.float32), 0.1, np.random.default_rng(2), binary=False)
+    assert g.min() >= 0 and g.max() <= 1 and 0.03 < float(np.std(g)) < 0.2
+    s = train(small(tmp_path / "dn", epochs=1, input_noise=0.2, figures=True), log=quiet)
+    assert s["status"] == "finished"
+    assert s["figures"]["denoising"]["mse_noisy"] > 0
+    assert (tmp_path / "dn" / "denoising.png").read_bytes()[:8] == PNG
+    clean = train(small(tmp_path / "clean", epochs=1), log=quiet)
+    assert strip_times(clean["history"]) != strip_times(s["history"])   # the noise changed what was learned
+    with pytest.raises(ValueError, match=r"input_noise \(--input-noise\) must be below 1"):
+        TrainConfig(input_noise=1.0)
+    assert main(["--input-noise", "nan", "--out", str(tmp_path / "bad")]) == 1

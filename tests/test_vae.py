@@ -311,3 +311,23 @@ def test_latent_activity_finds_the_collapsed_dimensions():
     kl = 0.5 * mu ** 2 + 0.5 * (np.exp(2 * log_sigma) - 1) - log_sigma
     np.testing.assert_allclose(out["kl_per_dim"], kl.mean(axis=0), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(out["activity"], mu.var(axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("make", [small_mlp, lambda **kw: mlp_autoencoder(input_dim=7, hidden=(6, 5), latent_dim=3,
+                                                                          activation="tanh", dtype="float64", seed=3)],
+                         ids=["vae", "ae"])
+def test_denoising_gradient_with_a_separate_encoder_input(make):
+    """x_in feeds the encoder, the clean x is the target: the whole loss is still gradient-checked."""
+    model = make()
+    x = binary_batch(5, 7, 8)
+    x_in = binary_batch(5, 7, 9)
+    eps = np.random.default_rng(2).standard_normal((5, 3))
+    model.zero_grad()
+    model.loss_and_grad(x, eps=eps, x_in=x_in)
+    analytic = {k: g.copy() for k, g in model.grads.items()}
+    report = gradcheck.check_scalar(lambda: model.loss_and_grad(x, eps=eps, x_in=x_in)[0], model.params, analytic)
+    assert report.passed(TOL), str(report)
+    clean = model.loss_and_grad(x, eps=eps)[0]
+    assert model.loss_and_grad(x, eps=eps, x_in=x_in)[0] != clean         # the encoder really saw x_in
+    with pytest.raises(ValueError, match="x_in has shape"):
+        model.loss_and_grad(x, eps=eps, x_in=x_in[:, :5].copy())

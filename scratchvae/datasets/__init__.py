@@ -48,6 +48,7 @@ import pathlib
 
 import numpy
 
+from ..backend import array_module
 from ..layers.base import init_rng
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "read_idx",
     "binarize_dynamic",
     "binarize_static",
+    "corrupt",
     "validate_images",
 ]
 
@@ -275,6 +277,22 @@ def _binarize_splits(splits, binarize, rng):
 
 def _all_binary(splits):
     return all(bool(((x == 0) | (x == 1)).all()) for x in splits if x is not None)
+
+
+def corrupt(x, p, rng, *, binary):
+    """A corrupted copy of the images ``x`` (N, D), for denoising models; any backend.
+
+    ``binary`` data get salt-and-pepper noise: each pixel, with probability
+    ``p``, is replaced by a fair coin's 0 or 1. Continuous data get Gaussian
+    noise of standard deviation ``p``, clipped to [0, 1]. ``rng`` is a
+    generator of ``x``'s backend.
+    """
+    xp = array_module(x)
+    if binary:
+        hit = rng.random(x.shape, dtype=x.dtype) < p
+        coin = (rng.random(x.shape, dtype=x.dtype) < 0.5).astype(x.dtype)
+        return xp.where(hit, coin, x)
+    return xp.clip(x + x.dtype.type(p) * rng.standard_normal(x.shape, dtype=x.dtype), 0, 1)
 
 
 # the submodules use the names above
