@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--hidden", type=_int_tuple, help="hidden widths, comma-separated (mlp: every layer; conv: the Dense "
                                         "bottleneck) (default 400)")
     a("--channels", type=_int_tuple, help="conv channels of the stride-2 convolutions (default 32,64)")
+    a("--downsample", choices=("stride", "pool"), help="--arch conv: halve the image with stride-2 convolutions "
+                                                      "(default), or with 3x3 convolutions and 2x2 max-pooling "
+                                                      "(the decoder then up-samples)")
     a("--latent-dim", type=int, help=f"latent dimensions (default {d.latent_dim})")
     a("--activation", choices=("relu", "leaky_relu", "tanh", "softplus"), help="hidden activation (default relu)")
     a("--likelihood", choices=("bernoulli", "gaussian"), help="p(x|z): bernoulli (logits) or gaussian with a learned "

@@ -28,6 +28,7 @@ class TrainConfig:
     arch: str = "mlp"
     hidden: tuple = (400,)
     channels: tuple = (32, 64)
+    downsample: str = "stride"
     latent_dim: int = 20
     activation: str = "relu"
     likelihood: str = "bernoulli"
@@ -58,7 +59,7 @@ class TrainConfig:
         self.channels = tuple(int(c) for c in self.channels)
         choices = {"arch": ("mlp", "conv"), "model": ("vae", "ae"), "likelihood": ("bernoulli", "gaussian"),
                    "dtype": ("float32", "float64"), "backend": NAMES, "binarize": (None, "static", "dynamic"),
-                   "activation": ("relu", "leaky_relu", "tanh", "softplus")}
+                   "activation": ("relu", "leaky_relu", "tanh", "softplus"), "downsample": ("stride", "pool")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{_name(key)} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -79,6 +80,9 @@ class TrainConfig:
         if any(h < 1 for h in self.hidden) or any(c < 1 for c in self.channels):
             raise ValueError(f"hidden and channels (--hidden, --channels) must be positive widths, "
                              f"got {self.hidden} and {self.channels}")
+        if self.arch == "mlp" and self.downsample != "stride":
+            raise ValueError(f"downsample (--downsample) {self.downsample!r} is for --arch conv; the MLP has no "
+                             "convolutions to pool")
         if self.patience > 0 and not self.keep_best:
             raise ValueError(f"patience (--patience) needs keep_best (--keep-best): it counts epochs without a "
                              f"better validation loss; got patience={self.patience}")
@@ -109,14 +113,14 @@ class TrainConfig:
 
 
 # The fields whose values make a run what it is: a resumed run must keep them.
-RUN_DEFINING = ("dataset", "binarize", "arch", "hidden", "channels", "latent_dim", "activation", "likelihood",
+RUN_DEFINING = ("dataset", "binarize", "arch", "hidden", "channels", "downsample", "latent_dim", "activation", "likelihood",
                 "model", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "input_noise", "seed", "dtype",
                 "limit", "fused")
 # VAE-only settings: given to a plain autoencoder, they would silently do nothing.
 AE_UNUSED = ("beta", "kl_warmup", "free_bits", "iwae_k")
 
 _TYPES = {"backend": str, "dataset": str, "data_dir": (str, None), "binarize": (str, None), "arch": str,
-          "hidden": tuple, "channels": tuple, "latent_dim": int, "activation": str, "likelihood": str, "model": str,
+          "hidden": tuple, "channels": tuple, "downsample": str, "latent_dim": int, "activation": str, "likelihood": str, "model": str,
           "epochs": int, "batch_size": int, "lr": float, "lr_final": (float, None), "beta": float,
           "kl_warmup": float, "free_bits": float, "input_noise": float, "seed": int, "dtype": str, "limit": (int, None),
           "test_limit": (int, None), "iwae_k": int, "keep_best": bool, "patience": int, "out": str, "fused": bool,

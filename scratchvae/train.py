@@ -112,7 +112,7 @@ def build_model(cfg: TrainConfig, image_shape, be):
         return build(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape), **common)
     build = conv_vae if cfg.model == "vae" else conv_autoencoder
     return build(input_shape=tuple(image_shape), channels=cfg.channels, hidden=cfg.hidden[0] if cfg.hidden else None,
-                 **common)
+                 downsample=cfg.downsample, **common)
 
 
 def train_step(model, opt, opt_state, xb, eps, *, beta, free_bits, lr, sync=True, x_in=None):

@@ -40,12 +40,14 @@ from .layers import (
     Dense,
     FromCHWB,
     LeakyReLU,
+    MaxPool2d,
     ReLU,
     Sequential,
     Sigmoid,
     Softplus,
     Tanh,
     ToCHWB,
+    Upsample2d,
 )
 from .layers.base import float_dtype, gather_params, zero_grads
 
@@ -590,12 +592,19 @@ def _flat_shape(input_dim, input_shape):
     return tuple(int(s) for s in input_shape)
 
 
-def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, dtype, seed):
+DOWNSAMPLING = ("stride", "pool")
+
+
+def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, dtype, seed, downsample="stride"):
     be, dt = resolve(backend), float_dtype(dtype)
     gen = numpy.random.default_rng(seed)
     kw = dict(backend=be, dtype=dt)
     c_in, height, width = (int(s) for s in input_shape)
     channels = tuple(int(c) for c in channels)
+    if downsample not in DOWNSAMPLING:
+        raise ValueError(f"downsample must be one of {DOWNSAMPLING}, got {downsample!r}")
+    if downsample == "pool":
+        return _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, gen, kw)
     sizes = [(height, width)]          # spatial size after each stride-2 4x4 convolution (padding 1)
     for _ in channels:
         h, w = sizes[-1]
@@ -637,28 +646,75 @@ def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, 
     return Sequential(*enc), heads, Sequential(*dec)
 
 
+def _bottleneck(flat, hidden, latent_dim, activation, gen, kw):
+    """The Dense layers between the conv stacks: (encoder tail, heads, decoder head)."""
+    enc, width_in = [], flat
+    if hidden:
+        enc += [Dense(flat, hidden, rng=gen, **kw), _activation(activation, **kw)]
+        width_in = hidden
+    heads = Dense(width_in, latent_dim, rng=gen, **kw), Dense(width_in, latent_dim, rng=gen, **kw)
+    if hidden:
+        dec = [Dense(latent_dim, hidden, rng=gen, **kw), _activation(activation, **kw),
+               Dense(hidden, flat, rng=gen, **kw), _activation(activation, **kw)]
+    else:
+        dec = [Dense(latent_dim, flat, rng=gen, **kw), _activation(activation, **kw)]
+    return enc, heads, dec
+
+
+def _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, gen, kw):
+    """The encoder that compresses with max-pooling and the decoder that up-samples, as the VAE
+    explainers describe them: per stage a 3x3 convolution (padding 1), the activation and a 2x2
+    max-pooling; back up, a nearest up-sampling by 2 and a 3x3 convolution. In the CHWB layout."""
+    stages = len(channels)
+    if height % 2 ** stages or width % 2 ** stages:
+        raise ValueError(f"downsample='pool': the image size {height}x{width} must be divisible by 2**{stages} "
+                         f"(one halving per entry of channels {channels})")
+    small = (height // 2 ** stages, width // 2 ** stages)
+    enc, prev = [ToCHWB((c_in, height, width), **kw)], c_in
+    for c in channels:
+        enc += [Conv2d(prev, c, 3, padding=1, layout="CHWB", rng=gen, **kw), _activation(activation, **kw),
+                MaxPool2d(2, layout="CHWB", **kw)]
+        prev = c
+    enc.append(FromCHWB(**kw))
+    tail, heads, dec = _bottleneck(prev * small[0] * small[1], hidden, latent_dim, activation, gen, kw)
+    enc += tail
+    dec.append(ToCHWB((prev, *small), **kw))
+    ups = list(reversed(channels[:-1])) + [c_in]
+    for i, c in enumerate(ups):
+        dec += [Upsample2d(2, layout="CHWB", **kw), Conv2d(prev, c, 3, padding=1, layout="CHWB", rng=gen, **kw)]
+        if i < len(ups) - 1:
+            dec.append(_activation(activation, **kw))
+        prev = c
+    dec.append(FromCHWB(**kw))
+    enc[1].input_grad = False   # the first convolution's input is data: skip dL/dx
+    return Sequential(*enc), heads, Sequential(*dec)
+
+
 def conv_vae(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, likelihood="bernoulli", backend=None,
              dtype="float32", seed=0, hidden=256, activation="relu", gaussian_log_sigma="learned",
-             fused=True) -> VAE:
+             fused=True, downsample="stride") -> VAE:
     """A convolutional VAE.
 
     Encoder: stride-2 4x4 convolutions (padding 1) with ``channels``, a
     Dense bottleneck of ``hidden`` units (None: none), Dense heads for mu and
     log_sigma.  Decoder: the mirror image, with ConvTranspose2d back up to
     ``input_shape`` (output_padding chosen so odd sizes come back exactly).
-    Takes and returns flat (B, C*H*W) arrays like the MLP model.
+    With ``downsample="pool"``: 3x3 convolutions each followed by a 2x2
+    max-pooling, and back up through nearest up-sampling and 3x3 convolutions
+    (H and W divisible by 2 per stage). Takes and returns flat (B, C*H*W)
+    arrays like the MLP model.
     """
     encoder, (mu, log_sigma), decoder = _conv_parts(input_shape, channels, latent_dim, hidden, activation,
-                                                    backend, dtype, seed)
+                                                    backend, dtype, seed, downsample)
     return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=tuple(input_shape),
                gaussian_log_sigma=gaussian_log_sigma, fused=fused)
 
 
 def conv_autoencoder(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, likelihood="bernoulli",
                      backend=None, dtype="float32", seed=0, hidden=256, activation="relu",
-                     gaussian_log_sigma="learned", fused=True) -> Autoencoder:
+                     gaussian_log_sigma="learned", fused=True, downsample="stride") -> Autoencoder:
     """The plain-autoencoder twin of :func:`conv_vae`."""
     encoder, (code, _), decoder = _conv_parts(input_shape, channels, latent_dim, hidden, activation,
-                                              backend, dtype, seed)
+                                              backend, dtype, seed, downsample)
     return Autoencoder(encoder, code, decoder, likelihood=likelihood, input_shape=tuple(input_shape),
                        gaussian_log_sigma=gaussian_log_sigma, fused=fused)

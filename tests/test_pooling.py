@@ -98,3 +98,19 @@ def test_bad_arguments_are_named():
         Upsample2d(2, mode="bicubic")
     with pytest.raises(ValueError, match="shape"):
         MaxPool2d(2, **F64).forward(np.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("make", [lambda lay: MaxPool2d(3, stride=2, padding=1, layout=lay, **F64),
+                                  lambda lay: Upsample2d(2, mode="bilinear", layout=lay, **F64)],
+                         ids=["maxpool", "upsample"])
+def test_chwb_layout_is_the_nchw_layer_transposed(make):
+    x = distinct((2, 3, 6, 5), 4)
+    nchw, chwb = make("NCHW"), make("CHWB")
+    y = nchw.forward(x)
+    y_t = chwb.forward(np.ascontiguousarray(x.transpose(1, 2, 3, 0)))
+    np.testing.assert_array_equal(y_t, y.transpose(1, 2, 3, 0))
+    dy = np.random.default_rng(0).uniform(0.5, 1.5, y.shape)
+    np.testing.assert_allclose(chwb.backward(np.ascontiguousarray(dy.transpose(1, 2, 3, 0))),
+                               nchw.backward(dy).transpose(1, 2, 3, 0), rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="layout"):
+        make("NHWC")

@@ -410,3 +410,13 @@ def test_a_denoising_run_corrupts_the_encoder_input_and_draws_the_figure(tmp_pat
     with pytest.raises(ValueError, match=r"input_noise \(--input-noise\) must be below 1"):
         TrainConfig(input_noise=1.0)
     assert main(["--input-noise", "nan", "--out", str(tmp_path / "bad")]) == 1
+
+
+def test_conv_vae_with_max_pooling_trains_from_the_command_line(tmp_path, capsys):
+    assert main(["--arch", "conv", "--downsample", "pool", "--channels", "4,8", "--hidden", "16", "--limit", "256",
+                 "--test-limit", "64", "--batch-size", "64", "--epochs", "1", "--latent-dim", "3", "--no-figures",
+                 "--out", str(tmp_path / "pool")]) == 0
+    _, meta = params_of(tmp_path / "pool")
+    assert meta["config"]["downsample"] == "pool"
+    assert main(["--downsample", "pool", "--out", str(tmp_path / "mlp")]) == 1
+    assert "--downsample" in capsys.readouterr().err

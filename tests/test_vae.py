@@ -331,3 +331,25 @@ def test_denoising_gradient_with_a_separate_encoder_input(make):
     assert model.loss_and_grad(x, eps=eps, x_in=x_in)[0] != clean         # the encoder really saw x_in
     with pytest.raises(ValueError, match="x_in has shape"):
         model.loss_and_grad(x, eps=eps, x_in=x_in[:, :5].copy())
+
+
+def test_pooling_conv_vae_gradcheck_and_shapes():
+    """conv_vae(downsample="pool"): 3x3 convolutions and 2x2 max-pooling down, nearest up-sampling
+    and 3x3 convolutions up; the whole negative ELBO gradient-checked in float64."""
+    model = conv_vae(input_shape=(1, 8, 4), channels=(2, 3), latent_dim=2, hidden=4, activation="tanh",
+                     dtype="float64", seed=4, fused=False, downsample="pool")
+    rng = np.random.default_rng(6)
+    x = binary_batch(3, 32, 7)
+    # inputs well away from max-pooling ties: a tiny jitter of the data keeps every window's argmax fixed
+    x = x + 0.01 * rng.random(x.shape)
+    x = np.clip(x, 0, 1)
+    eps = rng.standard_normal((3, 2))
+    report = check_model(model, x, eps)
+    assert report.passed(TOL), str(report)
+    assert model.decode(np.zeros((2, 2))).shape == (2, 32)
+    names = [type(layer).__name__ for layer in model.encoder.layers]
+    assert names.count("MaxPool2d") == 2 and "Upsample2d" in [type(layer).__name__ for layer in model.decoder.layers]
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*2"):
+        conv_vae(input_shape=(1, 6, 6), channels=(2, 3), downsample="pool")
+    with pytest.raises(ValueError, match="downsample must be one of"):
+        conv_vae(downsample="avg")

@@ -95,25 +95,50 @@ def maxpool2d_backward(dout, cache):
     return xp.ascontiguousarray(dpad[:, :, p[0]:p[0] + H, p[1]:p[1] + W])
 
 
-class MaxPool2d(Layer):
-    """``torch.nn.MaxPool2d(kernel_size, stride=None, padding=0)``: (B, C, H, W) -> (B, C, Ho, Wo)."""
+LAYOUTS = ("NCHW", "CHWB")
 
-    def __init__(self, kernel_size, stride=None, padding=0, **kw):
+
+def _to_nchw(a, layout):
+    """A (B, C, H, W) view of an image array in ``layout`` (no copy)."""
+    return a.transpose(3, 0, 1, 2) if layout == "CHWB" else a
+
+
+def _from_nchw(a, layout):
+    """``a`` (B, C, H, W) in ``layout``, C-contiguous."""
+    xp = array_module(a)
+    return xp.ascontiguousarray(a.transpose(1, 2, 3, 0) if layout == "CHWB" else a)
+
+
+def _check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+class MaxPool2d(Layer):
+    """``torch.nn.MaxPool2d(kernel_size, stride=None, padding=0)``: (B, C, H, W) -> (B, C, Ho, Wo).
+
+    ``layout="CHWB"`` takes and returns (C, H, W, B) arrays, for the batch-innermost conv stacks.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, layout="NCHW", **kw):
         super().__init__(**kw)
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride = self.kernel_size if stride is None else as_pair(stride, "stride")
         self.padding = as_pair(padding, "padding")
+        self.layout = _check_layout(layout)
 
     def forward(self, x):
         self._check_input(x, (None, None, None, None))
-        out, self._cache = maxpool2d_forward(x, self.kernel_size, self.stride, self.padding)
+        out, self._cache = maxpool2d_forward(_to_nchw(x, self.layout), self.kernel_size, self.stride, self.padding)
+        out = _from_nchw(out, self.layout)
         self._out_shape = out.shape
         return out
 
     def backward(self, dy):
         cache = self._get_cache()
         self._check_dy(dy, self._out_shape)
-        return maxpool2d_backward(dy, cache)
+        return _from_nchw(maxpool2d_backward(_to_nchw(dy, self.layout), cache), self.layout)
 
     def __repr__(self):
         return f"MaxPool2d(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding})"
@@ -161,11 +186,13 @@ def upsample2d_backward(dout, cache):
 class Upsample2d(Layer):
     """``torch.nn.Upsample(scale_factor, mode)`` for an integer factor: (B, C, H, W) -> (B, C, sH, sW).
 
-    ``mode`` is ``"nearest"`` or ``"bilinear"`` (``align_corners=False``, PyTorch's default).
+    ``mode`` is ``"nearest"`` or ``"bilinear"`` (``align_corners=False``, PyTorch's default);
+    ``layout="CHWB"`` takes and returns (C, H, W, B) arrays.
     """
 
-    def __init__(self, scale_factor=2, mode="nearest", **kw):
+    def __init__(self, scale_factor=2, mode="nearest", layout="NCHW", **kw):
         super().__init__(**kw)
+        self.layout = _check_layout(layout)
         if int(scale_factor) != scale_factor or scale_factor < 1:
             raise ValueError(f"Upsample2d: scale_factor must be a positive integer, got {scale_factor!r}")
         if mode not in UPSAMPLE_MODES:
@@ -181,14 +208,16 @@ class Upsample2d(Layer):
 
     def forward(self, x):
         self._check_input(x, (None, None, None, None))
-        out, self._cache = upsample2d_forward(x, self._matrix(x.shape[2]), self._matrix(x.shape[3]))
+        x4 = _to_nchw(x, self.layout)
+        out, self._cache = upsample2d_forward(x4, self._matrix(x4.shape[2]), self._matrix(x4.shape[3]))
+        out = _from_nchw(out, self.layout)
         self._out_shape = out.shape
         return out
 
     def backward(self, dy):
         cache = self._get_cache()
         self._check_dy(dy, self._out_shape)
-        return upsample2d_backward(dy, cache)
+        return _from_nchw(upsample2d_backward(_to_nchw(dy, self.layout), cache), self.layout)
 
     def __repr__(self):
         return f"Upsample2d(scale_factor={self.scale_factor}, mode={self.mode!r})"
