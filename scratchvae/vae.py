@@ -618,18 +618,8 @@ def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, 
         enc += [Conv2d(prev, c, 4, stride=2, padding=1, layout="CHWB", rng=gen, **kw), _activation(activation, **kw)]
         prev = c
     enc.append(FromCHWB(**kw))
-    flat = prev * sizes[-1][0] * sizes[-1][1]
-    width_in = flat
-    if hidden:
-        enc += [Dense(flat, hidden, rng=gen, **kw), _activation(activation, **kw)]
-        width_in = hidden
-    heads = Dense(width_in, latent_dim, rng=gen, **kw), Dense(width_in, latent_dim, rng=gen, **kw)
-    dec = []
-    if hidden:
-        dec += [Dense(latent_dim, hidden, rng=gen, **kw), _activation(activation, **kw),
-                Dense(hidden, flat, rng=gen, **kw), _activation(activation, **kw)]
-    else:
-        dec += [Dense(latent_dim, flat, rng=gen, **kw), _activation(activation, **kw)]
+    tail, heads, dec = _bottleneck(prev * sizes[-1][0] * sizes[-1][1], hidden, latent_dim, activation, gen, kw)
+    enc += tail
     dec.append(ToCHWB((prev, *sizes[-1]), **kw))
     ups = list(reversed(channels[:-1])) + [c_in]
     for i, c in enumerate(ups):

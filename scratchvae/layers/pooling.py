@@ -26,6 +26,7 @@ import numpy
 
 from ..backend import array_module
 from .base import Layer, as_pair
+from .conv import _check_layout  # the layouts the conv stack uses: NCHW and CHWB
 
 __all__ = ["MaxPool2d", "Upsample2d", "maxpool2d_forward", "maxpool2d_backward", "upsample2d_forward",
            "upsample2d_backward", "interpolation_matrix", "UPSAMPLE_MODES"]
@@ -95,9 +96,6 @@ def maxpool2d_backward(dout, cache):
     return xp.ascontiguousarray(dpad[:, :, p[0]:p[0] + H, p[1]:p[1] + W])
 
 
-LAYOUTS = ("NCHW", "CHWB")
-
-
 def _to_nchw(a, layout):
     """A (B, C, H, W) view of an image array in ``layout`` (no copy)."""
     return a.transpose(3, 0, 1, 2) if layout == "CHWB" else a
@@ -109,28 +107,17 @@ def _from_nchw(a, layout):
     return xp.ascontiguousarray(a.transpose(1, 2, 3, 0) if layout == "CHWB" else a)
 
 
-def _check_layout(layout):
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return layout
+class _ImageLayer(Layer):
+    """What the two layers share: images in ``layout`` in and out, a pure NCHW forward/backward
+    pair (:meth:`_forward` / :meth:`_backward`) in between, one cache."""
 
-
-class MaxPool2d(Layer):
-    """``torch.nn.MaxPool2d(kernel_size, stride=None, padding=0)``: (B, C, H, W) -> (B, C, Ho, Wo).
-
-    ``layout="CHWB"`` takes and returns (C, H, W, B) arrays, for the batch-innermost conv stacks.
-    """
-
-    def __init__(self, kernel_size, stride=None, padding=0, layout="NCHW", **kw):
+    def __init__(self, layout="NCHW", **kw):
         super().__init__(**kw)
-        self.kernel_size = as_pair(kernel_size, "kernel_size")
-        self.stride = self.kernel_size if stride is None else as_pair(stride, "stride")
-        self.padding = as_pair(padding, "padding")
         self.layout = _check_layout(layout)
 
     def forward(self, x):
         self._check_input(x, (None, None, None, None))
-        out, self._cache = maxpool2d_forward(_to_nchw(x, self.layout), self.kernel_size, self.stride, self.padding)
+        out, self._cache = self._forward(_to_nchw(x, self.layout))     # (B, C, Ho, Wo)
         out = _from_nchw(out, self.layout)
         self._out_shape = out.shape
         return out
@@ -138,7 +125,26 @@ class MaxPool2d(Layer):
     def backward(self, dy):
         cache = self._get_cache()
         self._check_dy(dy, self._out_shape)
-        return _from_nchw(maxpool2d_backward(_to_nchw(dy, self.layout), cache), self.layout)
+        return _from_nchw(self._backward(_to_nchw(dy, self.layout), cache), self.layout)
+
+
+class MaxPool2d(_ImageLayer):
+    """``torch.nn.MaxPool2d(kernel_size, stride=None, padding=0)``: (B, C, H, W) -> (B, C, Ho, Wo).
+
+    ``layout="CHWB"`` takes and returns (C, H, W, B) arrays, for the batch-innermost conv stacks.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, layout="NCHW", **kw):
+        super().__init__(layout=layout, **kw)
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else as_pair(stride, "stride")
+        self.padding = as_pair(padding, "padding")
+
+    def _forward(self, x):
+        return maxpool2d_forward(x, self.kernel_size, self.stride, self.padding)
+
+    def _backward(self, dy, cache):
+        return maxpool2d_backward(dy, cache)
 
     def __repr__(self):
         return f"MaxPool2d(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding})"
@@ -183,7 +189,7 @@ def upsample2d_backward(dout, cache):
     return xp.matmul(xp.matmul(A_h.T, dout), A_w)
 
 
-class Upsample2d(Layer):
+class Upsample2d(_ImageLayer):
     """``torch.nn.Upsample(scale_factor, mode)`` for an integer factor: (B, C, H, W) -> (B, C, sH, sW).
 
     ``mode`` is ``"nearest"`` or ``"bilinear"`` (``align_corners=False``, PyTorch's default);
@@ -191,8 +197,7 @@ class Upsample2d(Layer):
     """
 
     def __init__(self, scale_factor=2, mode="nearest", layout="NCHW", **kw):
-        super().__init__(**kw)
-        self.layout = _check_layout(layout)
+        super().__init__(layout=layout, **kw)
         if int(scale_factor) != scale_factor or scale_factor < 1:
             raise ValueError(f"Upsample2d: scale_factor must be a positive integer, got {scale_factor!r}")
         if mode not in UPSAMPLE_MODES:
@@ -206,18 +211,11 @@ class Upsample2d(Layer):
             self._matrices[size] = self.backend.asarray(host)
         return self._matrices[size]
 
-    def forward(self, x):
-        self._check_input(x, (None, None, None, None))
-        x4 = _to_nchw(x, self.layout)
-        out, self._cache = upsample2d_forward(x4, self._matrix(x4.shape[2]), self._matrix(x4.shape[3]))
-        out = _from_nchw(out, self.layout)
-        self._out_shape = out.shape
-        return out
+    def _forward(self, x):
+        return upsample2d_forward(x, self._matrix(x.shape[2]), self._matrix(x.shape[3]))
 
-    def backward(self, dy):
-        cache = self._get_cache()
-        self._check_dy(dy, self._out_shape)
-        return _from_nchw(upsample2d_backward(_to_nchw(dy, self.layout), cache), self.layout)
+    def _backward(self, dy, cache):
+        return upsample2d_backward(dy, cache)
 
     def __repr__(self):
         return f"Upsample2d(scale_factor={self.scale_factor}, mode={self.mode!r})"
