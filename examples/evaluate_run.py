@@ -22,15 +22,12 @@ from scratchvae import backend as backend_mod
 from scratchvae import checkpoint, datasets
 from scratchvae.atomic import write_json
 from scratchvae.cli import USER_ERRORS
-from scratchvae.config import TrainConfig
 from scratchvae.train import build_model, describe_os_error, iwae_test_nll
 
 
 def evaluate(run: pathlib.Path, params: str, iwae_k: int, seed: int, progress) -> dict:
     ckpt = run / "checkpoint.npz"
-    _, meta = checkpoint.load(ckpt)
-    meta = checkpoint.check_run_meta(meta, ckpt)
-    cfg = TrainConfig.from_dict(meta["config"], source=f"checkpoint {ckpt}")
+    _, meta, cfg = checkpoint.load_run(ckpt)
     if params == "auto":
         params = "best" if cfg.keep_best and meta.get("best", {}).get("epoch", 0) > 0 else "last"
     elif params == "best" and not (run / "best.npz").exists():

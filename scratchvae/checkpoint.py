@@ -27,8 +27,9 @@ import zipfile
 import numpy
 
 from .atomic import atomic_write
+from .config import TrainConfig
 
-__all__ = ["CheckpointError", "save", "load", "FORMAT_VERSION"]
+__all__ = ["CheckpointError", "save", "load", "load_run", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -204,6 +205,18 @@ def check_run_meta(meta: dict, path) -> dict:
             and isinstance(best.get("valid_loss"), (int, float))):
         raise CheckpointError(f"checkpoint {path}: metadata 'best' is {best!r}")
     return meta
+
+
+def load_run(path) -> tuple[dict, dict, TrainConfig]:
+    """Read and verify a training checkpoint: ``(arrays, meta, config)``.
+
+    :func:`load`, then :func:`check_run_meta`, then the stored config through
+    :meth:`TrainConfig.from_dict` (unknown keys and bad values are refused,
+    naming the file).
+    """
+    arrays, meta = load(path)
+    meta = check_run_meta(meta, path)
+    return arrays, meta, TrainConfig.from_dict(meta["config"], source=f"checkpoint {path}")
 
 
 def load_parameters(path, model, be, *, run_id=None) -> dict:

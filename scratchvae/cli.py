@@ -109,9 +109,7 @@ def config_from_args(args: dict) -> tuple[TrainConfig, str | None]:
         return TrainConfig(**args), None
     path = pathlib.Path(resume)
     ckpt = path / "checkpoint.npz" if path.is_dir() else path
-    _, meta = checkpoint.load(ckpt)
-    meta = checkpoint.check_run_meta(meta, ckpt)
-    stored = TrainConfig.from_dict(meta["config"], source=f"checkpoint {ckpt}")
+    _, _, stored = checkpoint.load_run(ckpt)
     for key in RUN_DEFINING:
         if key in args:
             given = tuple(args[key]) if isinstance(args[key], (tuple, list)) else args[key]

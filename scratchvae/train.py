@@ -215,6 +215,8 @@ class _Run:
         self.state: RunState | None = None
         self.summary: dict = {}
         self.where = "the start"
+        self._noise = None              # the current epoch's shuffle and eps (_epoch_noise)
+        self._snapshot_buffers = None   # device copies of params and moments (_snapshot), made once
 
     # -- phases ------------------------------------------------------------------------
     def execute(self, ckpt, on_step) -> dict:
@@ -250,8 +252,7 @@ class _Run:
         return state
 
     def _resume(self, path) -> RunState:
-        arrays, meta = checkpoint.load(path)
-        meta = checkpoint.check_run_meta(meta, path)
+        arrays, meta, _ = checkpoint.load_run(path)
         stored_epochs = meta["config"].get("epochs")
         if self.cfg.lr_final is not None and self.cfg.epochs != stored_epochs:
             raise ValueError(f"--resume {path}: the learning rate decays to lr_final over the run's {stored_epochs} "
@@ -348,7 +349,7 @@ class _Run:
         """Copies (on the device, into buffers reused from one snapshot to the next) of what the
         steps from ``batch`` on change, to replay them from."""
         st, xp = self.state, self.be.xp
-        if getattr(self, "_snapshot_buffers", None) is None:
+        if self._snapshot_buffers is None:
             self._snapshot_buffers = {part: {k: xp.empty_like(a) for k, a in arrays.items()} for part, arrays in
                                       (("params", self.model.params), ("m", st.opt_state.m), ("v", st.opt_state.v))}
         for part, arrays in (("params", self.model.params), ("m", st.opt_state.m), ("v", st.opt_state.v)):
@@ -539,8 +540,8 @@ def _prepare_data(cfg: TrainConfig, be, log) -> _Data:
     dtype = numpy.dtype(cfg.dtype)
     # the training split lives on the device for the whole run: 0/1 pixels as uint8 (a quarter of the
     # float32 size), expanded batch by batch
-    binary = data.binary and not data.dynamic_binarization
-    train_dev = be.asarray(numpy.ascontiguousarray(x_train, dtype=numpy.uint8 if binary else dtype))  # rows contiguous
+    stored_as_bits = data.binary and not data.dynamic_binarization   # 0/1 pixels already (dynamic: probabilities)
+    train_dev = be.asarray(numpy.ascontiguousarray(x_train, dtype=numpy.uint8 if stored_as_bits else dtype))
     return _Data(train=train_dev, test=x_test, test_labels=test_labels,
                  test_dev=be.asarray(x_test, dtype=dtype),
                  valid_dev=None if x_valid is None else be.asarray(x_valid, dtype=dtype),
