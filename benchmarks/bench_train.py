@@ -51,6 +51,7 @@ import datetime
 import math
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -297,7 +298,7 @@ def worker_main(spec: dict) -> int:
     C.preset_thread_env(spec["threads"])
     uses_torch = any(side.startswith("torch") for side in spec["sides"])
     torch = C.import_torch(False)[0] if uses_torch else None
-    import numpy as np
+    import numpy  # noqa: F401  (imported after the thread environment is set, so OpenBLAS reads it)
 
     with C.thread_limits(spec["threads"], torch) as tinfo:
         device = spec["device"]
@@ -350,7 +351,6 @@ def worker_main(spec: dict) -> int:
             seconds = time.perf_counter() - t0
             _send(json.dumps({"seconds": seconds, "loss": _loss(boxes.get(side)),
                               "steps_taken": boxes[side]["i"] if side in boxes else None}))
-    del np
     return 0
 
 
@@ -390,7 +390,6 @@ class Worker:
 
     def __init__(self, spec: dict):
         import json
-        import subprocess
         self._json = json
         self.proc = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).resolve()), "--worker",
                                       json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -414,7 +413,7 @@ class Worker:
                 self.proc.stdin.write('{"op": "quit"}\n')
                 self.proc.stdin.flush()
                 self.proc.wait(timeout=30)
-            except (OSError, ValueError, Exception):
+            except (OSError, ValueError, subprocess.TimeoutExpired):   # a broken pipe, a closed file, a hang
                 self.proc.kill()
                 self.proc.wait()
 
@@ -591,7 +590,6 @@ def main(argv=None, log=print) -> dict:
 
 def _probe(module: str, disabled: bool) -> tuple[bool, str]:
     """Whether a worker could import ``module`` (checked in a subprocess: the parent stays clean)."""
-    import subprocess
     if disabled:
         return False, f"disabled (--no-{module})"
     run = subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__version__)"],
@@ -602,7 +600,6 @@ def _probe(module: str, disabled: bool) -> tuple[bool, str]:
 
 
 def _probe_cupy() -> tuple[bool, str]:
-    import subprocess
     code = "from scratchvae import backend; be = backend.get('cupy'); print(be.device)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if run.returncode != 0:
