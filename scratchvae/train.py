@@ -414,10 +414,9 @@ class _Run:
                   "test_recon": test["recon"], "test_kl": test["kl"], "seconds": seconds,
                   "images_per_s": n / seconds if seconds > 0 else float("nan"),
                   "lr": geometric_lr(cfg.lr, cfg.lr_final, st.step - 1, cfg.epochs * self.steps_per_epoch)}
-        if cfg.model == "vae":   # posterior collapse, made visible: active units and the KL of each dimension
-            latent = self.model.latent_activity(self.data.test_dev)
-            record.update(active_units=latent["active_units"], kl_per_dim=latent["kl_per_dim"].tolist(),
-                          latent_activity=latent["activity"].tolist())
+        if "active_units" in test:   # a VAE: posterior collapse, made visible
+            record.update(active_units=test["active_units"], kl_per_dim=test["kl_per_dim"].tolist(),
+                          latent_activity=test["activity"].tolist())
         if cfg.keep_best:
             record["valid_loss"] = self.model.evaluate(self.data.valid_dev,
                                                        self.be.rng(cfg.seed * 1_000_003 + 500_000 + st.epoch + 1))["loss"]

@@ -183,17 +183,29 @@ class _Model:
 
         No gradients are computed. ``rng`` is a generator of the model's
         backend, drawing one eps per example (a single-sample estimate).
-        Returns host floats ``{"loss", "recon", "kl"}``.
+        Returns host floats ``{"loss", "recon", "kl"}``; for a VAE also, per
+        latent dimension (host float64 arrays (L,)), posterior collapse made
+        visible: ``kl_per_dim``, the analytic ``mean_x KL(q(z_j | x) || N(0, 1))``;
+        ``activity``, Burda et al.'s ``Cov_x(E_q[z_j | x]) = Var_x(mu_j)``; and
+        ``active_units``, the dimensions whose activity exceeds 0.01.
         """
         x = self._checked_input(x)
         if batch_size is None:   # sized for the device: a GPU wants large batches, a CPU its caches
             batch_size = 10_000 if self.backend.name == "cupy" else 1000
-        totals = numpy.zeros(2)
+        totals, kl_dims, mus = numpy.zeros(2), numpy.zeros(self.latent_dim), []
         for start in range(0, x.shape[0], batch_size):
-            recon, kl = self._eval_terms(x[start:start + batch_size], rng)   # (b,), (b,)
-            totals += [float(recon.sum()), float(kl.sum())]
+            recon, kl, mu = self._eval_terms(x[start:start + batch_size], rng)   # (b,), (b, L), (b, L) or None
+            totals += [float(recon.sum()), float(kl.sum(axis=1).sum()) if kl is not None else 0.0]
+            if mu is not None:
+                kl_dims += self.backend.asnumpy(kl.sum(axis=0)).astype(numpy.float64)
+                mus.append(self.backend.asnumpy(mu).astype(numpy.float64))
         recon, kl = totals / x.shape[0]
-        return {"loss": recon + kl, "recon": recon, "kl": kl}
+        out = {"loss": recon + kl, "recon": recon, "kl": kl}
+        if mus:
+            activity = numpy.concatenate(mus).var(axis=0)                      # (L,)
+            out.update(kl_per_dim=kl_dims / x.shape[0], activity=activity,
+                       active_units=int((activity > ACTIVE_UNIT_THRESHOLD).sum()))
+        return out
 
     def _mean_image(self, out):
         return losses.sigmoid(out) if self.likelihood == "bernoulli" else out
@@ -376,40 +388,18 @@ class VAE(_Model):
         return kl_per_dim.sum(), xp.full((self.latent_dim,), beta / B, dtype=self.dtype)
 
     def _eval_terms(self, x, rng, eps=None):
-        """-log p(x|z) (B,) and KL (B,) for one z per example; no gradients."""
+        """-log p(x|z) (B,) for one z per example, the analytic KL per dimension (B, L) and mu (B, L);
+        no gradients."""
         mu, log_sigma = self.encode(x)
         if eps is None:
             eps = rng.standard_normal(mu.shape, dtype=self.dtype)
         z, kl = losses.reparameterize_kl(mu, log_sigma, self.backend.asarray(eps, dtype=self.dtype))
-        return -self._log_px(self.decoder.forward(z), x), kl.sum(axis=1)
-
-    def latent_activity(self, x, batch_size: int | None = None) -> dict:
-        """Posterior collapse made visible: per latent dimension, over the images ``x``.
-
-        Returns host float64 arrays of shape (L,): ``activity``, Burda et al.'s
-        ``Cov_x(E_q[z_j | x]) = Var_x(mu_j)``; ``kl_per_dim``, the analytic
-        ``mean_x KL(q(z_j | x) || N(0, 1))``; and ``active_units``, the number
-        of dimensions whose activity exceeds 0.01 (Burda et al.'s threshold).
-        No noise is drawn.
-        """
-        x = self._checked_input(x)
-        if batch_size is None:
-            batch_size = 10_000 if self.backend.name == "cupy" else 1000
-        mus, kls = [], []
-        for start in range(0, x.shape[0], batch_size):
-            mu, log_sigma = self.encode(x[start:start + batch_size])           # (b, L)
-            kl = losses.reparameterize_kl(mu, log_sigma, self.xp.zeros_like(mu))[1]
-            mus.append(self.backend.asnumpy(mu).astype(numpy.float64))
-            kls.append(self.backend.asnumpy(kl.sum(axis=0)).astype(numpy.float64))
-        mu = numpy.concatenate(mus)                                            # (N, L)
-        activity = mu.var(axis=0)
-        return {"activity": activity, "kl_per_dim": numpy.sum(kls, axis=0) / x.shape[0],
-                "active_units": int((activity > ACTIVE_UNIT_THRESHOLD).sum())}
+        return -self._log_px(self.decoder.forward(z), x), kl, mu
 
     def elbo(self, x, rng=None, eps=None):
         """Per-example ELBO, (B,) host float64 (no gradients, beta = 1)."""
-        recon, kl = self._eval_terms(self._checked_input(x), rng, eps)
-        return self.backend.asnumpy(-(recon + kl)).astype(numpy.float64)
+        recon, kl, _ = self._eval_terms(self._checked_input(x), rng, eps)
+        return self.backend.asnumpy(-(recon + kl.sum(axis=1))).astype(numpy.float64)
 
     def iwae_bound(self, x, k: int, rng, max_elements: int | None = None):
         """Importance-weighted lower bound on log p(x) (Burda et al. 2015).
@@ -491,8 +481,7 @@ class Autoencoder(_Model):
 
     def _eval_terms(self, x, rng, eps=None):
         code, _ = self.encode(x)
-        recon = -self._log_px(self.decoder.forward(code), x)
-        return recon, self.xp.zeros_like(recon)
+        return -self._log_px(self.decoder.forward(code), x), None, None   # no KL, no posterior
 
     def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True, sync=True,
                       x_in=None):

@@ -303,7 +303,7 @@ def test_latent_activity_finds_the_collapsed_dimensions():
     model.log_sigma_head.params["W"][:, 1] = 0.0
     model.log_sigma_head.params["b"][1] = 0.0
     model.mu_head.params["W"][:, [0, 2]] *= 20.0          # make the others clearly active
-    out = model.latent_activity(x, batch_size=64)           # several batches
+    out = model.evaluate(x, np.random.default_rng(0), batch_size=64)   # several batches
     assert out["active_units"] == 2
     assert out["activity"][1] == 0.0 and out["kl_per_dim"][1] == 0.0
     assert np.all(out["activity"][[0, 2]] > 0.01) and np.all(out["kl_per_dim"][[0, 2]] > 0)
