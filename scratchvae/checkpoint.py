@@ -134,7 +134,7 @@ def _check_listed(path, listed, headers: dict) -> None:
 RUN_META = {"run_id": (str, type(None)), "epoch": int, "step": int, "batch_in_epoch": int, "adam_step": int,
             "rng_state": dict, "epoch_rng_state": (dict, type(None)), "config": dict, "history": list,
             "partial": (dict, type(None)), "initial_test": (dict, type(None)), "best": dict,
-            "format_version": int, "sha256": dict, "arrays": dict}
+            "format_version": int, "sha256": dict, "arrays": dict, "world_size": int}
 RUN_META_REQUIRED = ("epoch", "step", "batch_in_epoch", "adam_step", "rng_state", "config", "history")
 
 
@@ -195,6 +195,8 @@ def check_run_meta(meta: dict, path) -> dict:
     for key in ("epoch", "step", "batch_in_epoch", "adam_step"):
         if meta[key] < 0:
             raise CheckpointError(f"checkpoint {path}: metadata {key!r} is {meta[key]}, expected >= 0")
+    if meta.get("world_size", 1) < 1:
+        raise CheckpointError(f"checkpoint {path}: metadata 'world_size' is {meta['world_size']}, expected >= 1")
     if len(meta["history"]) != meta["epoch"] or not all(isinstance(h, dict) for h in meta["history"]):
         raise CheckpointError(f"checkpoint {path}: metadata 'history' has {len(meta['history'])} entries for "
                               f"epoch {meta['epoch']}; the file was edited or is corrupted")

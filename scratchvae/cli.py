@@ -12,7 +12,7 @@ import pathlib
 import sys
 
 from . import backend as backend_mod
-from . import checkpoint, datasets
+from . import checkpoint, datasets, distributed
 from .config import AE_UNUSED, RUN_DEFINING, TrainConfig
 from .runfolder import RunFolderError
 from .train import RunFailed, TrainingDiverged, describe_os_error, train
@@ -22,7 +22,7 @@ __all__ = ["build_parser", "config_from_args", "main", "USER_ERRORS"]
 # What the command line turns into one "error:" line (and exit code 1).
 USER_ERRORS = (ValueError, TypeError, backend_mod.BackendUnavailable, checkpoint.CheckpointError,
                datasets.DatasetUnavailable, datasets.DatasetIntegrityError, TrainingDiverged, RunFailed,
-               RunFolderError)
+               RunFolderError, distributed.DistributedUnavailable)
 
 
 def _int_tuple(text):
@@ -92,13 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-fused", dest="fused", action="store_false", help="use the plain array loss instead of the Numba kernels")
     a("--no-figures", dest="figures", action="store_false", help="skip the PNG figures")
     a("--progress", dest="progress", action="store_true", help="force the progress bar on (default: on a terminal)")
+    a("--distributed", dest="distributed", action="store_true",
+      help="data-parallel training on the processes of an MPI job: mpiexec -n N python -m mpi4py "
+           "examples/train_mnist.py --distributed ... (--batch-size is the global batch; needs the mpi extra)")
     return p
 
 
 def config_from_args(args: dict) -> tuple[TrainConfig, str | None]:
     """Merge parsed flags into a config; with --resume, onto the checkpoint's config."""
     args = dict(args)
-    for key in ("progress", "overwrite"):
+    for key in ("progress", "overwrite", "distributed"):
         args.pop(key, None)
     resume = args.pop("resume", None)
     given = [f"--{k.replace('_', '-')}" for k in AE_UNUSED if k in args]
@@ -133,21 +136,41 @@ def main(argv=None) -> int:
         print("error: --overwrite and --resume contradict each other: --resume continues the run in its "
               "folder, --overwrite deletes it", file=sys.stderr)
         return 1
+    comm = None
     try:
-        cfg, resume = config_from_args(args)
-        summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress)
+        if args.get("distributed"):
+            comm = distributed.init()
+        cfg, resume = config_from_args(args) if comm is None else comm.agree(lambda: config_from_args(args))
+        summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress, comm=comm)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return _error(str(err), err, comm)
     except OSError as err:          # outside a run (reading a checkpoint to resume, say)
-        print(f"error: {describe_os_error(err)}", file=sys.stderr)
-        return 1
+        return _error(describe_os_error(err), err, comm)
     except MemoryError as err:
-        print(f"error: out of memory ({err or 'MemoryError'}); try a smaller --batch-size or model", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted twice; the last checkpoint written is intact", file=sys.stderr)
+        return _error(f"out of memory ({err or 'MemoryError'}); try a smaller --batch-size or model", err, comm)
+    except KeyboardInterrupt as err:
+        _error("interrupted twice; the last checkpoint written is intact", err, comm)
         return 130
     if summary.get("status") == "interrupted":
         return 130
     return 0
+
+
+def _error(message: str, err: BaseException, comm) -> int:
+    """Print the one ``error:`` line; returns exit code 1.
+
+    In a data-parallel run an error that every rank raised alike (the ranks
+    agreed on it) is printed by rank 0 and every rank exits; an error of this
+    rank alone aborts the whole job (the other ranks may be waiting for it in
+    a collective), naming the rank.
+    """
+    if comm is None:
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    if getattr(err, "agreed", False):
+        if comm.is_root:
+            print(f"error: {message}", file=sys.stderr)
+        return 1
+    print(f"error: (rank {comm.rank} of {comm.size}) {message}; stopping every rank", file=sys.stderr, flush=True)
+    comm.abort(1)
+    return 1

@@ -25,6 +25,7 @@ The command line is :mod:`scratchvae.cli`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,7 +39,7 @@ import time
 import numpy
 
 from . import backend as backend_mod
-from . import checkpoint, datasets
+from . import checkpoint, datasets, distributed
 from .atomic import to_jsonable, write_json
 from .config import TrainConfig
 from .optim import Adam, AdamState, geometric_lr
@@ -82,13 +83,15 @@ class RunState:
     initial_test: dict | None = None
     best: dict = dataclasses.field(default_factory=lambda: {"epoch": 0, "valid_loss": math.inf})
     saved_epoch: int | None = None      # the epoch of the last checkpoint this run wrote (or resumed)
+    world_size: int = 1                 # processes of a data-parallel run (scratchvae.distributed)
 
     def meta(self, cfg: TrainConfig) -> dict:
         return to_jsonable({
             "run_id": self.run_id, "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
             "adam_step": self.opt_state.step, "rng_state": {"scheme": NOISE_SCHEME},
             "epoch_rng_state": None, "config": dataclasses.asdict(cfg), "history": self.history,
-            "partial": self.epoch_sums, "initial_test": self.initial_test, "best": self.best})
+            "partial": self.epoch_sums, "initial_test": self.initial_test, "best": self.best,
+            "world_size": self.world_size})
 
 
 @dataclasses.dataclass
@@ -155,7 +158,7 @@ def iwae_test_nll(model, x, k, rng, *, chunk=None, progress=None) -> float:
 
 
 def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrite: bool = False, log=print,
-          on_step=None, progress: bool | None = None) -> dict:
+          on_step=None, progress: bool | None = None, comm=None) -> dict:
     """Train the model ``cfg`` describes; returns the summary dict.
 
     Parameters
@@ -171,6 +174,12 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
         Called after every optimizer step (tests use it to inject faults).
     progress : bool or None
         Show a progress bar (None: only on a terminal).
+    comm : scratchvae.distributed.Communicator, optional
+        Train data-parallel on the ranks of this MPI job
+        (:func:`scratchvae.distributed.init`): every rank calls ``train``
+        with the same config; ``cfg.batch_size`` is the global batch, each
+        rank computes the gradient of its rows, and only rank 0 opens the
+        run folder, logs and writes files.
 
     Raises
     ------
@@ -185,17 +194,33 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
     ckpt = None if resume is None else _checkpoint_path(resume)
     out = pathlib.Path(cfg.out)
     mode = "resume" if ckpt is not None and _same_folder(ckpt.parent, out) else ("overwrite" if overwrite else "new")
-    with RunFolder(out, mode) as folder:
-        if folder.removed_temporaries:
-            log(f"removed {len(folder.removed_temporaries)} temporary file(s) left by an interrupted write in {out}")
-        run = _Run(cfg, be, out, log, progress)
+    if comm is not None:
+        comm.use_backend(be)
+        comm.check_same("config", dataclasses.asdict(cfg))
+        comm.check_same("--resume / --overwrite", (str(ckpt), mode))
+        if not comm.is_root:            # rank 0 speaks for the job
+            log, progress = (lambda *_: None), False
+    with _run_folder(out, mode, comm) as removed:
+        if removed:
+            log(f"removed {len(removed)} temporary file(s) left by an interrupted write in {out}")
+        run = _Run(cfg, be, out, log, progress, comm)
         try:
             return run.execute(ckpt, on_step)
         except NonFiniteLoss as err:
             raise run.fail("diverged", f"training stopped: non-finite loss at {run.where}: {err}",
-                           TrainingDiverged) from err
+                           TrainingDiverged, err) from err
         except OSError as err:
-            raise run.fail("failed", describe_os_error(err), RunFailed) from err
+            raise run.fail("failed", describe_os_error(err), RunFailed, err) from err
+
+
+@contextlib.contextmanager
+def _run_folder(out, mode, comm):
+    """Open (and lock) the run folder: in a data-parallel run, on rank 0 only, every rank learning
+    whether it could; yields the stale temporary files removed."""
+    with contextlib.ExitStack() as stack:
+        def open_folder():
+            return stack.enter_context(RunFolder(out, mode)).removed_temporaries
+        yield open_folder() if comm is None else comm.root_only(open_folder)
 
 
 def describe_os_error(err: OSError) -> str:
@@ -209,8 +234,9 @@ def describe_os_error(err: OSError) -> str:
 class _Run:
     """The pieces of one run that every phase needs (not a public API: :func:`train` is)."""
 
-    def __init__(self, cfg, be, out, log, progress):
-        self.cfg, self.be, self.out, self.log, self.progress = cfg, be, out, log, progress
+    def __init__(self, cfg, be, out, log, progress, comm=None):
+        self.cfg, self.be, self.out, self.log, self.progress, self.comm = cfg, be, out, log, progress, comm
+        self.parallel = None            # the data-parallel step (distributed.DataParallel), with comm
         self.ckpt_path, self.best_path = out / "checkpoint.npz", out / "best.npz"
         self.state: RunState | None = None
         self.summary: dict = {}
@@ -220,15 +246,18 @@ class _Run:
 
     # -- phases ------------------------------------------------------------------------
     def execute(self, ckpt, on_step) -> dict:
-        cfg = self.cfg
-        self.data = _prepare_data(cfg, self.be, self.log)
-        self.model = build_model(cfg, self.data.image_shape, self.be)
+        cfg, comm = self.cfg, self.comm
+        self.data = self._agree(lambda: _prepare_data(cfg, self.be, self.log))
+        self.model = self._agree(lambda: build_model(cfg, self.data.image_shape, self.be))
         self.opt = Adam(lr=cfg.lr, fused=cfg.fused)
-        self.state = self._resume(ckpt) if ckpt is not None else self._start()
         self.steps_per_epoch = math.ceil(self.data.train.shape[0] / cfg.batch_size)
+        if comm is not None:
+            self._agree(lambda: _check_shards(self.data.train.shape[0], cfg.batch_size, comm.size))
+            self.parallel = distributed.DataParallel(comm, self.model)
+        self.state = self._agree(lambda: self._resume(ckpt)) if ckpt is not None else self._start()
         self.summary = {"run_id": self.state.run_id, "config": dataclasses.asdict(cfg), "backend": self.be.name,
                         "device": self.be.device, "versions": _versions(), "cpu_count": os.cpu_count(),
-                        "initial_test": self.state.initial_test}
+                        "world_size": self.state.world_size, "initial_test": self.state.initial_test}
         self._write_metrics()
         with _StopFlag() as stop:
             while self.state.epoch < cfg.epochs:
@@ -237,13 +266,35 @@ class _Run:
                 self._end_epoch()
                 if self._early_stop():
                     break
-                if stop.requested:
+                if self._stop_agreed(stop):
                     return self._interrupted(mid_epoch=False)
         return self._finish()
 
+    def _agree(self, action):
+        """``action()``; in a data-parallel run, every rank raises when it raised on any."""
+        return action() if self.comm is None else self.comm.agree(action)
+
+    def _on_root(self, action):
+        """``action()`` (writing files): in a data-parallel run on rank 0 only, then a barrier."""
+        return action() if self.comm is None else self.comm.root_only(action)
+
+    def _stop_agreed(self, stop) -> bool:
+        """Ctrl-C or SIGTERM asked for a stop (in a data-parallel run: on any rank; every rank then stops)."""
+        if self.comm is not None and self.comm.any(stop.requested):
+            stop.requested = True
+        return stop.requested
+
+    def _share_params(self) -> None:
+        """Data-parallel: every rank starts from rank 0's parameters, checked by checksum."""
+        if self.comm is not None:
+            self.comm.broadcast_params(self.model.params)
+
     def _start(self) -> RunState:
         cfg = self.cfg
-        state = RunState(run_id=new_run_id(), opt_state=self.opt.init(self.model.params))
+        run_id = new_run_id() if self.comm is None else self.comm.bcast_obj(new_run_id())
+        self._share_params()
+        state = RunState(run_id=run_id, opt_state=self.opt.init(self.model.params),
+                         world_size=1 if self.comm is None else self.comm.size)
         state.initial_test = self._test_metrics(0)
         loss_name = "loss" if cfg.model == "vae" else "reconstruction loss"
         self.log(f"{cfg.model} ({cfg.arch}) on {cfg.dataset}: {self.data.train.shape[0]} train / "
@@ -253,6 +304,12 @@ class _Run:
 
     def _resume(self, path) -> RunState:
         arrays, meta, _ = checkpoint.load_run(path)
+        world_size, stored_world = 1 if self.comm is None else self.comm.size, meta.get("world_size", 1)
+        if world_size != stored_world:
+            raise ValueError(f"--resume {path}: the run was trained on {stored_world} process(es) and this is "
+                             f"{world_size}; its batches are split by the number of processes, so resume it with "
+                             f"mpiexec -n {stored_world}" + (" ... --distributed" if stored_world > 1 else
+                                                             " removed (one process, no --distributed)"))
         stored_epochs = meta["config"].get("epochs")
         if self.cfg.lr_final is not None and self.cfg.epochs != stored_epochs:
             raise ValueError(f"--resume {path}: the learning rate decays to lr_final over the run's {stored_epochs} "
@@ -268,7 +325,9 @@ class _Run:
         state = RunState(run_id=meta.get("run_id"), opt_state=opt_state, epoch=meta["epoch"],
                          step=meta["step"], batch_in_epoch=meta["batch_in_epoch"], epoch_sums=meta.get("partial"),
                          history=meta["history"], initial_test=meta.get("initial_test"),
-                         best=meta.get("best", {"epoch": 0, "valid_loss": math.inf}), saved_epoch=meta["epoch"])
+                         best=meta.get("best", {"epoch": 0, "valid_loss": math.inf}), saved_epoch=meta["epoch"],
+                         world_size=world_size)
+        self._share_params()
         if self.cfg.keep_best and state.best["epoch"] > 0:
             _, best_meta = checkpoint.load(self.best_path)
             if best_meta.get("run_id") != state.run_id:
@@ -311,13 +370,16 @@ class _Run:
                 if on_step is not None:
                     on_step(st.step, stats)
                 last = b + 1 == self.steps_per_epoch
-                if last or stop.requested or (b + 1 - snapshot["batch"]) % CHECK_EVERY == 0:
+                # data-parallel ranks check (and agree to stop) only where all of them do
+                stopping = stop.requested and self.comm is None
+                if last or stopping or (b + 1 - snapshot["batch"]) % CHECK_EVERY == 0:
                     self._check(snapshot, b, pending, finite, sums, on_step)
                     if not bar.disable:
                         bar.set_postfix(loss=f"{sums['loss'] / max(sums['batches'], 1):.2f}")
                     snapshot = self._snapshot(b + 1)
                     pending, finite = xp.zeros(3, dtype=xp.float64), xp.ones((), dtype=bool)
-                if stop.requested and not last:
+                    stopping = self._stop_agreed(stop)
+                if stopping and not last:
                     sums["seconds"] += time.perf_counter() - t0
                     st.batch_in_epoch, st.epoch_sums = b + 1, sums
                     return False
@@ -330,7 +392,8 @@ class _Run:
         cfg, st = self.cfg, self.state
         self.where = f"epoch {st.epoch + 1}, step {st.step + 1} (batch {b + 1} of {self.steps_per_epoch})"
         xb, eps, x_in = self._batch(b)
-        st.opt_state, loss, stats = train_step(
+        step = train_step if self.parallel is None else self.parallel.step   # data-parallel: this rank's rows
+        st.opt_state, loss, stats = step(
             self.model, self.opt, st.opt_state, xb, eps, beta=self._beta(), free_bits=cfg.free_bits,
             lr=geometric_lr(cfg.lr, cfg.lr_final, st.step, cfg.epochs * self.steps_per_epoch), sync=sync, x_in=x_in)
         st.step += 1
@@ -370,8 +433,9 @@ class _Run:
             _, stats = self._step(replayed, sync=True)
             if on_step is not None:
                 on_step(st.step, stats)
-        raise NonFiniteLoss(f"a loss of steps {snapshot['step'] + 1} to {st.step} was not finite, but not when "
+        err = NonFiniteLoss(f"a loss of steps {snapshot['step'] + 1} to {st.step} was not finite, but not when "
                             "they were replayed one by one (a nondeterministic fault)")
+        raise err if self.comm is None else distributed.agreed(err)   # data-parallel: every rank replayed
 
     def _epoch_noise(self, epoch):
         """The epoch's shuffle (a device index array) and eps for all its steps (steps, B, L), on the device."""
@@ -424,8 +488,9 @@ class _Run:
                 st.best = {"epoch": st.epoch + 1, "valid_loss": record["valid_loss"]}
                 # written before the checkpoint that names it, so a crash in between cannot
                 # leave a checkpoint pointing at an older best.npz
-                checkpoint.save(self.best_path, {f"param/{k}": self.be.asnumpy(p) for k, p in self.model.params.items()},
-                                {"run_id": st.run_id, "epoch": st.epoch + 1, "valid_loss": record["valid_loss"]})
+                self._on_root(lambda: checkpoint.save(
+                    self.best_path, {f"param/{k}": self.be.asnumpy(p) for k, p in self.model.params.items()},
+                    {"run_id": st.run_id, "epoch": st.epoch + 1, "valid_loss": record["valid_loss"]}))
         st.history.append(record)
         st.epoch += 1
         self._save()
@@ -454,7 +519,7 @@ class _Run:
         at = f"at epoch {st.epoch + 1}, step {st.step}" if mid_epoch else f"after epoch {st.epoch}"
         self.log(f"interrupted {at}: checkpoint saved to {self.ckpt_path}; continue with --resume {self.out}")
         self.summary.update(status="interrupted", history=st.history)
-        write_json(self.out / "summary.json", self.summary)
+        self._on_root(lambda: write_json(self.out / "summary.json", self.summary))
         return self.summary
 
     def _finish(self) -> dict:
@@ -472,10 +537,18 @@ class _Run:
                        kl_per_dim=final.get("kl_per_dim"), train_seconds=sum(h["seconds"] for h in st.history))
         if cfg.iwae_k > 0 and cfg.model == "vae":
             t0 = time.perf_counter()
-            nll = iwae_test_nll(self.model, self.data.test_dev, cfg.iwae_k, self.be.rng(cfg.seed + 7),
-                                progress=self.progress)
+            nll = self._on_root(lambda: iwae_test_nll(self.model, self.data.test_dev, cfg.iwae_k,
+                                                      self.be.rng(cfg.seed + 7), progress=self.progress))
             summary.update(test_nll_iwae=nll, iwae_k=cfg.iwae_k, iwae_seconds=time.perf_counter() - t0)
             self.log(f"test NLL (IWAE bound, k={cfg.iwae_k}): {nll:.2f} nats")
+        self._on_root(self._write_outputs)
+        what = "negative ELBO" if cfg.model == "vae" else "reconstruction loss"
+        self.log(f"final test {what} {summary['test_loss']:.3f} nats; outputs in {self.out}")
+        return summary
+
+    def _write_outputs(self) -> None:
+        """The figures and summary.json (rank 0's job in a data-parallel run)."""
+        cfg, st, summary = self.cfg, self.state, self.summary
         if cfg.figures:
             from . import figures
             noisy = None
@@ -487,12 +560,10 @@ class _Run:
                                                   labels=self.data.test_labels, history=st.history, run_id=st.run_id,
                                                   noisy=noisy)
         write_json(self.out / "summary.json", summary)
-        what = "negative ELBO" if cfg.model == "vae" else "reconstruction loss"
-        self.log(f"final test {what} {summary['test_loss']:.3f} nats; outputs in {self.out}")
-        return summary
 
-    def fail(self, status: str, message: str, kind: type) -> Exception:
-        """The exception to raise for a failed run, after recording it in summary.json (when possible)."""
+    def fail(self, status: str, message: str, kind: type, cause: BaseException | None = None) -> Exception:
+        """The exception to raise for a failed run, after recording it in summary.json (when possible;
+        in a data-parallel run, by rank 0). It is marked agreed when ``cause`` was raised on every rank."""
         st = self.state
         if st is not None and st.saved_epoch is not None and self.ckpt_path.exists():
             kept = f"the last good checkpoint {self.ckpt_path} (epoch {st.saved_epoch}) is untouched"
@@ -500,23 +571,28 @@ class _Run:
             kept = "no checkpoint of this run had been written yet"
         message = f"{message}; {kept}"
         self.summary.update(status=status, error=message, history=st.history if st else [])
-        try:
-            write_json(self.out / "summary.json", self.summary)
-        except OSError:
-            pass   # the disk that failed the run may fail this too; the message says what matters
-        return kind(message)
+        if self.comm is None or self.comm.is_root:   # no collective here: other ranks may not be failing
+            try:
+                write_json(self.out / "summary.json", self.summary)
+            except OSError:
+                pass   # the disk that failed the run may fail this too; the message says what matters
+        err = kind(message)
+        if getattr(cause, "agreed", False):
+            distributed.agreed(err)
+        return err
 
     # -- helpers -------------------------------------------------------------------------
     def _test_metrics(self, tag):
         return self.model.evaluate(self.data.test_dev, self.be.rng(self.cfg.seed * 1_000_003 + tag))
 
     def _save(self) -> None:
-        checkpoint.save(self.ckpt_path, checkpoint.run_arrays(self.model, self.state.opt_state, self.be),
-                        self.state.meta(self.cfg))
+        self._on_root(lambda: checkpoint.save(self.ckpt_path, checkpoint.run_arrays(self.model, self.state.opt_state,
+                                                                                    self.be), self.state.meta(self.cfg)))
         self.state.saved_epoch = self.state.epoch
 
     def _write_metrics(self) -> None:
-        write_json(self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.state.history))
+        text = "".join(json.dumps(h) + "\n" for h in self.state.history)
+        self._on_root(lambda: write_json(self.out / "metrics.jsonl", text))
 
 
 def _prepare_data(cfg: TrainConfig, be, log) -> _Data:
@@ -548,6 +624,15 @@ def _prepare_data(cfg: TrainConfig, be, log) -> _Data:
                  binary=bool(data.binary or data.dynamic_binarization))
 
 
+def _check_shards(n: int, batch_size: int, world_size: int) -> None:
+    """Data-parallel: every rank must get at least one row of every batch, the last one included."""
+    last = n % batch_size or batch_size
+    if min(batch_size, last) < world_size:
+        raise ValueError(f"--batch-size {batch_size} over {n} training images leaves a batch of {last} image(s), "
+                         f"fewer than the {world_size} processes: a rank would get none; choose a batch size "
+                         "(or --limit) for which every batch has at least one image per process")
+
+
 def _seeds(seed: int, epoch: int, stream: int) -> int:
     """A 63-bit seed for one stream (0: shuffle, 1: eps, 2 + b: batch b's binarization) of one epoch."""
     return int(numpy.random.SeedSequence([seed, epoch, stream]).generate_state(1, numpy.uint64)[0] >> numpy.uint64(1))
@@ -573,11 +658,14 @@ def _versions():
 
 
 class _StopFlag:
-    """SIGINT sets a flag that the loop checks between steps; a second Ctrl-C aborts at once."""
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's or mpiexec's stop) set a flag that the loop checks
+    between steps; a second one aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def _handler(self, signum, frame):
         if self.requested:
@@ -586,11 +674,11 @@ class _StopFlag:
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
         except ValueError:  # not the main thread: Ctrl-C handling is the caller's business
-            self._previous = None
+            self._previous = {}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

@@ -276,7 +276,7 @@ class VAE(_Model):
         return self.mu_head.forward(h), self.log_sigma_head.forward(h)
 
     def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True, sync=True,
-                      x_in=None):
+                      x_in=None, batch_total=None, reduce=None):
         """Negative ELBO in nats per example; accumulates its gradient into ``grads``.
 
         Parameters
@@ -306,6 +306,16 @@ class VAE(_Model):
             What the encoder sees, when it is not ``x`` itself: a corrupted
             copy for a denoising model, whose reconstruction is scored against
             the clean ``x``.
+        batch_total : int, optional
+            Data parallelism (:mod:`scratchvae.distributed`): ``x`` is one
+            shard of a batch of ``batch_total`` examples. Sums over the shard
+            are divided by ``batch_total`` instead of ``B``, so the gradients,
+            ``recon`` and ``kl`` are this shard's share of the whole batch's
+            means, and summing them over the shards gives those means.
+        reduce : callable, optional
+            With ``batch_total`` and free bits: sums an (L,) array over the
+            shards (an all-reduce), so that a dimension's activity is decided
+            from the whole batch's KL; ``kl_term`` is then the whole batch's.
 
         Returns
         -------
@@ -320,6 +330,7 @@ class VAE(_Model):
         x_in = x if x_in is None else self._encoder_input(x_in, x, check_data)
         _check_loss_weights(beta, free_bits)
         B = x.shape[0]
+        n = _batch_total(B, batch_total)                   # the examples the means are over
         eps = self._noise(B, rng, eps)                     # (B, L)
 
         # forward
@@ -328,13 +339,15 @@ class VAE(_Model):
         log_sigma = self.log_sigma_head.forward(h)         # (B, L)
         z, kl = self.ops.reparameterize_kl(mu, log_sigma, eps)   # (B, L), (B, L)
         out = self.decoder.forward(z)                      # (B, D)
-        nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / B)   # (B,), (B, D), (D,) or None
-        kl_per_dim = kl.mean(axis=0)                       # (L,)
-        recon, kl_mean = nll.mean(), kl_per_dim.sum()      # 0-d, on the backend
+        nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / n)   # (B,), (B, D), (D,) or None
+        kl_per_dim = kl.sum(axis=0) / n                    # (L,)
+        recon, kl_mean = nll.sum() / n, kl_per_dim.sum()   # 0-d, on the backend
         if sync:
             recon, kl_mean = float(recon), float(kl_mean)
             self._raise_if_not_finite(recon, kl_mean, mu, log_sigma)
-        kl_term, kl_weight = self._kl_term_and_weight(kl_per_dim, beta, free_bits, B)   # 0-d, (L,)
+        # free bits decide a dimension's activity from the whole batch's KL
+        batch_kl = reduce(kl_per_dim) if (reduce is not None and free_bits > 0) else kl_per_dim   # (L,)
+        kl_term, kl_weight = self._kl_term_and_weight(batch_kl, beta, free_bits, n)   # 0-d, (L,)
         if sync:
             kl_term = float(kl_term)
 
@@ -484,20 +497,21 @@ class Autoencoder(_Model):
         return -self._log_px(self.decoder.forward(code), x), None, None   # no KL, no posterior
 
     def loss_and_grad(self, x, rng=None, eps=None, beta=1.0, free_bits=0.0, check_data=True, sync=True,
-                      x_in=None):
+                      x_in=None, batch_total=None, reduce=None):
         """Reconstruction NLL per example (nats); accumulates its gradient.
 
-        ``rng``, ``eps``, ``beta`` and ``free_bits`` are accepted for
-        interface parity with :class:`VAE` and ignored; ``sync`` and ``x_in``
-        (the encoder's input, for a denoising autoencoder) as there.
+        ``rng``, ``eps``, ``beta``, ``free_bits`` and ``reduce`` are accepted
+        for interface parity with :class:`VAE` and ignored; ``sync``, ``x_in``
+        (the encoder's input, for a denoising autoencoder) and
+        ``batch_total`` (``x`` is one shard of a batch that large) as there.
         """
         x = self._checked_input(x) if check_data else self._as_input(x)
         x_in = x if x_in is None else self._encoder_input(x_in, x, check_data)
-        B = x.shape[0]
+        n = _batch_total(x.shape[0], batch_total)
         code = self.code_head.forward(self.encoder.forward(x_in))   # (B, L)
         out = self.decoder.forward(code)                          # (B, D)
-        nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / B)
-        recon = nll.mean()                                        # 0-d, on the backend
+        nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / n)
+        recon = nll.sum() / n                                     # 0-d, on the backend
         zero = self.xp.zeros((), dtype=self.dtype)
         if sync:
             recon, zero = float(recon), 0.0
@@ -509,6 +523,15 @@ class Autoencoder(_Model):
         self.encoder.backward(self.code_head.backward(dcode))
         per_dim = numpy.zeros(self.latent_dim) if sync else self.xp.zeros(self.latent_dim, dtype=self.dtype)
         return recon, {"loss": recon, "recon": recon, "kl": zero, "kl_term": zero, "kl_per_dim": per_dim}
+
+
+def _batch_total(B: int, batch_total) -> int:
+    """The number of examples a loss's means are over: the shard's ``B``, or the whole batch's."""
+    if batch_total is None:
+        return B
+    if not isinstance(batch_total, (int, numpy.integer)) or batch_total < B:
+        raise ValueError(f"loss_and_grad: batch_total must be an int >= the shard's {B} examples, got {batch_total!r}")
+    return int(batch_total)
 
 
 def _check_loss_weights(beta, free_bits) -> None:

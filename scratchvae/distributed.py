@@ -1,0 +1,327 @@
+"""Data-parallel training over MPI: the ranks, the gradient all-reduce, the agreements.
+
+The design is ChainerMN's, with Horovod's fused buffer:
+
+* MPI (through mpi4py) launches the ranks and coordinates them: broadcasts,
+  config checks, agreement on stopping and on failures;
+* every step each rank computes the gradient of its shard of the global batch,
+  scaled so that the sum over ranks is the whole batch's mean
+  (``loss_and_grad(..., batch_total=B)``), packs it with the loss sums and a
+  non-finite count into **one flat buffer** in a fixed parameter order, and
+  sums that buffer over the ranks with **one all-reduce**: MPI ``Allreduce``
+  on the CPU, NCCL (``cupy.cuda.nccl``) on GPUs, where the buffer never leaves
+  the device;
+* every rank then applies the same Adam step to the same parameters, so they
+  stay bit-identical without being sent again.
+
+Every rank draws the same shuffle and noise for the global batch and takes its
+own rows (:meth:`Communicator.shard`), so an N-rank run is the single-process
+run with the same batch, up to the order of float sums.
+
+Only rank 0 writes files; failures that one rank meets (a full disk) are
+broadcast so that every rank stops with the same message.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy
+
+__all__ = ["Communicator", "DataParallel", "GradientBuffer", "DistributedUnavailable", "DistributedMismatch", "init",
+           "agreed", "params_checksum", "INSTALL_HINT"]
+
+INSTALL_HINT = ("pip install -e \".[mpi]\" (mpi4py and MPICH from binary wheels; on a cluster, build mpi4py "
+                "against the site's MPI instead: env MPICC=mpicc pip install --no-binary=mpi4py mpi4py)")
+
+
+class DistributedUnavailable(RuntimeError):
+    """--distributed cannot start: mpi4py (or NCCL) is missing, or this process is not part of an MPI job."""
+
+
+class DistributedMismatch(ValueError):
+    """The ranks disagree (config, parameters, world size): every rank raises the same message."""
+
+    agreed = True   # raised on every rank alike: no rank is left waiting in a collective
+
+
+def init() -> Communicator:
+    """The communicator of this MPI job (``COMM_WORLD``).
+
+    Raises :class:`DistributedUnavailable` when mpi4py is not installed or
+    the job has one process (a launcher that started N independent "rank 0
+    of 1" processes must not let them write N copies of one run).
+    """
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        if err.name not in ("mpi4py", "mpi4py.MPI"):
+            raise
+        raise DistributedUnavailable(f"--distributed needs mpi4py and an MPI library ({err}); install them: "
+                                     f"{INSTALL_HINT}") from err
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() < 2:
+        raise DistributedUnavailable(
+            "--distributed: this process is rank 0 of a world of 1 (it was not started by mpiexec, or the "
+            "launcher started independent processes); launch it as "
+            "mpiexec -n 2 python -m mpi4py examples/train_mnist.py --distributed ...")
+    return Communicator(comm)
+
+
+class Communicator:
+    """One rank of a data-parallel job.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm
+        The ranks (``COMM_WORLD``).
+
+    Arrays are summed through MPI ``Allreduce`` until :meth:`use_backend`
+    selects CuPy: each rank then uses GPU ``local_rank % n_gpus`` and sums go
+    through NCCL on CuPy's current stream (its unique id sent by
+    ``comm.bcast`` from rank 0).
+    """
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+
+        self._MPI, self.comm = MPI, comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()   # the ranks on this machine
+        local.Free()
+        self.backend, self._nccl = None, None
+
+    def use_backend(self, backend) -> None:
+        """Sum arrays of ``backend`` (numpy: through MPI; cupy: through NCCL, set up here once)."""
+        self.backend = backend
+        if backend.name == "cupy" and self._nccl is None:
+            self._nccl = self.agree(self._nccl_communicator)
+
+    def _nccl_communicator(self):
+        import cupy
+        try:
+            from cupy.cuda import nccl
+        except ImportError as err:
+            raise DistributedUnavailable(f"--distributed --backend cupy needs CuPy's NCCL ({err}); "
+                                         "install it with: python -m cupyx.tools.install_library --library nccl "
+                                         "--cuda 12.x") from err
+        cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
+        uid = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
+        return nccl, nccl.NcclCommunicator(self.size, uid, self.rank)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> slice:
+        """This rank's rows of a global batch of ``n`` rows: contiguous, sizes differing by at most one."""
+        return slice(n * self.rank // self.size, n * (self.rank + 1) // self.size)
+
+    # -- collectives on arrays of the backend ----------------------------------------------
+    def allreduce_(self, buf):
+        """Sum the 1-D array ``buf`` (of the backend, float32 or float64) over the ranks, in place; returns it."""
+        if self._nccl is not None:
+            import cupy
+            nccl, communicator = self._nccl
+            kind = {numpy.dtype(numpy.float32): nccl.NCCL_FLOAT32,
+                    numpy.dtype(numpy.float64): nccl.NCCL_FLOAT64}[numpy.dtype(buf.dtype)]
+            communicator.allReduce(buf.data.ptr, buf.data.ptr, buf.size, kind, nccl.NCCL_SUM,
+                                   cupy.cuda.get_current_stream().ptr)
+        else:
+            self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return buf
+
+    def bcast_(self, buf):
+        """Overwrite the (C-contiguous) backend array ``buf`` with rank 0's, in place."""
+        if self._nccl is not None:
+            import cupy
+            nccl, communicator = self._nccl
+            kind = {numpy.dtype(numpy.float32): nccl.NCCL_FLOAT32,
+                    numpy.dtype(numpy.float64): nccl.NCCL_FLOAT64}[numpy.dtype(buf.dtype)]
+            communicator.bcast(buf.data.ptr, buf.size, kind, 0, cupy.cuda.get_current_stream().ptr)
+        else:
+            self.comm.Bcast(buf, root=0)
+        return buf
+
+    # -- coordination (host objects, through MPI) ------------------------------------------
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (Ctrl-C or SIGTERM on one of them)."""
+        return bool(self.comm.allreduce(int(bool(flag)), op=self._MPI.MAX))
+
+    def bcast_obj(self, obj):
+        return self.comm.bcast(obj, root=0)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now (a failure on this rank only, which the others cannot know of)."""
+        self.comm.Abort(code)
+
+    def check_same(self, what: str, value) -> None:
+        """Refuse (on every rank) when ``value`` differs between ranks; the message names the ranks."""
+        values = self.comm.allgather(value)
+        differ = [r for r, v in enumerate(values) if v != values[0]]
+        if differ:
+            raise DistributedMismatch(f"--distributed: rank(s) {differ} run with a different {what} than rank 0 "
+                                      f"({_first_difference(values[0], values[differ[0]])}); every rank must "
+                                      "run the same command")
+
+    def root_only(self, action):
+        """Run ``action()`` on rank 0 only (opening the run folder, writing files); every rank
+        returns rank 0's result, or raises rank 0's exception (marked agreed)."""
+        result, error = None, None
+        if self.is_root:
+            try:
+                result = action()
+            except Exception as err:   # noqa: BLE001 - re-raised on every rank just below
+                error = err
+        shared = self.bcast_obj(("error", _portable(error)) if error is not None else ("ok", result))
+        if shared[0] == "error":
+            raise agreed(error if error is not None else shared[1])
+        return shared[1]
+
+    def agree(self, action):
+        """Run ``action()`` on every rank; when it raised on any rank, every rank raises the
+        lowest such rank's exception (marked agreed), so that none is left waiting in a collective."""
+        result, error = None, None
+        try:
+            result = action()
+        except Exception as err:   # noqa: BLE001 - re-raised on every rank just below
+            error = err
+        errors = self.comm.allgather(None if error is None else _portable(error))
+        first = next((r for r, e in enumerate(errors) if e is not None), None)
+        if first is not None:
+            raise agreed(error if first == self.rank else errors[first])
+        return result
+
+    # -- the start -------------------------------------------------------------------------
+    def broadcast_params(self, params: dict) -> str:
+        """Give every rank rank 0's parameters, then check them by checksum; returns the checksum."""
+        self.check_same("parameter list", [(k, tuple(p.shape), str(p.dtype)) for k, p in params.items()])
+        for p in params.values():
+            self.bcast_(p)
+        digest = params_checksum(params, self.backend)
+        self.check_same("parameter checksum after the broadcast", digest)
+        return digest
+
+
+class DataParallel:
+    """One rank's share of a data-parallel optimizer step (the counterpart of :func:`scratchvae.train.train_step`).
+
+    Each rank computes the gradient of its rows of the global batch scaled by
+    the global count, so that the sum over ranks is the true mean even for a
+    short last batch; the gradients, the loss sums, the per-dimension KL and
+    a non-finite count travel in one buffer through one all-reduce; free bits
+    add one all-reduce of L values before the mask.
+    """
+
+    def __init__(self, comm: Communicator, model):
+        self.comm = comm
+        L = model.latent_dim
+        # extras: recon, kl, non-finite count, then the (L,) KL per dimension
+        self.buffer = GradientBuffer(model.grads, 3 + L, model.xp, model.dtype)
+
+    def step(self, model, opt, opt_state, xb, eps, *, beta, free_bits, lr, sync=True, x_in=None):
+        """Train on this rank's rows of the global batch ``xb`` (B, D) with its noise ``eps`` (B, L).
+
+        Returns ``(opt_state, loss, stats)`` for the whole batch, equal on every
+        rank. With ``sync`` a non-finite loss raises ``NonFiniteLoss`` on every
+        rank alike (marked agreed) before any update.
+        """
+        from .vae import NonFiniteLoss
+
+        comm, xp, buf = self.comm, model.xp, self.buffer
+        B = xb.shape[0]
+        rows = comm.shard(B)
+        model.zero_grad()
+        reduce = (lambda kl_per_dim: comm.allreduce_(xp.array(kl_per_dim))) if free_bits > 0 else None
+        _, local = model.loss_and_grad(xb[rows], eps=eps[rows], beta=beta, free_bits=free_bits, check_data=False,
+                                       sync=False, x_in=None if x_in is None else x_in[rows], batch_total=B,
+                                       reduce=reduce)
+        nonfinite = ~(xp.isfinite(local["recon"]) & xp.isfinite(local["kl"]))
+        buf.pack(model.grads, (local["recon"], local["kl"], nonfinite))
+        buf.array[buf.n_grad + 3:] = local["kl_per_dim"]
+        comm.allreduce_(buf.array)
+        extras = buf.unpack(model.grads)
+        recon, kl, nonfinite_count = extras[:3]
+        kl_per_dim = buf.array[buf.n_grad + 3:].copy()              # (L,) the whole batch's
+        kl_term = local["kl_term"] if free_bits > 0 else kl         # with free bits: already the batch's
+        loss = recon + beta * kl_term
+        if sync:
+            recon, kl, kl_term, loss = float(recon), float(kl), float(kl_term), float(loss)
+            if float(nonfinite_count) > 0 or not numpy.isfinite(loss):
+                bad = [f"the {name} of the global batch is {value}" for name, value in
+                       (("KL term", kl), ("reconstruction term (-log p(x|z))", recon)) if not numpy.isfinite(value)]
+                raise agreed(NonFiniteLoss("; ".join(bad) or f"the loss of the global batch is {loss}"))
+            kl_per_dim = model.backend.asnumpy(kl_per_dim).astype(numpy.float64)
+        opt_state = opt.step(model.params, model.grads, opt_state, lr=lr)
+        return opt_state, loss, {"loss": loss, "recon": recon, "kl": kl, "kl_term": kl_term, "kl_per_dim": kl_per_dim}
+
+
+def agreed(err: BaseException) -> BaseException:
+    """Mark ``err`` as raised on every rank alike (the command line then exits without aborting the job)."""
+    err.agreed = True
+    return err
+
+
+def _portable(err: BaseException) -> BaseException:
+    """``err`` if it survives pickling (to be sent to the other ranks), else a RuntimeError with its message."""
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:   # noqa: BLE001 - any pickling failure: send the message instead
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+def params_checksum(params: dict, backend) -> str:
+    """SHA-256 of every parameter's bytes, in order (bit-identical parameters give equal checksums)."""
+    h = hashlib.sha256()
+    for k, p in params.items():
+        h.update(k.encode())
+        h.update(numpy.ascontiguousarray(backend.asnumpy(p)).tobytes())
+    return h.hexdigest()
+
+
+class GradientBuffer:
+    """One flat buffer holding every gradient (in the model's parameter order) and a few scalars.
+
+    ``pack`` copies the gradients and ``extras`` in, the communicator sums
+    the buffer over the ranks, and ``unpack`` copies the sums back into the
+    gradient arrays and returns the summed extras (0-d arrays of the backend).
+    """
+
+    def __init__(self, grads: dict, n_extras: int, xp, dtype):
+        self.keys = list(grads)
+        self.sizes = [int(grads[k].size) for k in self.keys]
+        self.offsets = numpy.concatenate([[0], numpy.cumsum(self.sizes)]).astype(int).tolist()
+        self.n_grad = self.offsets[-1]
+        self.array = xp.empty(self.n_grad + n_extras, dtype=dtype)   # (P + E,)
+
+    def pack(self, grads: dict, extras) -> None:
+        for k, lo, hi in zip(self.keys, self.offsets, self.offsets[1:]):
+            self.array[lo:hi] = grads[k].reshape(-1)
+        for i, value in enumerate(extras):
+            self.array[self.n_grad + i] = value
+
+    def unpack(self, grads: dict) -> list:
+        for k, lo, hi in zip(self.keys, self.offsets, self.offsets[1:]):
+            grads[k][...] = self.array[lo:hi].reshape(grads[k].shape)
+        return [self.array[i] for i in range(self.n_grad, self.array.size)]
+
+
+def _first_difference(a, b) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        return ", ".join(f"{k}: {a.get(k)!r} on rank 0, {b.get(k)!r} there" for k in keys[:3])
+    return f"{str(a)[:60]!r} on rank 0, {str(b)[:60]!r} there"
+
+
+def local_environment() -> dict:
+    """What a launcher set for this process (for the summary): the MPI library and the thread caps."""
+    from mpi4py import MPI
+    return {"mpi": MPI.Get_library_version().split("\n")[0].strip(),
+            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
