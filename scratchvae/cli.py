@@ -169,7 +169,8 @@ def _error(message: str, err: BaseException, comm) -> int:
         return 1
     if getattr(err, "agreed", False):
         if comm.is_root:
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        comm.barrier()   # printed before any rank exits: under python -m mpi4py, exit code 1 aborts the job
         return 1
     print(f"error: (rank {comm.rank} of {comm.size}) {message}; stopping every rank", file=sys.stderr, flush=True)
     comm.abort(1)

@@ -100,12 +100,10 @@ class Communicator:
 
     def _nccl_communicator(self):
         import cupy
-        try:
-            from cupy.cuda import nccl
-        except ImportError as err:
-            raise DistributedUnavailable(f"--distributed --backend cupy needs CuPy's NCCL ({err}); "
-                                         "install it with: python -m cupyx.tools.install_library --library nccl "
-                                         "--cuda 12.x") from err
+        from cupy.cuda import nccl  # imports without the library, and says so in nccl.available
+        if not getattr(nccl, "available", False):
+            raise DistributedUnavailable("--distributed --backend cupy sums the gradients with NCCL, and CuPy "
+                                         "finds no NCCL library; install it: pip install 'nvidia-nccl-cu12>=2.18.1,<3'")
         cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
         uid = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
         return nccl, nccl.NcclCommunicator(self.size, uid, self.rank)
