@@ -292,3 +292,21 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert meta["epoch"] < 30 and json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     resumed = mpirun(TRAIN, "--resume", out, "--epochs", str(meta["epoch"] + 1), "--distributed")
     assert "resumed from" in resumed.stdout
+
+
+def test_the_nccl_calls_match_cupys_api():
+    """The GPU path's calls (distributed.Communicator.allreduce_ / bcast_) against CuPy's real NCCL binding."""
+    cupy = pytest.importorskip("cupy", reason="needs CuPy (the test extra)")
+    from cupy.cuda import nccl
+    if not getattr(nccl, "available", False):
+        pytest.skip("CuPy finds no NCCL library (pip install 'nvidia-nccl-cu12>=2.18.1,<3')")
+    assert cupy is not None
+    for name in ("get_unique_id", "NcclCommunicator", "NCCL_FLOAT32", "NCCL_FLOAT64", "NCCL_SUM"):
+        assert hasattr(nccl, name), name
+
+    def parameters(method):   # from the Cython signature line: "allReduce(self, intptr_t sendbuf, ...)"
+        line = getattr(nccl.NcclCommunicator, method).__doc__.splitlines()[0]
+        return [p.split()[-1] for p in line[line.index("(") + 1:line.rindex(")")].split(",")][1:]
+
+    assert parameters("allReduce") == ["sendbuf", "recvbuf", "count", "datatype", "op", "stream"]
+    assert parameters("bcast") == ["buff", "count", "datatype", "root", "stream"]
