@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import time
 
 from . import backend as backend_mod
 from . import checkpoint, datasets, distributed
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backend", choices=backend_mod.NAMES, help=f"array backend: numpy (CPU) or cupy (GPU) (default {d.backend})")
     a("--dataset", choices=datasets.DATASETS,
       help="binarized-mnist: static binarized MNIST shipped with scratchvae (default); mnist: grayscale MNIST, "
-           "downloaded on first use; idx: IDX files in --data-dir")
+           "downloaded on first use; fashion-mnist: Fashion-MNIST (from --data-dir or Debian's "
+           "dataset-fashion-mnist package); idx: IDX files in --data-dir")
     a("--data-dir", help="folder for downloaded or IDX files (default: the user cache folder)")
     a("--binarize", choices=("static", "dynamic"), help="turn grayscale pixels into 0/1: once (static) or every epoch "
                                                        "(dynamic); default: use them as probabilities")
@@ -173,5 +175,6 @@ def _error(message: str, err: BaseException, comm) -> int:
         comm.barrier()   # printed before any rank exits: under python -m mpi4py, exit code 1 aborts the job
         return 1
     print(f"error: (rank {comm.rank} of {comm.size}) {message}; stopping every rank", file=sys.stderr, flush=True)
+    time.sleep(1.0)   # let the launcher forward the line: MPI_Abort ends the job at once, unread output with it
     comm.abort(1)
     return 1

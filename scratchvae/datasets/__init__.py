@@ -18,6 +18,11 @@ Three datasets are known (see :data:`DATASETS`):
     SHA-256 sums (see :func:`download_mnist`).  The last 10,000 of the
     60,000 training images are held out as the validation split, which
     matches the 50k/10k split of the binarized version.
+``"fashion-mnist"``
+    Zalando's Fashion-MNIST (60,000 + 10,000 grayscale 28 x 28 images of
+    10 kinds of clothing), read from ``data_dir`` or from where Debian's
+    ``dataset-fashion-mnist`` package installs it; the same IDX reader and
+    split rule as ``"mnist"``.
 ``"idx"``
     Any dataset in MNIST's IDX format (Fashion-MNIST, KMNIST, ...) found in
     ``data_dir`` under MNIST's four file names, validated by its headers.
@@ -78,7 +83,10 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`load`.
-DATASETS = ("binarized-mnist", "mnist", "idx")
+DATASETS = ("binarized-mnist", "mnist", "fashion-mnist", "idx")
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the Fashion-MNIST IDX files.
+FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 #: Values accepted for ``binarize=`` by :func:`load`.
 BINARIZATIONS = (None, "static", "dynamic")
@@ -414,6 +422,19 @@ def load(name="binarized-mnist", data_dir=None, binarize=None, rng=None, log=Non
         folder = _download().download_mnist(data_dir, mirrors=mirrors, timeout=timeout, log=log)
         # Read exactly the verified .gz files (not an unverified uncompressed copy beside them).
         paths = {role: folder / filename for role, filename in MNIST_FILES.items()}
+        return load_idx_files(key, paths, n_valid, binarize, rng)
+
+    if key == "fashion-mnist":
+        folder = pathlib.Path(data_dir).expanduser() if data_dir is not None else FASHION_MNIST_DIR
+        if not folder.is_dir():
+            raise DatasetUnavailable(
+                f"dataset 'fashion-mnist': {folder} is not a folder; install the files with "
+                "`apt-get install dataset-fashion-mnist` (Debian, Ubuntu) or download the four IDX files "
+                "from https://github.com/zalandoresearch/fashion-mnist and pass their folder as --data-dir",
+                folder=folder)
+        paths = find_idx_files(folder)
+        if log:
+            log(f"fashion-mnist: reading the IDX files in {folder}")
         return load_idx_files(key, paths, n_valid, binarize, rng)
 
     # key == "idx"
