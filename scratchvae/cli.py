@@ -45,8 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset", choices=datasets.DATASETS,
       help="binarized-mnist: static binarized MNIST shipped with scratchvae (default); mnist: grayscale MNIST, "
            "downloaded on first use; fashion-mnist: Fashion-MNIST (from --data-dir or Debian's "
-           "dataset-fashion-mnist package); idx: IDX files in --data-dir")
-    a("--data-dir", help="folder for downloaded or IDX files (default: the user cache folder)")
+           "dataset-fashion-mnist package); idx: IDX files in --data-dir; folder: every image file under "
+           "--data-dir (PNG, JPEG, BMP, WebP; decoded once and cached); celeba: CelebA as distributed, in --data-dir")
+    a("--data-dir", help="folder of the data: IDX files, downloaded MNIST (default: the user cache folder), "
+                         "your images (--dataset folder) or CelebA as distributed (--dataset celeba)")
+    a("--color", choices=("rgb", "gray"), help="--dataset folder/celeba: train on RGB (default) or grayscale images")
+    a("--image-size", type=int, metavar="PIXELS", help="--dataset folder/celeba: center-crop to a square and resize "
+                                                       f"to PIXELS x PIXELS (default {d.image_size})")
     a("--binarize", choices=("static", "dynamic"), help="turn grayscale pixels into 0/1: once (static) or every epoch "
                                                        "(dynamic); default: use them as probabilities")
     a("--arch", choices=("mlp", "conv"), help=f"encoder/decoder architecture (default {d.arch})")

@@ -15,6 +15,7 @@ import math
 __all__ = ["TrainConfig", "RUN_DEFINING", "AE_UNUSED"]
 
 NAMES = ("numpy", "cupy")   # scratchvae.backend.NAMES (kept here so the config imports nothing heavy)
+IMAGE_DATASETS = ("folder", "celeba")   # scratchvae.datasets.IMAGE_DATASETS (likewise)
 
 
 @dataclasses.dataclass
@@ -25,6 +26,8 @@ class TrainConfig:
     dataset: str = "binarized-mnist"
     data_dir: str | None = None
     binarize: str | None = None
+    color: str = "rgb"              # dataset folder / celeba: the images as RGB or grayscale
+    image_size: int = 64            # dataset folder / celeba: the side of the square images
     arch: str = "mlp"
     hidden: tuple = (400,)
     channels: tuple = (32, 64)
@@ -59,7 +62,8 @@ class TrainConfig:
         self.channels = tuple(int(c) for c in self.channels)
         choices = {"arch": ("mlp", "conv"), "model": ("vae", "ae"), "likelihood": ("bernoulli", "gaussian"),
                    "dtype": ("float32", "float64"), "backend": NAMES, "binarize": (None, "static", "dynamic"),
-                   "activation": ("relu", "leaky_relu", "tanh", "softplus"), "downsample": ("stride", "pool")}
+                   "activation": ("relu", "leaky_relu", "tanh", "softplus"), "downsample": ("stride", "pool"),
+                   "color": ("rgb", "gray")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{_name(key)} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -69,6 +73,14 @@ class TrainConfig:
             _check_number(key, getattr(self, key), low=0)
         for key in ("limit", "test_limit"):
             _check_number(key, getattr(self, key), low=1, optional=True)
+        _check_number("image_size", self.image_size, low=4)
+        if self.image_size > 1024:
+            raise ValueError(f"{_name('image_size')} must be at most 1024, got {self.image_size}")
+        if self.dataset not in IMAGE_DATASETS:
+            changed = [key for key in ("color", "image_size") if getattr(self, key) != _DEFAULTS[key]]
+            if changed:
+                raise ValueError(f"{', '.join(_name(k) for k in changed)}: only for the image datasets "
+                                 f"{IMAGE_DATASETS} (dataset {self.dataset!r} has a fixed image format)")
         _check_number("lr", self.lr, low=0, open_low=True)
         _check_number("lr_final", self.lr_final, low=0, open_low=True, optional=True)
         _check_number("input_noise", self.input_noise, low=0)
@@ -113,13 +125,14 @@ class TrainConfig:
 
 
 # The fields whose values make a run what it is: a resumed run must keep them.
-RUN_DEFINING = ("dataset", "binarize", "arch", "hidden", "channels", "downsample", "latent_dim", "activation", "likelihood",
+RUN_DEFINING = ("dataset", "binarize", "color", "image_size", "arch", "hidden", "channels", "downsample", "latent_dim", "activation", "likelihood",
                 "model", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "input_noise", "seed", "dtype",
                 "limit", "fused")
 # VAE-only settings: given to a plain autoencoder, they would silently do nothing.
 AE_UNUSED = ("beta", "kl_warmup", "free_bits", "iwae_k")
 
-_TYPES = {"backend": str, "dataset": str, "data_dir": (str, None), "binarize": (str, None), "arch": str,
+_TYPES = {"backend": str, "dataset": str, "data_dir": (str, None), "binarize": (str, None), "color": str,
+          "image_size": int, "arch": str,
           "hidden": tuple, "channels": tuple, "downsample": str, "latent_dim": int, "activation": str, "likelihood": str, "model": str,
           "epochs": int, "batch_size": int, "lr": float, "lr_final": (float, None), "beta": float,
           "kl_warmup": float, "free_bits": float, "input_noise": float, "seed": int, "dtype": str, "limit": (int, None),

@@ -104,6 +104,8 @@ class _Data:
     image_shape: tuple
     dynamic: bool                  # resample binary pixels every epoch
     binary: bool                   # batches hold 0/1 pixels (static or dynamic binarization)
+    levels: int | None = None      # 256: train holds uint8 levels, made intensities batch by batch
+    dataset: object = None         # the loaded datasets.Dataset (labels, attributes, names)
 
 
 def build_model(cfg: TrainConfig, image_shape, be):
@@ -247,7 +249,7 @@ class _Run:
     # -- phases ------------------------------------------------------------------------
     def execute(self, ckpt, on_step) -> dict:
         cfg, comm = self.cfg, self.comm
-        self.data = self._agree(lambda: _prepare_data(cfg, self.be, self.log))
+        self.data = self._agree(lambda: _prepare_data(cfg, self.be, self.log, self.progress))
         self.model = self._agree(lambda: build_model(cfg, self.data.image_shape, self.be))
         self.opt = Adam(lr=cfg.lr, fused=cfg.fused)
         self.steps_per_epoch = math.ceil(self.data.train.shape[0] / cfg.batch_size)
@@ -451,7 +453,11 @@ class _Run:
         the device; dynamic binarization and the denoising corruption are drawn there."""
         cfg, noise = self.cfg, self._noise
         idx = noise["perm"][b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        xb = self.data.train[idx].astype(numpy.dtype(cfg.dtype))
+        if self.data.levels:   # 8-bit images: dequantized (Gaussian) or grey levels as probabilities
+            gen = self.be.rng(_seeds(cfg.seed, noise["epoch"], 2 + b))
+            xb = datasets.to_intensities(self.data.train[idx], cfg.likelihood, gen).astype(numpy.dtype(cfg.dtype))
+        else:
+            xb = self.data.train[idx].astype(numpy.dtype(cfg.dtype))
         if self.data.dynamic:
             u = self.be.rng(_seeds(cfg.seed, noise["epoch"], 2 + b)).random(xb.shape, dtype=xb.dtype)
             xb = (u < xb).astype(xb.dtype)
@@ -478,6 +484,8 @@ class _Run:
                   "test_recon": test["recon"], "test_kl": test["kl"], "seconds": seconds,
                   "images_per_s": n / seconds if seconds > 0 else float("nan"),
                   "lr": geometric_lr(cfg.lr, cfg.lr_final, st.step - 1, cfg.epochs * self.steps_per_epoch)}
+        if self.data.levels and cfg.likelihood == "gaussian":   # a bound on the 8-bit images' NLL
+            record["test_bits_per_dim"] = datasets.bits_per_dim(test["loss"], math.prod(self.data.image_shape))
         if "active_units" in test:   # a VAE: posterior collapse, made visible
             record.update(active_units=test["active_units"], kl_per_dim=test["kl_per_dim"].tolist(),
                           latent_activity=test["activity"].tolist())
@@ -501,6 +509,7 @@ class _Run:
                  + (f"test {record['test_loss']:8.3f} (recon {record['test_recon']:7.3f}, kl {record['test_kl']:6.3f}, "
                     f"active {record['active_units']}/{cfg.latent_dim})"
                     if cfg.model == "vae" else f"test reconstruction loss {record['test_loss']:8.3f}")
+                 + (f" {record['test_bits_per_dim']:.3f} bits/dim" if "test_bits_per_dim" in record else "")
                  + f"  {seconds:6.1f} s  {record['images_per_s']:8.0f} img/s")
 
     def _early_stop(self) -> bool:
@@ -533,7 +542,8 @@ class _Run:
                      f"{st.best['valid_loss']:.3f}) from {self.best_path}")
         summary.update(status="finished", history=st.history, epochs=st.epoch, steps=st.step,
                        test_loss=final.get("test_loss"), test_recon=final.get("test_recon"),
-                       test_kl=final.get("test_kl"), active_units=final.get("active_units"),
+                       test_kl=final.get("test_kl"), test_bits_per_dim=final.get("test_bits_per_dim"),
+                       active_units=final.get("active_units"),
                        kl_per_dim=final.get("kl_per_dim"), train_seconds=sum(h["seconds"] for h in st.history))
         if cfg.iwae_k > 0 and cfg.model == "vae":
             t0 = time.perf_counter()
@@ -595,9 +605,10 @@ class _Run:
         self._on_root(lambda: write_json(self.out / "metrics.jsonl", text))
 
 
-def _prepare_data(cfg: TrainConfig, be, log) -> _Data:
+def _prepare_data(cfg: TrainConfig, be, log, progress=None) -> _Data:
     """Load, subset and check the splits; refused before training if bad."""
-    data = datasets.load(cfg.dataset, data_dir=cfg.data_dir, binarize=cfg.binarize, rng=cfg.seed, log=log)
+    data = datasets.load(cfg.dataset, data_dir=cfg.data_dir, binarize=cfg.binarize, rng=cfg.seed, log=log,
+                         color=cfg.color, image_size=cfg.image_size, progress=progress)
     x_train, x_test, test_labels = data.train, data.test, data.test_labels
     if cfg.limit is not None:
         x_train = x_train[:cfg.limit]
@@ -609,15 +620,22 @@ def _prepare_data(cfg: TrainConfig, be, log) -> _Data:
     x_valid = data.valid if cfg.keep_best else None
     if cfg.keep_best and x_valid is None:
         raise ValueError(f"keep_best (--keep-best) needs a validation split and dataset {cfg.dataset!r} has none")
-    for name, x in (("training data", x_train), ("validation data", x_valid), ("test data", x_test)):
+    dtype = numpy.dtype(cfg.dtype)
+    if data.levels:   # 8-bit images: uint8 on the device; the test and validation splits dequantized once
+        gen = numpy.random.default_rng(_seeds(cfg.seed, 0, 1 << 41))
+        x_test, x_valid = (None if x is None else datasets.to_intensities(x, cfg.likelihood, gen)
+                           for x in (x_test, x_valid))
+        x_train = numpy.ascontiguousarray(x_train, dtype=numpy.uint8)
+    for name, x in (("training data", None if data.levels else x_train), ("validation data", x_valid),
+                    ("test data", x_test)):
         if x is not None:
             datasets.validate_images(x, cfg.likelihood, name=f"{cfg.dataset} {name}", expected_shape=data.image_shape)
-    dtype = numpy.dtype(cfg.dtype)
     # the training split lives on the device for the whole run: 0/1 pixels as uint8 (a quarter of the
     # float32 size), expanded batch by batch
     stored_as_bits = data.binary and not data.dynamic_binarization   # 0/1 pixels already (dynamic: probabilities)
-    train_dev = be.asarray(numpy.ascontiguousarray(x_train, dtype=numpy.uint8 if stored_as_bits else dtype))
-    return _Data(train=train_dev, test=x_test, test_labels=test_labels,
+    stored_as_uint8 = stored_as_bits or bool(data.levels)
+    train_dev = be.asarray(numpy.ascontiguousarray(x_train, dtype=numpy.uint8 if stored_as_uint8 else dtype))
+    return _Data(train=train_dev, test=x_test, test_labels=test_labels, levels=data.levels, dataset=data,
                  test_dev=be.asarray(x_test, dtype=dtype),
                  valid_dev=None if x_valid is None else be.asarray(x_valid, dtype=dtype),
                  image_shape=data.image_shape, dynamic=data.dynamic_binarization,

@@ -79,11 +79,17 @@ __all__ = [
     "binarize_dynamic",
     "binarize_static",
     "corrupt",
+    "to_intensities",
+    "bits_per_dim",
     "validate_images",
+    "IMAGE_DATASETS",
 ]
 
 #: Names accepted by :func:`load`.
-DATASETS = ("binarized-mnist", "mnist", "fashion-mnist", "idx")
+DATASETS = ("binarized-mnist", "mnist", "fashion-mnist", "idx", "folder", "celeba")
+
+#: The datasets of 8-bit images of any size (:mod:`scratchvae.datasets.images`): ``color`` and ``image_size`` apply.
+IMAGE_DATASETS = ("folder", "celeba")
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the Fashion-MNIST IDX files.
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -176,6 +182,16 @@ class Dataset:
     dynamic_binarization : bool
         True when the splits hold probabilities that the trainer should
         resample to 0/1 every epoch with :func:`binarize_dynamic`.
+    levels : int or None
+        256 when the splits hold uint8 pixel levels instead of intensities
+        (the image datasets): see :func:`to_intensities`.
+    class_names : tuple of str or None
+        The name of each label value (class subfolders), when known.
+    attribute_names : tuple of str or None
+        The names of the columns of ``attributes``.
+    attributes : dict or None
+        ``{"train": (N_train, A), "valid": ..., "test": ...}`` int8 arrays of
+        per-image attributes (1 present, -1 or 0 absent), when known.
     """
 
     name: str
@@ -188,6 +204,10 @@ class Dataset:
     binary: bool = False
     valid_labels: numpy.ndarray | None = None
     dynamic_binarization: bool = False
+    levels: int | None = None
+    class_names: tuple | None = None
+    attribute_names: tuple | None = None
+    attributes: dict | None = None
 
     def __post_init__(self):
         self.image_shape = tuple(int(s) for s in self.image_shape)
@@ -287,6 +307,27 @@ def _all_binary(splits):
     return all(bool(((x == 0) | (x == 1)).all()) for x in splits if x is not None)
 
 
+def to_intensities(x, likelihood, rng=None):
+    """uint8 pixel levels ``x`` (any backend) as intensities in [0, 1] for ``likelihood``, float32.
+
+    Gaussian: uniform dequantization ``(x + u) / 256``, ``u ~ U(0, 1)`` from
+    ``rng`` (a generator of ``x``'s backend), so that the model's density on
+    [0, 1]^D bounds the probability of the discrete images: ``-log P(x) <=
+    -log p((x + u) / 256) + D log 256`` in expectation (see
+    :func:`bits_per_dim`). Bernoulli: ``x / 255``, grey levels as probabilities.
+    """
+    xp = array_module(x)
+    if likelihood == "gaussian":
+        return (x.astype(xp.float32) + rng.random(x.shape, dtype=xp.float32)) / xp.float32(256)
+    return x.astype(xp.float32) / xp.float32(255)
+
+
+def bits_per_dim(nll_nats: float, n_dims: int) -> float:
+    """A dequantized model's negative log-likelihood (nats per image, on (x + u) / 256) as bits per
+    dimension of the 8-bit images: ``(nll + D log 256) / (D log 2)``."""
+    return (nll_nats + n_dims * math.log(256)) / (n_dims * math.log(2))
+
+
 def corrupt(x, p, rng, *, binary):
     """A corrupted copy of the images ``x`` (N, D), for denoising models; any backend.
 
@@ -342,7 +383,8 @@ def _load_binarized_mnist(log):
 
 
 def load(name="binarized-mnist", data_dir=None, binarize=None, rng=None, log=None, *,
-         mirrors=None, timeout=30.0, n_valid=None) -> Dataset:
+         mirrors=None, timeout=30.0, n_valid=None, color="rgb", image_size=64, cache_dir=None,
+         progress=None) -> Dataset:
     """Load a dataset by name as float32 pixel rows in ``[0, 1]``.
 
     Parameters
@@ -385,6 +427,12 @@ def load(name="binarized-mnist", data_dir=None, binarize=None, rng=None, log=Non
         the valid split; None means ``n_train // 6`` (10,000 of MNIST's
         60,000); 0 means no valid split (``valid`` is None).  Must be None
         for ``"binarized-mnist"``, whose split is fixed.
+    color, image_size, cache_dir, progress
+        ``"folder"`` and ``"celeba"`` (:mod:`scratchvae.datasets.images`):
+        ``"rgb"`` or ``"gray"``, the side of the square images, where the
+        decoded images are cached (default ``default_cache_dir("images")``),
+        and whether decoding shows a progress bar. ``rng`` is then the seed
+        of a folder's drawn splits.
 
     Returns
     -------
@@ -423,6 +471,18 @@ def load(name="binarized-mnist", data_dir=None, binarize=None, rng=None, log=Non
         # Read exactly the verified .gz files (not an unverified uncompressed copy beside them).
         paths = {role: folder / filename for role, filename in MNIST_FILES.items()}
         return load_idx_files(key, paths, n_valid, binarize, rng)
+
+    if key in IMAGE_DATASETS:
+        from . import images
+        if binarize is not None:
+            raise ValueError(f"dataset {key!r} holds 8-bit images: --binarize is not supported for it (grey levels "
+                             "are Bernoulli probabilities, or dequantized for the Gaussian likelihood)")
+        common = dict(color=color, image_size=image_size, cache_dir=cache_dir, log=log, progress=progress)
+        if key == "celeba":
+            return images.load_celeba(data_dir, **common)
+        if data_dir is None:
+            raise ValueError("dataset 'folder' needs --data-dir, the folder of images")
+        return images.load_folder(data_dir, seed=0 if rng is None else rng, **common)
 
     if key == "fashion-mnist":
         folder = pathlib.Path(data_dir).expanduser() if data_dir is not None else FASHION_MNIST_DIR

@@ -1,0 +1,374 @@
+"""A user's own images: any folder of image files, and CelebA as distributed.
+
+Every image is decoded once with Pillow, converted to RGB or grayscale,
+center-cropped to a square and resized to ``image_size`` x ``image_size``
+with a Lanczos filter, as uint8. The decoded set is cached (a uint8 ``.npy``
+in the user cache folder, keyed by the file list, the sizes and mtimes and
+the preprocessing options, written atomically) and later runs load the cache
+memory-mapped.
+
+The splits hold uint8 pixel levels, ``(N, C*H*W)``; :attr:`Dataset.levels`
+is 256, and the trainer turns a batch into intensities only when it uses it
+(uniform dequantization ``(x + u) / 256`` for the Gaussian likelihood, so the
+negative ELBO bounds the discrete data's negative log-likelihood;
+``x / 255`` for the Bernoulli one).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import secrets
+import sys
+
+import numpy
+
+__all__ = ["IMAGE_EXTENSIONS", "COLORS", "CELEBA_CROP", "ImageFolderError", "load_folder", "load_celeba",
+           "decode_image"]
+
+#: Files with these extensions are decoded; every other file is ignored (and counted).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+COLORS = ("rgb", "gray")
+#: The usual aligned-face crop of CelebA: the central 148 x 148 of the 178 x 218 images (as a share of the width).
+CELEBA_CROP = 148 / 178
+_SPLITS = ("train", "valid", "test")
+_CACHE_VERSION = 1
+
+
+class ImageFolderError(ValueError):
+    """An image that cannot be decoded, or a malformed list or attribute file; the message names the
+    file (and the line)."""
+
+
+# -- one image ------------------------------------------------------------------------------
+
+def decode_image(path, color: str = "rgb", image_size: int = 64, crop: float = 1.0) -> numpy.ndarray:
+    """One image file as uint8 ``(C, image_size, image_size)`` (C = 3 for ``"rgb"``, 1 for ``"gray"``).
+
+    Any mode Pillow reads: RGB, grayscale, palette, 16-bit (scaled to 8
+    bits), with transparency (composited onto black), CMYK; the EXIF
+    orientation is applied. The central square of side ``crop * min(W, H)``
+    is resized with a Lanczos filter.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = _to_color(ImageOps.exif_transpose(im), color)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageFolderError(f"cannot decode the image {path}: {err}") from err
+    w, h = im.size
+    side = max(1, round(min(w, h) * crop))
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.Resampling.LANCZOS)
+    a = numpy.asarray(im, dtype=numpy.uint8)
+    return a[None] if a.ndim == 2 else numpy.ascontiguousarray(a.transpose(2, 0, 1))   # (C, S, S)
+
+
+def _to_color(im, color):
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):     # 16-bit (or wider) grayscale: to 8 bits
+        a = numpy.asarray(im, dtype=numpy.float64)
+        scale = 257.0 if (im.mode.startswith("I;16") or a.max() > 255) else 1.0
+        im = Image.fromarray(numpy.clip(numpy.rint(a / scale), 0, 255).astype(numpy.uint8), mode="L")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return im.convert("RGB" if color == "rgb" else "L")
+
+
+# -- many images, cached ----------------------------------------------------------------------
+
+def _decode_all(files, root, color, image_size, crop, cache_dir, log, progress, name):
+    """uint8 (N, C, S, S) for ``files`` (paths relative to ``root``): from the cache, or decoded and cached."""
+    from tqdm.auto import tqdm
+
+    stats = [(str(f), *_size_mtime(root / f)) for f in files]
+    key = hashlib.sha256(json.dumps({"version": _CACHE_VERSION, "color": color, "image_size": image_size,
+                                     "crop": crop, "files": stats}).encode()).hexdigest()[:40]
+    channels = 3 if color == "rgb" else 1
+    shape = (len(files), channels, image_size, image_size)
+    cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache()
+    path = cache_dir / f"{name}-{key}.npy"
+    if path.is_file():
+        try:
+            cached = numpy.load(path, mmap_mode="r")
+            if cached.shape == shape and cached.dtype == numpy.uint8:
+                if log:
+                    log(f"{name}: {len(files)} images from the cache {path}")
+                return cached
+        except (OSError, ValueError):
+            pass   # a damaged cache file: decode again and replace it
+    out, tmp = _cache_target(cache_dir, path, shape, log, name)
+    try:
+        with tqdm(total=len(files), desc=f"decoding {name} images", unit="img", leave=False, file=sys.stderr,
+                  disable=(not progress) if progress is not None else None) as bar:
+            for i, f in enumerate(files):
+                out[i] = decode_image(root / f, color, image_size, crop)
+                bar.update(1)
+        if tmp is not None:
+            out.flush()
+            del out
+            os.replace(tmp, path)
+            if log:
+                log(f"{name}: decoded {len(files)} images; cached in {path}")
+            return numpy.load(path, mmap_mode="r")
+        return out
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+
+
+def _cache_target(cache_dir, path, shape, log, name):
+    """A memory-mapped temporary .npy beside ``path`` (renamed when complete), or, when the cache
+    folder is not writable, an in-memory array and no temporary."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        return numpy.lib.format.open_memmap(tmp, mode="w+", dtype=numpy.uint8, shape=shape), tmp
+    except OSError as err:
+        if log:
+            log(f"{name}: cannot write the cache in {cache_dir} ({err.strerror or err}); decoding into memory")
+        return numpy.empty(shape, dtype=numpy.uint8), None
+
+
+def _default_cache():
+    from .download import default_cache_dir
+    return default_cache_dir("images")
+
+
+def _size_mtime(path):
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+# -- a folder of images ---------------------------------------------------------------------------
+
+def _scan(folder):
+    """Image files under ``folder`` (sorted, relative) and the number of other files ignored."""
+    images, other = [], 0
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(p.relative_to(folder))
+            elif p.name != "attributes.csv":
+                other += 1
+    return images, other
+
+
+def load_folder(data_dir, *, color="rgb", image_size=64, seed=0, cache_dir=None, log=None, progress=None,
+                valid_fraction=0.1, test_fraction=0.1):
+    """Every image file under ``data_dir`` as a :class:`~scratchvae.datasets.Dataset` of uint8 levels.
+
+    Splits come from ``train/``, ``valid/`` (optional) and ``test/``
+    subfolders when ``data_dir`` has them, else from a permutation drawn
+    from ``seed`` (``valid_fraction`` and ``test_fraction`` of the images,
+    at least one each). Labels: when every image lies in a subfolder (of
+    the split folder, if any), the subfolder names are the classes
+    (``class_names``, sorted). Attributes: ``data_dir/attributes.csv``, a
+    header ``file,<name>,...`` and one row per image (its path relative to
+    ``data_dir``, then 1 / 0 / -1 per attribute).
+    """
+    from . import Dataset, DatasetUnavailable
+
+    _check_options(color, image_size)
+    folder = pathlib.Path(data_dir).expanduser()
+    if not folder.is_dir():
+        raise DatasetUnavailable(f"dataset 'folder': --data-dir {folder} is not a folder", folder=folder)
+    files, ignored = _scan(folder)
+    if not files:
+        raise DatasetUnavailable(f"dataset 'folder': no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}"
+                                 + (f"; {ignored} other file(s) ignored" if ignored else " (the folder is empty)"),
+                                 folder=folder)
+    if log:
+        log(f"folder: {len(files)} images under {folder}" + (f", {ignored} other file(s) ignored" if ignored else ""))
+    split_of = _splits(folder, files, seed, valid_fraction, test_fraction)
+    classes, label_of = _class_labels(files, split_of)
+    attributes, names = _read_attributes(folder / "attributes.csv", files)
+    pixels = _decode_all(files, folder, color, image_size, 1.0, cache_dir, log, progress, "folder")
+    out = {}
+    for split in _SPLITS:
+        idx = numpy.array([i for i, f in enumerate(files) if split_of[i] == split], dtype=numpy.int64)
+        if idx.size == 0:
+            out[split] = (None, None, None)
+            continue
+        x = numpy.asarray(pixels[idx]).reshape(idx.size, -1)
+        out[split] = (x, None if label_of is None else label_of[idx],
+                      None if attributes is None else attributes[idx])
+    if out["train"][0] is None or out["test"][0] is None:
+        raise ImageFolderError(f"dataset 'folder': {folder} has a train/ or test/ subfolder but no images in "
+                               f"{'train/' if out['train'][0] is None else 'test/'}; both need images")
+    return Dataset(name="folder", train=out["train"][0], valid=out["valid"][0], test=out["test"][0],
+                   train_labels=out["train"][1], valid_labels=out["valid"][1], test_labels=out["test"][1],
+                   image_shape=(3 if color == "rgb" else 1, image_size, image_size), levels=256,
+                   class_names=classes, attribute_names=names,
+                   attributes=None if attributes is None else {s: out[s][2] for s in _SPLITS})
+
+
+def _check_options(color, image_size):
+    if color not in COLORS:
+        raise ValueError(f"--color must be one of {COLORS}, got {color!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 4 <= image_size <= 1024:
+        raise ValueError(f"--image-size must be an integer in [4, 1024], got {image_size!r}")
+
+
+def _splits(folder, files, seed, valid_fraction, test_fraction):
+    """Each file's split: its top folder when ``folder`` has train/ and test/ (valid/ optional), else drawn."""
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        outside = [f for f in files if f.parts[0] not in _SPLITS or len(f.parts) == 1]
+        if outside:
+            raise ImageFolderError(f"dataset 'folder': {folder} has train/ and test/ subfolders, so every image must "
+                                   f"lie in train/, valid/ or test/; {folder / outside[0]} does not "
+                                   f"({len(outside)} such file(s))")
+        return [f.parts[0] for f in files]
+    n = len(files)
+    if n < 3:
+        raise ImageFolderError(f"dataset 'folder': {folder} holds {n} image(s); a train, a validation and a test "
+                               "split need at least 3")
+    n_test, n_valid = max(1, round(n * test_fraction)), max(1, round(n * valid_fraction))
+    order = numpy.random.default_rng(seed).permutation(n)
+    split = numpy.empty(n, dtype=object)
+    split[order[:n_test]], split[order[n_test:n_test + n_valid]], split[order[n_test + n_valid:]] = \
+        "test", "valid", "train"
+    return list(split)
+
+
+def _class_labels(files, split_of):
+    """Subfolder names as classes, when every image lies in one (below its split folder, if any)."""
+    def class_dir(f, split):
+        parts = f.parts[1:] if split == f.parts[0] and len(f.parts) > 1 and f.parts[0] in _SPLITS else f.parts
+        return parts[0] if len(parts) > 1 else None
+    dirs = [class_dir(f, s) for f, s in zip(files, split_of)]
+    if any(d is None for d in dirs):
+        return None, None
+    classes = tuple(sorted(set(dirs)))
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, numpy.array([index[d] for d in dirs], dtype=numpy.int32)
+
+
+def _read_attributes(path, files):
+    """(N, A) int8 attributes from ``attributes.csv`` (None without the file), and their names."""
+    import csv
+
+    if not path.is_file():
+        return None, None
+    rows = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or header[0].strip() != "file" or len(header) < 2:
+            raise ImageFolderError(f"{path}, line 1: the header must be file,<attribute>,..., got {header!r}")
+        names = tuple(h.strip() for h in header[1:])
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ImageFolderError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
+            try:
+                values = [int(v) for v in row[1:]]
+            except ValueError:
+                raise ImageFolderError(f"{path}, line {line}: attribute values must be 1, 0 or -1, got "
+                                       f"{row[1:]!r}") from None
+            if any(v not in (-1, 0, 1) for v in values):
+                raise ImageFolderError(f"{path}, line {line}: attribute values must be 1, 0 or -1, got {values}")
+            rows[pathlib.Path(row[0].strip()).as_posix()] = values
+    missing = [f for f in files if f.as_posix() not in rows]
+    if missing:
+        raise ImageFolderError(f"{path}: no line for {len(missing)} image(s), the first {missing[0].as_posix()}")
+    return numpy.array([rows[f.as_posix()] for f in files], dtype=numpy.int8), names
+
+
+# -- CelebA ------------------------------------------------------------------------------------------
+
+def load_celeba(data_dir, *, color="rgb", image_size=64, cache_dir=None, log=None, progress=None):
+    """CelebA as distributed: ``img_align_celeba/``, ``list_attr_celeba.txt`` and
+    ``list_eval_partition.txt`` (the official 0/1/2 = train/valid/test splits)
+    in ``data_dir``; the 40 attributes as ``attributes`` (+1/-1) with the
+    usual aligned-face crop (:data:`CELEBA_CROP`) before the resize."""
+    from . import Dataset, DatasetUnavailable
+
+    _check_options(color, image_size)
+    folder = pathlib.Path(data_dir).expanduser() if data_dir is not None else None
+    if folder is None or not folder.is_dir():
+        raise DatasetUnavailable(f"dataset 'celeba' needs --data-dir, the folder holding img_align_celeba/, "
+                                 f"list_attr_celeba.txt and list_eval_partition.txt; got {folder}", folder=folder)
+    need = [folder / "img_align_celeba", folder / "list_attr_celeba.txt", folder / "list_eval_partition.txt"]
+    missing = [p for p in need if not p.exists()]
+    if missing:
+        raise DatasetUnavailable(f"dataset 'celeba': missing {', '.join(str(p) for p in missing)} (the CelebA "
+                                 "layout as distributed)", files=[str(p) for p in missing], folder=folder)
+    names, attrs = _read_celeba_attributes(need[1])
+    partition = _read_celeba_partition(need[2])
+    files = list(attrs)
+    for line, name in enumerate(files, start=3):
+        if not (need[0] / name).is_file():
+            raise ImageFolderError(f"{need[1]}, line {line}: the image {name} is listed but {need[0] / name} does "
+                                   "not exist")
+        if name not in partition:
+            raise ImageFolderError(f"{need[2]}: no line for {name} (listed in {need[1].name}, line {line})")
+    if log:
+        log(f"celeba: {len(files)} images, {len(names)} attributes, in {folder}")
+    pixels = _decode_all([pathlib.Path("img_align_celeba") / f for f in files], folder, color, image_size,
+                         CELEBA_CROP, cache_dir, log, progress, "celeba")
+    table = numpy.array([attrs[f] for f in files], dtype=numpy.int8)
+    which = numpy.array([partition[f] for f in files])
+    split = {}
+    for code, s in enumerate(_SPLITS):
+        idx = numpy.flatnonzero(which == code)
+        split[s] = (numpy.asarray(pixels[idx]).reshape(idx.size, -1) if idx.size else None, table[idx])
+    for s in ("train", "test"):
+        if split[s][0] is None:
+            raise ImageFolderError(f"{need[2]}: no image is in the {s} split "
+                                   f"({'0' if s == 'train' else '2'})")
+    return Dataset(name="celeba", train=split["train"][0], valid=split["valid"][0], test=split["test"][0],
+                   image_shape=(3 if color == "rgb" else 1, image_size, image_size), levels=256,
+                   attribute_names=names, attributes={s: split[s][1] for s in _SPLITS})
+
+
+def _read_celeba_attributes(path):
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if len(lines) < 2:
+        raise ImageFolderError(f"{path}: expected a count line and a line of attribute names, got {len(lines)} line(s)")
+    try:
+        count = int(lines[0].strip())
+    except ValueError:
+        raise ImageFolderError(f"{path}, line 1: expected the number of images, got {lines[0][:40]!r}") from None
+    names = tuple(lines[1].split())
+    if not names:
+        raise ImageFolderError(f"{path}, line 2: expected the attribute names, got an empty line")
+    rows = {}
+    for line, text in enumerate(lines[2:], start=3):
+        fields = text.split()
+        if not fields:
+            continue
+        if len(fields) != len(names) + 1:
+            raise ImageFolderError(f"{path}, line {line}: {len(fields) - 1} attribute values for {len(names)} "
+                                   f"attributes")
+        try:
+            values = [int(v) for v in fields[1:]]
+        except ValueError:
+            raise ImageFolderError(f"{path}, line {line}: attribute values must be 1 or -1, got "
+                                   f"{' '.join(fields[1:])[:60]!r}") from None
+        if any(v not in (-1, 1) for v in values):
+            raise ImageFolderError(f"{path}, line {line}: attribute values must be 1 or -1, got {values}")
+        rows[fields[0]] = values
+    if len(rows) != count:
+        raise ImageFolderError(f"{path}, line 1: says {count} images, the file lists {len(rows)}")
+    return names, rows
+
+
+def _read_celeba_partition(path):
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            fields = text.split()
+            if not fields:
+                continue
+            if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+                raise ImageFolderError(f"{path}, line {line}: expected '<image> 0|1|2', got {text.strip()[:60]!r}")
+            out[fields[0]] = int(fields[1])
+    return out
