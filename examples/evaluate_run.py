@@ -18,31 +18,17 @@ import pathlib
 import sys
 import time
 
-from scratchvae import backend as backend_mod
-from scratchvae import checkpoint, datasets
 from scratchvae.atomic import write_json
 from scratchvae.cli import USER_ERRORS
-from scratchvae.train import build_model, describe_os_error, iwae_test_nll
+from scratchvae.train import describe_os_error, iwae_test_nll, load_trained
 
 
 def evaluate(run: pathlib.Path, params: str, iwae_k: int, seed: int, progress) -> dict:
-    ckpt = run / "checkpoint.npz"
-    _, meta, cfg = checkpoint.load_run(ckpt)
-    if params == "auto":
-        params = "best" if cfg.keep_best and meta.get("best", {}).get("epoch", 0) > 0 else "last"
-    elif params == "best" and not (run / "best.npz").exists():
-        raise ValueError(f"--params best: {run} has no best.npz (the run was trained without --keep-best); "
-                         "use --params last")
-    be = backend_mod.get(cfg.backend)
-    data = datasets.load(cfg.dataset, data_dir=cfg.data_dir, binarize=cfg.binarize, rng=cfg.seed)
-    model = build_model(cfg, data.image_shape, be)
-    source = run / ("best.npz" if params == "best" else "checkpoint.npz")
-    pmeta = checkpoint.load_parameters(source, model, be, run_id=meta.get("run_id"))
-    x_test = be.asarray(data.test, dtype=cfg.dtype)
-    elbo = model.evaluate(x_test, be.rng(seed))
+    model, data, cfg, meta, params = load_trained(run, params)
+    elbo = model.evaluate(data.test_dev, model.backend.rng(seed))
     t0 = time.perf_counter()
-    nll = iwae_test_nll(model, x_test, iwae_k, be.rng(seed + 1), progress=progress)
-    return {"run": str(run), "run_id": meta.get("run_id"), "params": params, "epoch": pmeta.get("epoch"),
+    nll = iwae_test_nll(model, data.test_dev, iwae_k, model.backend.rng(seed + 1), progress=progress)
+    return {"run": str(run), "run_id": meta.get("run_id"), "params": params, "epoch": meta["params_epoch"],
             "test_neg_elbo": elbo["loss"], "test_nll_iwae": nll, "iwae_k": iwae_k,
             "iwae_seconds": time.perf_counter() - t0}
 

@@ -54,6 +54,9 @@ from .atomic import atomic_write, to_jsonable
 
 __all__ = [
     "image_grid",
+    "attribute_vector",
+    "posterior_means",
+    "plot_attribute_vectors",
     "plot_samples",
     "plot_reconstructions",
     "plot_curves",
@@ -904,6 +907,59 @@ def plot_denoising(model, x_clean, x_noisy, path, n=12, run_id=None):
     _save(fig, path, run_id)
     return to_jsonable({"path": os.fspath(path), "n": n, "mse_noisy": float(np.mean((z - c) ** 2)),
                         "mse_denoised": float(np.mean((r - c) ** 2))})
+
+
+def posterior_means(model, x) -> np.ndarray:
+    """The posterior means (a plain autoencoder's codes) of the images ``x`` (N, D), host (N, L)."""
+    return _encode_all(model, _flatten_input(model, x))[0]
+
+
+def attribute_vector(mu, has) -> np.ndarray:
+    """The latent direction of an attribute: ``mean mu[has] - mean mu[~has]``, (L,).
+
+    ``mu`` (N, L) posterior means (host), ``has`` (N,) bool: the images
+    with the attribute (or of the target class).
+    """
+    mu, has = np.asarray(mu, dtype=np.float64), np.asarray(has, dtype=bool)
+    if mu.ndim != 2 or has.shape != (mu.shape[0],):
+        raise ValueError(f"attribute_vector: mu {mu.shape} and has {has.shape} do not match")
+    if not has.any() or has.all():
+        raise ValueError(f"attribute_vector needs images with and without the attribute; {int(has.sum())} of "
+                         f"{has.size} have it")
+    return mu[has].mean(axis=0) - mu[~has].mean(axis=0)
+
+
+def plot_attribute_vectors(model, blocks, multiples, path, run_id=None):
+    """Test images moved along attribute vectors: one block of rows per attribute (or combination).
+
+    Parameters
+    ----------
+    model : VAE or autoencoder
+    blocks : list of (title, x, vector)
+        ``x`` (n, D) the test images of the block's rows (their posterior
+        means are the starting codes), ``vector`` (L,) the direction added.
+    multiples : sequence of float
+        The columns: ``decode(mu + m * vector)`` for each ``m`` (0 is the
+        plain reconstruction).
+
+    Returns
+    -------
+    dict
+        ``path``, the blocks' titles, rows and vector norms.
+    """
+    multiples = np.asarray(multiples, dtype=np.float64)
+    rows, titles, out = [], [], []
+    for title, x, vector in blocks:
+        mu = _encode_all(model, _flatten_input(model, x))[0]                       # (n, L)
+        z = (mu[:, None, :] + multiples[None, :, None] * np.asarray(vector)[None, None, :]).reshape(-1, mu.shape[1])
+        rows.append(_decode_all(model, z).reshape(mu.shape[0] * multiples.size, -1))
+        titles.append(f"{title} ({mu.shape[0]} rows)")
+        out.append({"title": title, "rows": int(mu.shape[0]), "vector_norm": float(np.linalg.norm(vector))})
+    grid = image_grid(_as_images(model, np.concatenate(rows)), multiples.size)
+    fig, ax = _grid_figure(grid, "; ".join(titles) + "\ncolumns: code + m x vector, m = "
+                           + ", ".join(f"{m:g}" for m in multiples), max_inches=8.0)
+    _save(fig, path, run_id)
+    return to_jsonable({"path": os.fspath(path), "multiples": multiples.tolist(), "blocks": out})
 
 
 def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None, noisy=None):

@@ -47,7 +47,7 @@ from .runfolder import RunFolder, new_run_id
 from .vae import NonFiniteLoss, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
 
 __all__ = ["TrainConfig", "TrainingDiverged", "RunFailed", "RunState", "train", "train_step", "build_model",
-           "iwae_test_nll", "describe_os_error"]
+           "prepare_data", "load_trained", "iwae_test_nll", "describe_os_error"]
 
 
 # How the run's randomness is drawn (recorded in checkpoints): every epoch's shuffle and noise
@@ -249,7 +249,7 @@ class _Run:
     # -- phases ------------------------------------------------------------------------
     def execute(self, ckpt, on_step) -> dict:
         cfg, comm = self.cfg, self.comm
-        self.data = self._agree(lambda: _prepare_data(cfg, self.be, self.log, self.progress))
+        self.data = self._agree(lambda: prepare_data(cfg, self.be, self.log, self.progress))
         self.model = self._agree(lambda: build_model(cfg, self.data.image_shape, self.be))
         self.opt = Adam(lr=cfg.lr, fused=cfg.fused)
         self.steps_per_epoch = math.ceil(self.data.train.shape[0] / cfg.batch_size)
@@ -605,8 +605,36 @@ class _Run:
         self._on_root(lambda: write_json(self.out / "metrics.jsonl", text))
 
 
-def _prepare_data(cfg: TrainConfig, be, log, progress=None) -> _Data:
-    """Load, subset and check the splits; refused before training if bad."""
+def load_trained(run, params: str = "auto", log=None):
+    """A trained run's model with its parameters: ``(model, data, cfg, meta, params)``.
+
+    ``run`` is a run folder; ``params`` ``"best"`` (``best.npz``), ``"last"``
+    (the checkpoint's) or ``"auto"`` (best for a run trained with
+    ``--keep-best``). ``data`` is :func:`prepare_data`'s, as the run saw it.
+    """
+    run = pathlib.Path(run)
+    _, meta, cfg = checkpoint.load_run(run / "checkpoint.npz")
+    if params == "auto":
+        params = "best" if cfg.keep_best and meta.get("best", {}).get("epoch", 0) > 0 else "last"
+    elif params == "best" and not (run / "best.npz").exists():
+        raise ValueError(f"--params best: {run} has no best.npz (the run was trained without --keep-best); "
+                         "use --params last")
+    be = backend_mod.get(cfg.backend)
+    data = prepare_data(cfg, be, log)
+    model = build_model(cfg, data.image_shape, be)
+    source = run / ("best.npz" if params == "best" else "checkpoint.npz")
+    pmeta = checkpoint.load_parameters(source, model, be, run_id=meta.get("run_id"))
+    return model, data, cfg, dict(meta, params_epoch=pmeta.get("epoch")), params
+
+
+def prepare_data(cfg: TrainConfig, be, log=None, progress=None) -> _Data:
+    """Load, subset and check the splits as the run ``cfg`` trains on them; refused before training if bad.
+
+    Returns the trainer's view: ``train`` on the backend (uint8 for 0/1 pixels
+    and 8-bit images), ``test`` (host intensities, for figures),
+    ``test_dev`` and ``valid_dev`` (on the backend; 8-bit images dequantized
+    once), ``image_shape``, ``levels`` and the loaded ``dataset``.
+    """
     data = datasets.load(cfg.dataset, data_dir=cfg.data_dir, binarize=cfg.binarize, rng=cfg.seed, log=log,
                          color=cfg.color, image_size=cfg.image_size, progress=progress)
     x_train, x_test, test_labels = data.train, data.test, data.test_labels

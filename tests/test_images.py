@@ -253,3 +253,59 @@ def test_image_flags_are_refused_for_fixed_format_datasets(capsys):
     assert main(["--dataset", "folder", "--data-dir", "/nonexistent-folder", "--epochs", "1",
                  "--out", "/tmp/never-made"]) == 1
     assert "is not a folder" in capsys.readouterr().err and not pathlib.Path("/tmp/never-made").exists()
+
+
+# -- attribute vectors -------------------------------------------------------------------------------
+
+def _load_example(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().parents[1] / "examples"
+                                                  / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def celeba_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attr")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(root / "xdg"))   # the decoded-image cache, here
+        data = celeba_folder(root / "celeba", n=40)
+        out = root / "run"
+        assert main(["--dataset", "celeba", "--data-dir", str(data), "--image-size", "16", "--latent-dim", "4",
+                     "--hidden", "32", "--batch-size", "8", "--epochs", "3", "--no-figures", "--out", str(out)]) == 0
+        yield out
+
+
+def test_attribute_vectors_figure(celeba_run, capsys):
+    script = _load_example("attribute_vectors")
+    assert script.main([str(celeba_run), "--attribute", "Red", "--attribute", "Big", "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "+ Red" in out and "+ Big" in out and "Red + Big" in out
+    png = Image.open(celeba_run / "attribute_vectors.png")
+    assert png.text.get("scratchvae-run-id") == json.loads((celeba_run / "summary.json").read_text())["run_id"]
+    target = celeba_run / "elsewhere.png"
+    assert script.main([str(celeba_run), "--attribute", "Red", "--out", str(target), "--multiples", "0,1"]) == 0
+    assert target.exists()
+
+
+def test_attribute_vector_is_the_difference_of_means():
+    from scratchvae.figures import attribute_vector
+    mu = np.array([[1.0, 0.0], [3.0, 2.0], [0.0, 1.0], [0.0, 3.0]])
+    np.testing.assert_allclose(attribute_vector(mu, [True, True, False, False]), [2.0, -1.0])
+    with pytest.raises(ValueError, match="with and without"):
+        attribute_vector(mu, [True] * 4)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--attribute", "Smiling"], "not an attribute of celeba; it has Red, Big"),
+    (["--attribute", "Red", "--from", "1", "--to", "2"], "give --attribute NAME"),
+    (["--from", "1"], "give --attribute NAME"),
+    (["--from", "0", "--to", "1"], "has no class labels"),
+])
+def test_attribute_vectors_bad_input(celeba_run, capsys, argv, needle):
+    script = _load_example("attribute_vectors")
+    assert script.main([str(celeba_run), *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err

@@ -91,6 +91,10 @@ DATASETS = ("binarized-mnist", "mnist", "fashion-mnist", "idx", "folder", "celeb
 #: The datasets of 8-bit images of any size (:mod:`scratchvae.datasets.images`): ``color`` and ``image_size`` apply.
 IMAGE_DATASETS = ("folder", "celeba")
 
+#: Fashion-MNIST's label names, by label value.
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
 #: Where Debian's ``dataset-fashion-mnist`` package puts the Fashion-MNIST IDX files.
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
@@ -495,7 +499,9 @@ def load(name="binarized-mnist", data_dir=None, binarize=None, rng=None, log=Non
         paths = find_idx_files(folder)
         if log:
             log(f"fashion-mnist: reading the IDX files in {folder}")
-        return load_idx_files(key, paths, n_valid, binarize, rng)
+        ds = load_idx_files(key, paths, n_valid, binarize, rng)
+        ds.class_names = FASHION_MNIST_CLASSES
+        return ds
 
     # key == "idx"
     if data_dir is None:
