@@ -67,20 +67,8 @@ def blocks_for(model, data, args, rows):
         if unknown:
             raise ValueError(f"--attribute {', '.join(unknown)}: not an attribute of {ds.name}; it has "
                              f"{', '.join(ds.attribute_names)}")
-        mu = figures.posterior_means(model, x_train)
-        blocks, lacking_all = [], np.ones(x_test.shape[0], dtype=bool)
-        vectors = []
-        for name in args.attribute:
-            j = ds.attribute_names.index(name)
-            vectors.append(figures.attribute_vector(mu, a_train[:, j] == 1))
-            lacking = a_test[:, j] != 1
-            lacking_all &= lacking
-            blocks.append((f"+ {name}", x_test[np.flatnonzero(lacking)[:rows]], vectors[-1]))
-        if len(vectors) > 1:
-            pick = np.flatnonzero(lacking_all)[:rows]
-            blocks.append((" + ".join(args.attribute), x_test[pick if pick.size else np.arange(rows)],
-                           np.sum(vectors, axis=0)))
-        return blocks
+        return figures.attribute_blocks(model, x_train, a_train, x_test, a_test, ds.attribute_names,
+                                        args.attribute, rows)
     a, b = _class_index(ds, args.from_), _class_index(ds, args.to)
     x_src, y_src = (x_train, y_train) if y_train is not None else (x_test, y_test)
     if y_src is None:

@@ -55,6 +55,7 @@ from .atomic import atomic_write, to_jsonable
 __all__ = [
     "image_grid",
     "attribute_vector",
+    "attribute_blocks",
     "posterior_means",
     "plot_attribute_vectors",
     "plot_samples",
@@ -927,6 +928,30 @@ def attribute_vector(mu, has) -> np.ndarray:
         raise ValueError(f"attribute_vector needs images with and without the attribute; {int(has.sum())} of "
                          f"{has.size} have it")
     return mu[has].mean(axis=0) - mu[~has].mean(axis=0)
+
+
+def attribute_blocks(model, x_train, attrs_train, x_test, attrs_test, names, chosen, rows=6) -> list:
+    """The blocks of :func:`plot_attribute_vectors` for attributes ``chosen`` (names from ``names``).
+
+    ``attrs_train`` (N, A) and ``attrs_test`` (N_test, A) hold 1 where an
+    image has an attribute. Each attribute's vector comes from the training
+    images' posterior means; its rows are test images without it; with
+    several attributes a last block adds all their vectors to images
+    lacking all of them.
+    """
+    mu = posterior_means(model, x_train)
+    blocks, vectors, lacking_all = [], [], np.ones(x_test.shape[0], dtype=bool)
+    for name in chosen:
+        j = list(names).index(name)
+        vectors.append(attribute_vector(mu, np.asarray(attrs_train)[:, j] == 1))
+        lacking = np.asarray(attrs_test)[:, j] != 1
+        lacking_all &= lacking
+        blocks.append((f"+ {name}", x_test[np.flatnonzero(lacking)[:rows]], vectors[-1]))
+    if len(vectors) > 1:
+        pick = np.flatnonzero(lacking_all)[:rows]
+        blocks.append((" + ".join(chosen), x_test[pick if pick.size else np.arange(min(rows, x_test.shape[0]))],
+                       np.sum(vectors, axis=0)))
+    return blocks
 
 
 def plot_attribute_vectors(model, blocks, multiples, path, run_id=None):

@@ -106,6 +106,7 @@ class _Data:
     binary: bool                   # batches hold 0/1 pixels (static or dynamic binarization)
     levels: int | None = None      # 256: train holds uint8 levels, made intensities batch by batch
     dataset: object = None         # the loaded datasets.Dataset (labels, attributes, names)
+    test_attributes: numpy.ndarray | None = None   # (N_test, A) of the test images kept
 
 
 def build_model(cfg: TrainConfig, image_shape, be):
@@ -569,7 +570,29 @@ class _Run:
             summary["figures"] = figures.save_all(self.model, self.out, self.data.test, numpy.random.default_rng(cfg.seed),
                                                   labels=self.data.test_labels, history=st.history, run_id=st.run_id,
                                                   noisy=noisy)
+            attributes = self._attribute_figure(figures)
+            if attributes is not None:
+                summary["figures"]["attribute_vectors"] = attributes
         write_json(self.out / "summary.json", summary)
+
+    def _attribute_figure(self, figures):
+        """A dataset with attributes (CelebA, attributes.csv): attribute_vectors.png for its first two
+        attributes that both training and test images have and lack (examples/attribute_vectors.py
+        draws any others)."""
+        ds = self.data.dataset
+        if ds is None or ds.attributes is None or ds.attributes.get("train") is None:
+            return None
+        a_train, a_test = ds.attributes["train"], self.data.test_attributes
+        usable = [n for j, n in enumerate(ds.attribute_names)
+                  if 0 < (a_train[:, j] == 1).sum() < a_train.shape[0] and (a_test[:, j] != 1).any()][:2]
+        if not usable:
+            return None
+        as_seen = (lambda x: datasets.to_intensities(x, "bernoulli")) if ds.levels else (lambda x: x)
+        keep = slice(0, 20_000)   # enough images for a mean
+        blocks = figures.attribute_blocks(self.model, as_seen(ds.train[keep]), a_train[keep], self.data.test,
+                                          a_test, ds.attribute_names, usable)
+        return figures.plot_attribute_vectors(self.model, blocks, (0, 0.5, 1, 1.5, 2),
+                                              self.out / "attribute_vectors.png", run_id=self.state.run_id)
 
     def fail(self, status: str, message: str, kind: type, cause: BaseException | None = None) -> Exception:
         """The exception to raise for a failed run, after recording it in summary.json (when possible;
@@ -638,6 +661,7 @@ def prepare_data(cfg: TrainConfig, be, log=None, progress=None) -> _Data:
     data = datasets.load(cfg.dataset, data_dir=cfg.data_dir, binarize=cfg.binarize, rng=cfg.seed, log=log,
                          color=cfg.color, image_size=cfg.image_size, progress=progress)
     x_train, x_test, test_labels = data.train, data.test, data.test_labels
+    test_attributes = None if data.attributes is None else data.attributes.get("test")
     if cfg.limit is not None:
         x_train = x_train[:cfg.limit]
     if cfg.test_limit is not None and cfg.test_limit < x_test.shape[0]:
@@ -645,6 +669,7 @@ def prepare_data(cfg: TrainConfig, be, log=None, progress=None) -> _Data:
         keep = numpy.linspace(0, x_test.shape[0] - 1, cfg.test_limit).round().astype(numpy.int64)
         x_test = x_test[keep]
         test_labels = None if test_labels is None else test_labels[keep]
+        test_attributes = None if test_attributes is None else test_attributes[keep]
     x_valid = data.valid if cfg.keep_best else None
     if cfg.keep_best and x_valid is None:
         raise ValueError(f"keep_best (--keep-best) needs a validation split and dataset {cfg.dataset!r} has none")
@@ -664,6 +689,7 @@ def prepare_data(cfg: TrainConfig, be, log=None, progress=None) -> _Data:
     stored_as_uint8 = stored_as_bits or bool(data.levels)
     train_dev = be.asarray(numpy.ascontiguousarray(x_train, dtype=numpy.uint8 if stored_as_uint8 else dtype))
     return _Data(train=train_dev, test=x_test, test_labels=test_labels, levels=data.levels, dataset=data,
+                 test_attributes=test_attributes,
                  test_dev=be.asarray(x_test, dtype=dtype),
                  valid_dev=None if x_valid is None else be.asarray(x_valid, dtype=dtype),
                  image_shape=data.image_shape, dynamic=data.dynamic_binarization,

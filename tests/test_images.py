@@ -274,11 +274,13 @@ def celeba_run(tmp_path_factory):
         data = celeba_folder(root / "celeba", n=40)
         out = root / "run"
         assert main(["--dataset", "celeba", "--data-dir", str(data), "--image-size", "16", "--latent-dim", "4",
-                     "--hidden", "32", "--batch-size", "8", "--epochs", "3", "--no-figures", "--out", str(out)]) == 0
+                     "--hidden", "32", "--batch-size", "8", "--epochs", "3", "--out", str(out)]) == 0
         yield out
 
 
 def test_attribute_vectors_figure(celeba_run, capsys):
+    summary = json.loads((celeba_run / "summary.json").read_text())   # the trainer draws the first two
+    assert [b["title"] for b in summary["figures"]["attribute_vectors"]["blocks"]] == ["+ Red", "+ Big", "Red + Big"]
     script = _load_example("attribute_vectors")
     assert script.main([str(celeba_run), "--attribute", "Red", "--attribute", "Big", "--rows", "2"]) == 0
     out = capsys.readouterr().out
