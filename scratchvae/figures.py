@@ -648,10 +648,10 @@ def plot_manifold(model, path, x_test=None, n=20, run_id=None):
     n = int(n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    activity = None
+    activity, mu, prior = None, None, True
     if x_test is not None:
-        mu, _ = _encode_all(model, _flatten_input(model, x_test))
-        activity = mu.var(axis=0)
+        mu, log_sigma = _encode_all(model, _flatten_input(model, x_test))
+        activity, prior = mu.var(axis=0), log_sigma is not None   # a plain autoencoder has no prior
     if k == 1:
         dims = (0,)
     elif k == 2:
@@ -663,6 +663,9 @@ def plot_manifold(model, path, x_test=None, n=20, run_id=None):
         order = np.argsort(-activity, kind="stable")
         dims = (int(order[0]), int(order[1]))
     q = _normal_quantiles(n)
+    if not prior:   # no prior to take quantiles of: span the square inside the codes' 99% circle
+        radius = _radius_holding(np.linalg.norm(mu[:, list(dims)], axis=1))
+        q = np.linspace(-radius, radius, n) / math.sqrt(2) if k > 1 else np.linspace(-radius, radius, n)
 
     if k == 1:
         z = q[:, None].copy()
@@ -676,7 +679,11 @@ def plot_manifold(model, path, x_test=None, n=20, run_id=None):
                 z[r * n + c, b] = q[n - 1 - r]
         grid = image_grid(_as_images(model, _decode_all(model, z)), n)
 
-    if k <= 2:
+    if not prior:
+        title = (f"Decoded lattice inside the circle holding 99% of the test codes (r = {radius:.2f})"
+                 + ("" if k <= 2 else f"\nover dims {dims[0]} (x) and {dims[1]} (y), the two most active of {k}; "
+                    "others at 0"))
+    elif k <= 2:
         title = f"Decoded lattice over the {k}-D latent space (standard-normal quantiles 5%..95%)"
     else:
         title = (f"Decoded lattice over latent dims {dims[0]} (x) and {dims[1]} (y), the two most "

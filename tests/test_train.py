@@ -216,6 +216,7 @@ def test_bad_data_is_refused_before_training(tmp_path, monkeypatch, problem, mat
         def __init__(self, train, test):
             self.train, self.test, self.test_labels = train, test, None
             self.image_shape, self.dynamic_binarization = (1, 28, 28), False
+            self.levels, self.attributes = None, None   # the rest of the Dataset interface prepare_data reads
 
     monkeypatch.setattr(datasets, "load", fake_load)
     with pytest.raises(ValueError, match=match):
