@@ -180,14 +180,21 @@ class Communicator:
             raise agreed(error if error is not None else shared[1])
         return shared[1]
 
-    def agree(self, action):
+    def agree(self, action, root_first: bool = False):
         """Run ``action()`` on every rank; when it raised on any rank, every rank raises the
-        lowest such rank's exception (marked agreed), so that none is left waiting in a collective."""
+        lowest such rank's exception (marked agreed), so that none is left waiting in a collective.
+
+        ``root_first``: rank 0 runs it before the others start (loading a data set that
+        decodes into a shared cache: rank 0 writes it once, the others read it)."""
         result, error = None, None
+        if root_first and not self.is_root:
+            self.barrier()
         try:
             result = action()
         except Exception as err:   # noqa: BLE001 - re-raised on every rank just below
             error = err
+        if root_first and self.is_root:
+            self.barrier()
         errors = self.comm.allgather(None if error is None else _portable(error))
         first = next((r for r, e in enumerate(errors) if e is not None), None)
         if first is not None:

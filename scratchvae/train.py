@@ -250,7 +250,8 @@ class _Run:
     # -- phases ------------------------------------------------------------------------
     def execute(self, ckpt, on_step) -> dict:
         cfg, comm = self.cfg, self.comm
-        self.data = self._agree(lambda: prepare_data(cfg, self.be, self.log, self.progress))
+        # rank 0 first: a folder of images is decoded and cached once, then read by the others
+        self.data = self._agree(lambda: prepare_data(cfg, self.be, self.log, self.progress), root_first=True)
         self.model = self._agree(lambda: build_model(cfg, self.data.image_shape, self.be))
         self.opt = Adam(lr=cfg.lr, fused=cfg.fused)
         self.steps_per_epoch = math.ceil(self.data.train.shape[0] / cfg.batch_size)
@@ -273,9 +274,9 @@ class _Run:
                     return self._interrupted(mid_epoch=False)
         return self._finish()
 
-    def _agree(self, action):
+    def _agree(self, action, root_first=False):
         """``action()``; in a data-parallel run, every rank raises when it raised on any."""
-        return action() if self.comm is None else self.comm.agree(action)
+        return action() if self.comm is None else self.comm.agree(action, root_first)
 
     def _on_root(self, action):
         """``action()`` (writing files): in a data-parallel run on rank 0 only, then a barrier."""
