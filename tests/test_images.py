@@ -311,3 +311,20 @@ def test_attribute_vectors_bad_input(celeba_run, capsys, argv, needle):
     assert script.main([str(celeba_run), *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and needle in err and "Traceback" not in err
+
+
+def test_class_vectors_from_class_subfolders(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data = tmp_path / "data"
+    for i in range(30):   # red squares are "warm", blue ones "cold"
+        square(data / ("warm" if i % 2 else "cold") / f"{i:02d}.png", (220, 30, 30) if i % 2 else (30, 30, 220))
+    out = tmp_path / "run"
+    assert main(["--dataset", "folder", "--data-dir", str(data), "--image-size", "8", "--latent-dim", "2",
+                 "--hidden", "16", "--batch-size", "8", "--epochs", "2", "--no-figures", "--out", str(out)]) == 0
+    capsys.readouterr()
+    script = _load_example("attribute_vectors")
+    assert script.main([str(out), "--from", "cold", "--to", "warm", "--rows", "2"]) == 0
+    assert "cold -> warm: 2 test images" in capsys.readouterr().out
+    assert (out / "attribute_vectors.png").exists()
+    assert script.main([str(out), "--from", "cold", "--to", "lukewarm"]) == 1
+    assert "not a class of folder; the classes are cold, warm" in capsys.readouterr().err
