@@ -31,7 +31,7 @@ from scratchvae.optim import check_adam_arrays
 from . import cpu
 
 __all__ = ["bce_with_logits", "gaussian_nll", "reparameterize_kl", "reparameterize_kl_backward",
-           "adam_update", "adam_update_many", "cuda_module"]
+           "adam_update", "adam_update_many", "im2col_chwb", "col2im_chwb", "cuda_module"]
 
 _DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
@@ -239,3 +239,40 @@ def adam_update_many(params, grads, ms, vs, *, lr, beta1, beta2, eps, weight_dec
                                                                     ("v", vs)) for i, a in enumerate(arrays)})
     grads = _contiguous(xp, *grads)
     module.adam_update_many_into(params, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, step, **launch)
+
+
+# -- convolution ----------------------------------------------------------------------------
+
+def _check_fold(fname, image, cols, kernel_size, stride, padding):
+    """Shapes of an unfold: image (C, H, W, B) and cols (C*kh*kw, Ho*Wo*B), NumPy, one float dtype."""
+    for name, a in (("image", image), ("cols", cols)):
+        if not isinstance(a, numpy.ndarray):
+            raise TypeError(f"{fname}: {name} must be a NumPy array (the CPU kernel), got {type(a).__name__}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{fname}: {name} must be C-contiguous")
+    _check_kernel_dtype(fname, image.dtype)
+    if cols.dtype != image.dtype:
+        raise TypeError(f"{fname}: cols dtype {cols.dtype} differs from the image's {image.dtype}")
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    C, H, W, B = image.shape
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if Ho < 1 or Wo < 1 or cols.shape != (C * kh * kw, Ho * Wo * B):
+        raise ValueError(f"{fname}: cols has shape {cols.shape}, expected {(C * kh * kw, Ho * Wo * B)} for an "
+                         f"image {image.shape} (C, H, W, B), kernel {kernel_size}, stride {stride}, padding {padding}")
+    return cols.reshape(C, kh, kw, Ho, Wo, B)
+
+
+def im2col_chwb(x, cols, kernel_size, stride, padding):
+    """Fused :func:`scratchvae.layers.conv.im2col` for a CHWB image ``x`` (C, H, W, B), into ``cols``
+    (C*kh*kw, Ho*Wo*B); sizes are pairs. Returns ``cols``."""
+    cols6 = _check_fold("im2col_chwb", x, cols, kernel_size, stride, padding)
+    cpu.im2col_chwb_kernel(x, cols6, stride[0], stride[1], padding[0], padding[1])
+    return cols
+
+
+def col2im_chwb(cols, x, kernel_size, stride, padding):
+    """Fused :func:`scratchvae.layers.conv.col2im` into the CHWB image ``x`` (C, H, W, B), overwritten;
+    bit-identical to the array code. Returns ``x``."""
+    cols6 = _check_fold("col2im_chwb", x, cols, kernel_size, stride, padding)
+    cpu.col2im_chwb_kernel(cols6, x, stride[0], stride[1], padding[0], padding[1])
+    return x

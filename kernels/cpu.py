@@ -48,6 +48,7 @@ __all__ = [
     "reparameterize_kl_backward_kernel", "adam_kernel", "adam_many_kernel",
     "bce_with_logits_into", "gaussian_nll_into", "reparameterize_kl_into",
     "reparameterize_kl_backward_into", "adam_update_into", "adam_update_many_into",
+    "im2col_chwb_kernel", "col2im_chwb_kernel",
 ]
 
 # Constants are defined here, not imported: Numba freezes globals into the
@@ -365,6 +366,68 @@ def adam_many_kernel(params, grads, ms, vs, lr, beta1, one_minus_beta1, beta2, o
     for j in range(len(params)):
         adam_kernel(params[j], grads[j], ms[j], vs[j], lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
                     step_scale, eps_hat, weight_decay, grad_floor, moment_floor)
+
+
+# ----------------------------------------------------------------------------
+# convolution: the unfold (im2col) and its adjoint (col2im) in the CHWB layout
+# ----------------------------------------------------------------------------
+
+@njit(cache=True, error_model="numpy")
+def im2col_chwb_kernel(x, cols, sh, sw, ph, pw):
+    """``cols[c, u, v, i, j, :] = x[c, i*sh + u - ph, j*sw + v - pw, :]`` (0 outside ``x``).
+
+    ``x`` (C, H, W, B) and ``cols`` (C, kh, kw, Ho, Wo, B), both C-contiguous:
+    :func:`scratchvae.layers.conv.im2col` in one pass, the zero padding
+    written where it falls instead of copied from a padded buffer; each
+    inner loop moves one run of B contiguous values.
+    """
+    C, H, W, B = x.shape
+    kh, kw, Ho, Wo = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
+    zero = x.dtype.type(0)
+    for c in range(C):
+        for u in range(kh):
+            for v in range(kw):
+                for i in range(Ho):
+                    h = i * sh + u - ph
+                    for j in range(Wo):
+                        w = j * sw + v - pw
+                        dst = cols[c, u, v, i, j]
+                        if 0 <= h < H and 0 <= w < W:
+                            src = x[c, h, w]
+                            for b in range(B):
+                                dst[b] = src[b]
+                        else:
+                            for b in range(B):
+                                dst[b] = zero
+
+
+@njit(cache=True, error_model="numpy")
+def col2im_chwb_kernel(cols, x, sh, sw, ph, pw):
+    """``x[c, h, w, :] = sum of cols[c, u, v, i, j, :]`` over ``i*sh + u - ph == h``,
+    ``j*sw + v - pw == w``: the adjoint of :func:`im2col_chwb_kernel`, into ``x`` (overwritten).
+
+    The sums run over (u, v) in the same order as the array code of
+    :func:`scratchvae.layers.conv.col2im` (one strided add per kernel
+    offset), so the results are bit-identical to it.
+    """
+    C, H, W, B = x.shape
+    kh, kw, Ho, Wo = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
+    x[...] = 0
+    for c in range(C):
+        for u in range(kh):
+            for v in range(kw):
+                for i in range(Ho):
+                    h = i * sh + u - ph
+                    if h < 0 or h >= H:
+                        continue
+                    for j in range(Wo):
+                        w = j * sw + v - pw
+                        if w < 0 or w >= W:
+                            continue
+                        dst = x[c, h, w]
+                        src = cols[c, u, v, i, j]
+                        for b in range(B):
+                            dst[b] += src[b]
 
 
 # ----------------------------------------------------------------------------

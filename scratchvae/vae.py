@@ -607,16 +607,18 @@ def _flat_shape(input_dim, input_shape):
 DOWNSAMPLING = ("stride", "pool")
 
 
-def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, dtype, seed, downsample="stride"):
+def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, dtype, seed, downsample="stride",
+                fused=False):
     be, dt = resolve(backend), float_dtype(dtype)
     gen = numpy.random.default_rng(seed)
     kw = dict(backend=be, dtype=dt)
+    ckw = dict(kw, fused=fused)   # the convolutions: im2col/col2im as Numba loops when fused
     c_in, height, width = (int(s) for s in input_shape)
     channels = tuple(int(c) for c in channels)
     if downsample not in DOWNSAMPLING:
         raise ValueError(f"downsample must be one of {DOWNSAMPLING}, got {downsample!r}")
     if downsample == "pool":
-        return _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, gen, kw)
+        return _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, gen, kw, ckw)
     sizes = [(height, width)]          # spatial size after each stride-2 4x4 convolution (padding 1)
     for _ in channels:
         h, w = sizes[-1]
@@ -627,7 +629,7 @@ def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, 
     enc = [ToCHWB((c_in, height, width), **kw)]
     prev = c_in
     for c in channels:
-        enc += [Conv2d(prev, c, 4, stride=2, padding=1, layout="CHWB", rng=gen, **kw), _activation(activation, **kw)]
+        enc += [Conv2d(prev, c, 4, stride=2, padding=1, layout="CHWB", rng=gen, **ckw), _activation(activation, **kw)]
         prev = c
     enc.append(FromCHWB(**kw))
     tail, heads, dec = _bottleneck(prev * sizes[-1][0] * sizes[-1][1], hidden, latent_dim, activation, gen, kw)
@@ -639,7 +641,7 @@ def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, 
         # (s - 1) * 2 - 2 + 4 + output_padding = big  =>  output_padding = big - 2 s
         out_pad = (big[0] - 2 * small[0], big[1] - 2 * small[1])
         dec.append(ConvTranspose2d(prev, c, 4, stride=2, padding=1, output_padding=out_pad, layout="CHWB",
-                                   rng=gen, **kw))
+                                   rng=gen, **ckw))
         if i < len(ups) - 1:
             dec.append(_activation(activation, **kw))
         prev = c
@@ -663,7 +665,7 @@ def _bottleneck(flat, hidden, latent_dim, activation, gen, kw):
     return enc, heads, dec
 
 
-def _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, gen, kw):
+def _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, gen, kw, ckw):
     """The encoder that compresses with max-pooling and the decoder that up-samples, as the VAE
     explainers describe them: per stage a 3x3 convolution (padding 1), the activation and a 2x2
     max-pooling; back up, a nearest up-sampling by 2 and a 3x3 convolution. In the CHWB layout."""
@@ -674,7 +676,7 @@ def _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, g
     small = (height // 2 ** stages, width // 2 ** stages)
     enc, prev = [ToCHWB((c_in, height, width), **kw)], c_in
     for c in channels:
-        enc += [Conv2d(prev, c, 3, padding=1, layout="CHWB", rng=gen, **kw), _activation(activation, **kw),
+        enc += [Conv2d(prev, c, 3, padding=1, layout="CHWB", rng=gen, **ckw), _activation(activation, **kw),
                 MaxPool2d(2, layout="CHWB", **kw)]
         prev = c
     enc.append(FromCHWB(**kw))
@@ -683,7 +685,7 @@ def _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, g
     dec.append(ToCHWB((prev, *small), **kw))
     ups = list(reversed(channels[:-1])) + [c_in]
     for i, c in enumerate(ups):
-        dec += [Upsample2d(2, layout="CHWB", **kw), Conv2d(prev, c, 3, padding=1, layout="CHWB", rng=gen, **kw)]
+        dec += [Upsample2d(2, layout="CHWB", **kw), Conv2d(prev, c, 3, padding=1, layout="CHWB", rng=gen, **ckw)]
         if i < len(ups) - 1:
             dec.append(_activation(activation, **kw))
         prev = c
@@ -704,10 +706,11 @@ def conv_vae(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, likeliho
     With ``downsample="pool"``: 3x3 convolutions each followed by a 2x2
     max-pooling, and back up through nearest up-sampling and 3x3 convolutions
     (H and W divisible by 2 per stage). Takes and returns flat (B, C*H*W)
-    arrays like the MLP model.
+    arrays like the MLP model. ``fused`` also runs the convolutions'
+    im2col/col2im as Numba loops (bit-identical to the array code).
     """
     encoder, (mu, log_sigma), decoder = _conv_parts(input_shape, channels, latent_dim, hidden, activation,
-                                                    backend, dtype, seed, downsample)
+                                                    backend, dtype, seed, downsample, fused)
     return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=tuple(input_shape),
                gaussian_log_sigma=gaussian_log_sigma, fused=fused)
 
@@ -717,6 +720,6 @@ def conv_autoencoder(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, 
                      gaussian_log_sigma="learned", fused=True, downsample="stride") -> Autoencoder:
     """The plain-autoencoder twin of :func:`conv_vae`."""
     encoder, (code, _), decoder = _conv_parts(input_shape, channels, latent_dim, hidden, activation,
-                                              backend, dtype, seed, downsample)
+                                              backend, dtype, seed, downsample, fused)
     return Autoencoder(encoder, code, decoder, likelihood=likelihood, input_shape=tuple(input_shape),
                        gaussian_log_sigma=gaussian_log_sigma, fused=fused)

@@ -561,3 +561,52 @@ def test_to_and_from_chwb():
         to.forward(x[:, :23])
     with pytest.raises(ValueError, match="shape must be"):
         ToCHWB((2, 12))
+
+
+# -- the fused unfold (Numba im2col / col2im, CHWB) ---------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), C=st.integers(1, 3), H=st.integers(1, 9), W=st.integers(1, 9),
+       kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
+       ph=st.integers(0, 2), pw=st.integers(0, 2), dtype=st.sampled_from(["float32", "float64"]))
+def test_fused_unfold_is_bit_identical_to_the_array_code(B, C, H, W, kh, kw, sh, sw, ph, pw, dtype):
+    from scratchvae import kernels
+    assume(H + 2 * ph >= kh and W + 2 * pw >= kw)
+    from scratchvae.layers.conv import Workspace, col2im, im2col
+    rng = np.random.default_rng(B * 100 + C)
+    x = rng.standard_normal((C, H, W, B)).astype(dtype)               # (C, H, W, B)
+    args = ((kh, kw), (sh, sw), (ph, pw))
+    plain = im2col(x, *args, layout="CHWB")
+    fused = im2col(x, *args, layout="CHWB", workspace=Workspace(kernels))
+    np.testing.assert_array_equal(fused, plain)
+    cols = rng.standard_normal(plain.shape).astype(dtype)
+    back_plain = col2im(cols, (B, C, H, W), *args, layout="CHWB")
+    back_fused = col2im(cols, (B, C, H, W), *args, layout="CHWB", workspace=Workspace(kernels))
+    assert back_fused.dtype == np.dtype(dtype) and back_fused.flags.c_contiguous
+    np.testing.assert_array_equal(back_fused, back_plain)               # same sums in the same order
+
+
+@pytest.mark.parametrize("downsample", ["stride", "pool"])
+def test_fused_conv_layers_give_the_plain_gradients_bit_for_bit(downsample):
+    from scratchvae.vae import conv_vae
+    plain = conv_vae(input_shape=(1, 12, 12), channels=(3, 4), hidden=8, latent_dim=2, dtype="float64",
+                     fused=False, downsample=downsample)
+    fused = conv_vae(input_shape=(1, 12, 12), channels=(3, 4), hidden=8, latent_dim=2, dtype="float64",
+                     fused=True, downsample=downsample)
+    fused.ops = plain.ops                                      # the same loss code: only the unfold differs
+    rng = np.random.default_rng(0)
+    x, eps = (rng.random((5, 144)) < 0.4).astype(np.float64), rng.standard_normal((5, 2))
+    for m in (plain, fused):
+        m.zero_grad()
+        m.loss_and_grad(x, eps=eps)
+    for k, g in plain.grads.items():
+        np.testing.assert_array_equal(fused.grads[k], g, err_msg=k)
+
+
+def test_fused_unfold_checks_its_arrays():
+    from scratchvae import kernels
+    x = np.zeros((2, 5, 5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"cols has shape \(2, 75\), expected \(32, 12\)"):
+        kernels.im2col_chwb(x, np.zeros((2, 75), np.float32), (4, 4), (2, 2), (1, 1))
+    with pytest.raises(TypeError, match="differs from the image's float32"):
+        kernels.im2col_chwb(x, np.zeros((32, 12), np.float64), (4, 4), (2, 2), (1, 1))

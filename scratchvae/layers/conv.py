@@ -112,8 +112,10 @@ class Workspace:
     Returned outputs and gradients never alias a workspace.
     """
 
-    def __init__(self):
+    def __init__(self, kernels=None):
         self._buffers: dict = {}
+        # scratchvae.kernels, for a fused layer: im2col/col2im of NumPy CHWB images run as Numba loops
+        self.kernels = kernels
 
     def get(self, key: str, shape: tuple, dtype, xp, zero: bool = False):
         """The buffer for ``key``, (re)allocated if its shape, dtype or module differs.
@@ -159,6 +161,11 @@ def _nchw_shape(x, layout):
 
 # -- im2col / col2im --------------------------------------------------------------
 
+def _fused(workspace, xp, layout) -> bool:
+    """Whether a fused layer's workspace runs this unfold in the Numba kernels (NumPy, CHWB)."""
+    return workspace is not None and workspace.kernels is not None and layout == "CHWB" and xp.__name__ == "numpy"
+
+
 def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW"):
     """Unfold the patches of ``x`` into columns (batch innermost).
 
@@ -194,6 +201,9 @@ def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW"
     Ho, Wo = conv_output_size((H, W), (kh, kw), (sh, sw), (ph, pw))
     if Ho < 1 or Wo < 1:
         raise ValueError(f"im2col: input size {(H, W)} with padding {(ph, pw)} is smaller than the kernel {(kh, kw)}")
+    if _fused(workspace, xp, layout):   # one Numba pass, padding included (bit-identical)
+        cols = _buffer(workspace, "cols", (C * kh * kw, Ho * Wo * B), x.dtype, xp)
+        return workspace.kernels.im2col_chwb(xp.ascontiguousarray(x), cols, (kh, kw), (sh, sw), (ph, pw))
     x_t = _buffer(workspace, "pad", (C, H + 2 * ph, W + 2 * pw, B), x.dtype, xp)  # (C, Hp, Wp, B)
     if ph:
         x_t[:, :ph] = 0
@@ -249,6 +259,9 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, *, workspace=None, l
         raise ValueError(f"col2im: image size {(H, W)} with padding {(ph, pw)} is smaller than the kernel {(kh, kw)}")
     if tuple(cols.shape) != (C * kh * kw, Ho * Wo * B):
         raise ValueError(f"col2im: cols has shape {tuple(cols.shape)}, expected {(C * kh * kw, Ho * Wo * B)}")
+    if _fused(workspace, xp, layout):   # one Numba pass into a new image (bit-identical)
+        return workspace.kernels.col2im_chwb(xp.ascontiguousarray(cols), xp.empty((C, H, W, B), dtype=cols.dtype),
+                                             (kh, kw), (sh, sw), (ph, pw))
     cols6 = cols.reshape(C, kh, kw, Ho, Wo, B)
     x_t = _buffer(workspace, "pad", (C, H + 2 * ph, W + 2 * pw, B), cols.dtype, xp, zero=True)  # (C, Hp, Wp, B)
     for u in range(kh):
@@ -434,6 +447,12 @@ def conv_transpose2d_backward(dout, cache, *, workspace=None):
 
 # -- layers ---------------------------------------------------------------------------
 
+def _fold_kernels():
+    """:mod:`scratchvae.kernels` for a fused layer (its im2col/col2im), with the model's message when missing."""
+    from ..vae import fused_ops
+    return fused_ops()
+
+
 def _check_geometry(name, in_channels, out_channels, kernel_size, stride, padding):
     if int(in_channels) < 1 or int(out_channels) < 1:
         raise ValueError(f"{name}: in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
@@ -474,6 +493,10 @@ class Conv2d(Layer):
         See :class:`~scratchvae.layers.base.Layer`.
     rng : numpy.random.Generator, int seed or None
         For the initialization.
+    fused : bool
+        Run im2col and col2im (NumPy arrays, CHWB layout) as the Numba loops
+        of :mod:`scratchvae.kernels` instead of array code: the same
+        numbers, bit for bit, in one pass each.
 
     Notes
     -----
@@ -493,7 +516,7 @@ class Conv2d(Layer):
     input_grad = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, *,
-                 layout="NCHW", backend=None, dtype="float32", rng=None):
+                 layout="NCHW", backend=None, dtype="float32", rng=None, fused=False):
         super().__init__(backend=backend, dtype=dtype)
         self.layout = _check_layout(layout)
         self.kernel_size = as_pair(kernel_size, "kernel_size")
@@ -506,7 +529,7 @@ class Conv2d(Layer):
         k = 1.0 / math.sqrt(self.in_channels * kh * kw)
         self._add_param("W", gen.uniform(-k, k, size=(self.out_channels, self.in_channels, kh, kw)))
         self._add_param("b", gen.uniform(-k, k, size=(self.out_channels,)))
-        self._workspace = Workspace()
+        self._workspace = Workspace(_fold_kernels() if fused else None)
 
     def output_size(self, in_size) -> tuple[int, int]:
         """(Ho, Wo) for an input of spatial size ``in_size`` (int or (H, W))."""
@@ -557,6 +580,10 @@ class ConvTranspose2d(Layer):
         See :class:`~scratchvae.layers.base.Layer`.
     rng : numpy.random.Generator, int seed or None
         For the initialization.
+    fused : bool
+        Run im2col and col2im (NumPy arrays, CHWB layout) as the Numba loops
+        of :mod:`scratchvae.kernels` instead of array code: the same
+        numbers, bit for bit, in one pass each.
 
     Notes
     -----
@@ -572,7 +599,7 @@ class ConvTranspose2d(Layer):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 output_padding=0, *, layout="NCHW", backend=None, dtype="float32", rng=None):
+                 output_padding=0, *, layout="NCHW", backend=None, dtype="float32", rng=None, fused=False):
         super().__init__(backend=backend, dtype=dtype)
         self.layout = _check_layout(layout)
         self.kernel_size = as_pair(kernel_size, "kernel_size")
@@ -589,7 +616,7 @@ class ConvTranspose2d(Layer):
         k = 1.0 / math.sqrt(self.out_channels * kh * kw)
         self._add_param("W", gen.uniform(-k, k, size=(self.in_channels, self.out_channels, kh, kw)))
         self._add_param("b", gen.uniform(-k, k, size=(self.out_channels,)))
-        self._workspace = Workspace()
+        self._workspace = Workspace(_fold_kernels() if fused else None)
 
     def output_size(self, in_size) -> tuple[int, int]:
         """(Ho, Wo) for an input of spatial size ``in_size`` (int or (H, W))."""
