@@ -31,7 +31,8 @@ from scratchvae.optim import check_adam_arrays
 from . import cpu
 
 __all__ = ["bce_with_logits", "gaussian_nll", "reparameterize_kl", "reparameterize_kl_backward",
-           "adam_update", "adam_update_many", "im2col_chwb", "col2im_chwb", "cuda_module"]
+           "adam_update", "adam_update_many", "im2col_chwb", "col2im_chwb", "relu_forward", "relu_backward",
+           "cuda_module"]
 
 _DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
@@ -276,3 +277,34 @@ def col2im_chwb(cols, x, kernel_size, stride, padding):
     cols6 = _check_fold("col2im_chwb", x, cols, kernel_size, stride, padding)
     cpu.col2im_chwb_kernel(cols6, x, stride[0], stride[1], padding[0], padding[1])
     return x
+
+
+# -- ReLU -------------------------------------------------------------------------------------
+
+def _check_relu(fname, **arrays):
+    for name, a in arrays.items():
+        if not isinstance(a, numpy.ndarray):
+            raise TypeError(f"{fname}: {name} must be a NumPy array (the CPU kernel), got {type(a).__name__}")
+    first = next(iter(arrays.values()))
+    _check_kernel_dtype(fname, first.dtype)
+    for name, a in arrays.items():
+        if a.shape != first.shape or a.dtype != first.dtype:
+            raise ValueError(f"{fname}: {name} is {a.dtype} {a.shape}, expected {first.dtype} {first.shape}")
+
+
+def relu_forward(x):
+    """Fused ``maximum(x, 0)`` (:class:`scratchvae.layers.ReLU`), bit-identical; any shape, a new array."""
+    _check_relu("relu_forward", x=x)
+    (x,) = _contiguous(numpy, x)
+    y = numpy.empty_like(x)
+    cpu.relu_forward_kernel(x.reshape(-1), y.reshape(-1))
+    return y
+
+
+def relu_backward(dy, x):
+    """Fused ``dy * (x > 0)``, bit-identical; a new array shaped like ``x``."""
+    _check_relu("relu_backward", dy=dy, x=x)
+    dy, x = _contiguous(numpy, dy, x)
+    dx = numpy.empty_like(x)
+    cpu.relu_backward_kernel(dy.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    return dx

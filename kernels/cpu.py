@@ -48,7 +48,7 @@ __all__ = [
     "reparameterize_kl_backward_kernel", "adam_kernel", "adam_many_kernel",
     "bce_with_logits_into", "gaussian_nll_into", "reparameterize_kl_into",
     "reparameterize_kl_backward_into", "adam_update_into", "adam_update_many_into",
-    "im2col_chwb_kernel", "col2im_chwb_kernel",
+    "im2col_chwb_kernel", "col2im_chwb_kernel", "relu_forward_kernel", "relu_backward_kernel",
 ]
 
 # Constants are defined here, not imported: Numba freezes globals into the
@@ -428,6 +428,29 @@ def col2im_chwb_kernel(cols, x, sh, sw, ph, pw):
                         src = cols[c, u, v, i, j]
                         for b in range(B):
                             dst[b] += src[b]
+
+
+# ----------------------------------------------------------------------------
+# ReLU: the array code's results bit for bit (NaN, infinities and signed zeros included)
+# ----------------------------------------------------------------------------
+
+@njit(cache=True, error_model="numpy")
+def relu_forward_kernel(x, y):
+    """``y = maximum(x, 0)`` over flat arrays: ``x`` where ``x > 0`` or NaN, else +0.0 (-0.0 gives +0.0),
+    as NumPy's ``maximum`` does."""
+    zero = x.dtype.type(0)
+    for i in range(x.size):
+        v = x[i]
+        y[i] = v if (v > zero or v != v) else zero
+
+
+@njit(cache=True, error_model="numpy")
+def relu_backward_kernel(dy, x, dx):
+    """``dx = dy * (x > 0)`` over flat arrays, as a multiplication (so ``inf * 0`` is NaN and
+    ``-1 * 0`` is -0.0, as in the array code)."""
+    zero, one = x.dtype.type(0), x.dtype.type(1)
+    for i in range(x.size):
+        dx[i] = dy[i] * (one if x[i] > zero else zero)
 
 
 # ----------------------------------------------------------------------------

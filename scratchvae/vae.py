@@ -546,28 +546,30 @@ def _check_loss_weights(beta, free_bits) -> None:
 _ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh, "softplus": Softplus, "sigmoid": Sigmoid}
 
 
-def _activation(name, **kw):
+def _activation(name, fused=False, **kw):
+    """The activation layer ``name``; ``fused`` reaches the one with Numba loops (ReLU)."""
     try:
-        return _ACTIVATIONS[name](**kw)
+        return _ACTIVATIONS[name](fused=fused, **kw) if name == "relu" else _ACTIVATIONS[name](**kw)
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
 
 
-def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed):
+def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused=False):
     be, dt = resolve(backend), float_dtype(dtype)
     gen = numpy.random.default_rng(seed)
     kw = dict(backend=be, dtype=dt)
+    akw = dict(kw, fused=fused)   # the activations: Numba loops when fused
     hidden = tuple(int(h) for h in hidden)
     if not hidden:
         raise ValueError("hidden must name at least one layer width")
     enc, width = [], int(input_dim)
     for h in hidden:
-        enc += [Dense(width, h, rng=gen, **kw), _activation(activation, **kw)]
+        enc += [Dense(width, h, rng=gen, **kw), _activation(activation, **akw)]
         width = h
     heads = Dense(width, latent_dim, rng=gen, **kw), Dense(width, latent_dim, rng=gen, **kw)
     dec, width = [], int(latent_dim)
     for h in reversed(hidden):
-        dec += [Dense(width, h, rng=gen, **kw), _activation(activation, **kw)]
+        dec += [Dense(width, h, rng=gen, **kw), _activation(activation, **akw)]
         width = h
     dec.append(Dense(width, int(input_dim), rng=gen, **kw))
     enc[0].input_grad = False   # its input is data: skip dL/dx
@@ -583,7 +585,7 @@ def mlp_vae(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", like
     ``input_shape`` (e.g. (1, 28, 28)) only tells the model, and the figures,
     how a flat row of ``input_dim`` pixels is an image; default (input_dim,).
     """
-    encoder, (mu, log_sigma), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed)
+    encoder, (mu, log_sigma), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused)
     return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
                gaussian_log_sigma=gaussian_log_sigma, fused=fused)
 
@@ -591,7 +593,7 @@ def mlp_vae(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", like
 def mlp_autoencoder(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",
                     backend=None, dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None) -> Autoencoder:
     """The plain-autoencoder twin of :func:`mlp_vae` (same layers, no log_sigma head)."""
-    encoder, (code, _), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed)
+    encoder, (code, _), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused)
     return Autoencoder(encoder, code, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
                        gaussian_log_sigma=gaussian_log_sigma, fused=fused)
 
@@ -629,10 +631,11 @@ def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, 
     enc = [ToCHWB((c_in, height, width), **kw)]
     prev = c_in
     for c in channels:
-        enc += [Conv2d(prev, c, 4, stride=2, padding=1, layout="CHWB", rng=gen, **ckw), _activation(activation, **kw)]
+        enc += [Conv2d(prev, c, 4, stride=2, padding=1, layout="CHWB", rng=gen, **ckw), _activation(activation, **ckw)]
         prev = c
     enc.append(FromCHWB(**kw))
-    tail, heads, dec = _bottleneck(prev * sizes[-1][0] * sizes[-1][1], hidden, latent_dim, activation, gen, kw)
+    tail, heads, dec = _bottleneck(prev * sizes[-1][0] * sizes[-1][1], hidden, latent_dim, activation, gen, kw,
+                                   ckw)
     enc += tail
     dec.append(ToCHWB((prev, *sizes[-1]), **kw))
     ups = list(reversed(channels[:-1])) + [c_in]
@@ -643,25 +646,25 @@ def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, 
         dec.append(ConvTranspose2d(prev, c, 4, stride=2, padding=1, output_padding=out_pad, layout="CHWB",
                                    rng=gen, **ckw))
         if i < len(ups) - 1:
-            dec.append(_activation(activation, **kw))
+            dec.append(_activation(activation, **ckw))
         prev = c
     dec.append(FromCHWB(**kw))
     enc[1].input_grad = False   # the first convolution's input is data: skip dL/dx
     return Sequential(*enc), heads, Sequential(*dec)
 
 
-def _bottleneck(flat, hidden, latent_dim, activation, gen, kw):
+def _bottleneck(flat, hidden, latent_dim, activation, gen, kw, ckw):
     """The Dense layers between the conv stacks: (encoder tail, heads, decoder head)."""
     enc, width_in = [], flat
     if hidden:
-        enc += [Dense(flat, hidden, rng=gen, **kw), _activation(activation, **kw)]
+        enc += [Dense(flat, hidden, rng=gen, **kw), _activation(activation, **ckw)]
         width_in = hidden
     heads = Dense(width_in, latent_dim, rng=gen, **kw), Dense(width_in, latent_dim, rng=gen, **kw)
     if hidden:
-        dec = [Dense(latent_dim, hidden, rng=gen, **kw), _activation(activation, **kw),
-               Dense(hidden, flat, rng=gen, **kw), _activation(activation, **kw)]
+        dec = [Dense(latent_dim, hidden, rng=gen, **kw), _activation(activation, **ckw),
+               Dense(hidden, flat, rng=gen, **kw), _activation(activation, **ckw)]
     else:
-        dec = [Dense(latent_dim, flat, rng=gen, **kw), _activation(activation, **kw)]
+        dec = [Dense(latent_dim, flat, rng=gen, **kw), _activation(activation, **ckw)]
     return enc, heads, dec
 
 
@@ -676,18 +679,18 @@ def _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, g
     small = (height // 2 ** stages, width // 2 ** stages)
     enc, prev = [ToCHWB((c_in, height, width), **kw)], c_in
     for c in channels:
-        enc += [Conv2d(prev, c, 3, padding=1, layout="CHWB", rng=gen, **ckw), _activation(activation, **kw),
+        enc += [Conv2d(prev, c, 3, padding=1, layout="CHWB", rng=gen, **ckw), _activation(activation, **ckw),
                 MaxPool2d(2, layout="CHWB", **kw)]
         prev = c
     enc.append(FromCHWB(**kw))
-    tail, heads, dec = _bottleneck(prev * small[0] * small[1], hidden, latent_dim, activation, gen, kw)
+    tail, heads, dec = _bottleneck(prev * small[0] * small[1], hidden, latent_dim, activation, gen, kw, ckw)
     enc += tail
     dec.append(ToCHWB((prev, *small), **kw))
     ups = list(reversed(channels[:-1])) + [c_in]
     for i, c in enumerate(ups):
         dec += [Upsample2d(2, layout="CHWB", **kw), Conv2d(prev, c, 3, padding=1, layout="CHWB", rng=gen, **ckw)]
         if i < len(ups) - 1:
-            dec.append(_activation(activation, **kw))
+            dec.append(_activation(activation, **ckw))
         prev = c
     dec.append(FromCHWB(**kw))
     enc[1].input_grad = False   # the first convolution's input is data: skip dL/dx

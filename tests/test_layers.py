@@ -233,3 +233,20 @@ def test_gradcheck_report_gives_verdict_tolerance_and_worst_entry():
     assert not nan.passed()
     err, where = gradcheck.worst_error(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[1.0, 2.0], [3.0, 5.0]]))
     assert where == (1, 1) and err == pytest.approx(1 / 9)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_relu_is_bit_identical_including_nan_inf_and_signed_zeros(dtype):
+    from scratchvae.layers import ReLU
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4, 5)).astype(dtype)
+    x.flat[:6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40]
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dy.flat[6:10] = [np.inf, -np.inf, np.nan, -0.0]
+    plain, fused = ReLU(dtype=dtype), ReLU(dtype=dtype, fused=True)
+    y_plain, y_fused = plain.forward(x), fused.forward(x)
+    np.testing.assert_array_equal(np.signbit(y_fused), np.signbit(y_plain))
+    np.testing.assert_array_equal(y_fused, y_plain)
+    dx_plain, dx_fused = plain.backward(dy), fused.backward(dy)
+    np.testing.assert_array_equal(np.signbit(dx_fused), np.signbit(dx_plain))
+    np.testing.assert_array_equal(dx_fused, dx_plain)

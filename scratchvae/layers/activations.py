@@ -31,13 +31,29 @@ class _Elementwise(Layer):
 
 
 class ReLU(_Elementwise):
-    """y = max(x, 0); dy/dx = 1 where x > 0 else 0."""
+    """y = max(x, 0); dy/dx = 1 where x > 0 else 0.
+
+    ``fused=True``: on NumPy arrays, forward and backward run as the Numba
+    loops of :mod:`scratchvae.kernels` (one pass each, the same numbers bit
+    for bit); the array code below is the definition.
+    """
+
+    def __init__(self, *, fused: bool = False, **kw):
+        super().__init__(**kw)
+        self._kernels = None
+        if fused and self.backend.name == "numpy":
+            from ..vae import fused_ops
+            self._kernels = fused_ops()
 
     def _forward(self, x):
+        if self._kernels is not None:
+            return self._kernels.relu_forward(x), (x,)
         return self.xp.maximum(x, 0), (x,)
 
     def _backward(self, dy, cache):
         (x,) = cache
+        if self._kernels is not None:
+            return self._kernels.relu_backward(dy, x)
         return dy * (x > 0)
 
 
