@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import subprocess
@@ -186,14 +187,17 @@ def main(argv=None) -> int:
         return 0
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads))
+    sides = ("scratchvae", "torch") if importlib.util.find_spec("torch") is not None else ("scratchvae",)
+    if len(sides) == 1:
+        print("PyTorch is not installed (pip install torch==2.13.0): scratchvae and the floor only")
     workers = {side: subprocess.Popen([sys.executable, __file__, "--worker", side, "--batch", str(args.batch),
                                        "--reps", str(args.reps), "--threads", str(args.threads)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-               for side in ("scratchvae", "torch")}
+               for side in sides}
     rounds = {side: [] for side in workers}
     try:
         for r in range(args.rounds):
-            for side in (("scratchvae", "torch") if r % 2 == 0 else ("torch", "scratchvae")):
+            for side in (sides if r % 2 == 0 else sides[::-1]):
                 time.sleep(args.settle)
                 workers[side].stdin.write("go\n")
                 workers[side].stdin.flush()
@@ -207,7 +211,7 @@ def main(argv=None) -> int:
     total = {"scratchvae": 0.0, "torch": 0.0, "floor": 0.0}
     for name in names:
         s = C.median([r[name] for r in rounds["scratchvae"]]) * 1e3
-        t = C.median([r[name] for r in rounds["torch"]]) * 1e3
+        t = C.median([r[name] for r in rounds["torch"]]) * 1e3 if rounds.get("torch") else float("nan")
         f = C.median([r[name + " floor"] for r in rounds["scratchvae"]])
         f = None if f is None else f * 1e3
         total["scratchvae"] += s

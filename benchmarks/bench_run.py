@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import pathlib
@@ -40,7 +41,7 @@ except ImportError:  # run as a script: benchmarks/ is sys.path[0]
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def torch_worker(epochs: int, out: str, seed: int = 0) -> None:
+def torch_worker(epochs: int, out: str, seed: int = 0, limit: int | None = None) -> None:
     """Train the PyTorch twin of the default recipe; write its epoch times and test losses to ``out``."""
     import numpy as np
     import torch
@@ -48,7 +49,7 @@ def torch_worker(epochs: int, out: str, seed: int = 0) -> None:
     from scratchvae.vae import mlp_vae
 
     torch.manual_seed(seed)
-    x_train = torch.from_numpy(np.ascontiguousarray(C.mnist("train"), dtype=np.float32))
+    x_train = torch.from_numpy(np.ascontiguousarray(C.mnist("train")[:limit], dtype=np.float32))
     x_test = torch.from_numpy(np.ascontiguousarray(C.mnist("test"), dtype=np.float32))
     net = C.torch_twin(torch, mlp_vae(784, hidden=(400,), latent_dim=20, seed=seed))
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -74,21 +75,22 @@ def torch_worker(epochs: int, out: str, seed: int = 0) -> None:
                                              "threads": torch.get_num_threads()}))
 
 
-def run_scratchvae(epochs, threads, folder) -> dict:
+def run_scratchvae(epochs, threads, folder, limit=None) -> dict:
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "examples" / "train_mnist.py"), "--epochs", str(epochs),
-                    "--no-figures", "--out", str(folder)], check=True, env=env, capture_output=True, text=True)
+                    "--no-figures", "--out", str(folder)] + (["--limit", str(limit)] if limit else []),
+                   check=True, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return {"seconds": [h["seconds"] for h in history], "test_loss": history[-1]["test_loss"], "process_s": wall}
 
 
-def run_torch(epochs, threads, out) -> dict:
+def run_torch(epochs, threads, out, limit=None) -> dict:
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--torch-worker", out, "--epochs", str(epochs)], check=True, env=env,
-                   capture_output=True, text=True)
+    subprocess.run([sys.executable, __file__, "--torch-worker", out, "--epochs", str(epochs)]
+                   + (["--limit", str(limit)] if limit else []), check=True, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     result = json.loads(pathlib.Path(out).read_text())
     return {"seconds": [e["seconds"] for e in result["epochs"]], "test_loss": result["epochs"][-1]["test_loss"],
@@ -101,32 +103,37 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--settle", type=float, default=20.0, help="seconds of rest before every run (default 20)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N training images (a smoke run)")
     p.add_argument("--json", default=None)
     p.add_argument("--torch-worker", metavar="OUT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.torch_worker:
-        torch_worker(args.epochs, args.torch_worker)
+        torch_worker(args.epochs, args.torch_worker, limit=args.limit)
         return 0
-    runs = {"scratchvae": [], "torch": []}
+    sides = ("scratchvae", "torch") if importlib.util.find_spec("torch") is not None else ("scratchvae",)
+    if len(sides) == 1:
+        print("PyTorch is not installed (pip install torch==2.13.0): the scratchvae runs only")
+    runs = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            order = ("scratchvae", "torch") if r % 2 == 0 else ("torch", "scratchvae")
-            for side in order:
+            for side in (sides if r % 2 == 0 else sides[::-1]):
                 time.sleep(args.settle)
                 if side == "scratchvae":
-                    result = run_scratchvae(args.epochs, args.threads, pathlib.Path(tmp) / f"run{r}")
+                    result = run_scratchvae(args.epochs, args.threads, pathlib.Path(tmp) / f"run{r}", args.limit)
                 else:
-                    result = run_torch(args.epochs, args.threads, str(pathlib.Path(tmp) / f"torch{r}.json"))
+                    result = run_torch(args.epochs, args.threads, str(pathlib.Path(tmp) / f"torch{r}.json"),
+                                       args.limit)
                 runs[side].append(result)
                 print(f"round {r + 1} {side:10s}: {sum(result['seconds']):6.1f} s of training "
                       f"({', '.join(f'{s:.2f}' for s in result['seconds'])}), test loss {result['test_loss']:.3f}",
                       flush=True)
-    rows = []
+    rows, nan = [], float("nan")
     for e in range(args.epochs):
         s = C.median([run["seconds"][e] for run in runs["scratchvae"]])
-        t = C.median([run["seconds"][e] for run in runs["torch"]])
+        t = C.median([run["seconds"][e] for run in runs["torch"]]) if "torch" in runs else nan
         rows.append([e + 1, f"{s:.2f}", f"{t:.2f}", f"{t / s:.2f}x"])
     totals = {side: C.median([sum(run["seconds"]) for run in runs[side]]) for side in runs}
+    totals.setdefault("torch", nan)
     rows.append(["total", f"{totals['scratchvae']:.1f}", f"{totals['torch']:.1f}",
                  f"{totals['torch'] / totals['scratchvae']:.2f}x"])
     print(C.fmt_table(["epoch", "scratchvae s", "PyTorch s", "speedup"], rows))

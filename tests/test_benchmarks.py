@@ -5,6 +5,7 @@ the expected keys; they never assert timing figures.
 """
 import json
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -146,3 +147,28 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "no NVIDIA GPU" in run.stdout
     assert "no NVIDIA GPU" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def _run_script(name, *args, tmp_path):
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args, "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_layers_smallest(tmp_path):
+    data, stdout = _run_script("bench_layers", "--batch", "4", "--reps", "2", "--rounds", "1", "--settle", "0",
+                               "--threads", "1", tmp_path=tmp_path)
+    names = [row["layer"] for row in data["layers"]]
+    assert names[0] == "enc.1 Conv2d 1->32" and names[-1] == "dec.7 ConvTranspose2d 32->1"
+    assert all(row["scratchvae_ms"] > 0 for row in data["layers"])
+    assert all((row["floor_ms"] is None) == ("ReLU" in row["layer"]) for row in data["layers"])
+    assert "all layers" in stdout
+
+
+def test_bench_run_smallest(tmp_path):
+    data, stdout = _run_script("bench_run", "--epochs", "1", "--limit", "256", "--rounds", "1", "--settle", "0",
+                               "--threads", "1", tmp_path=tmp_path)
+    assert len(data["runs"]["scratchvae"]) == 1 and len(data["runs"]["scratchvae"][0]["seconds"]) == 1
+    assert data["median_total_s"]["scratchvae"] > 0 and "total" in stdout
