@@ -93,20 +93,27 @@ class Communicator:
         self.backend, self._nccl = None, None
 
     def use_backend(self, backend) -> None:
-        """Sum arrays of ``backend`` (numpy: through MPI; cupy: through NCCL, set up here once)."""
+        """Sum arrays of ``backend`` (numpy: through MPI; cupy: through NCCL, set up here once).
+
+        The NCCL set-up runs in agreed steps (the library and this rank's GPU; rank 0's unique
+        id, broadcast; the communicator), so a rank that fails one stops every rank there
+        instead of leaving the others in the broadcast."""
         self.backend = backend
         if backend.name == "cupy" and self._nccl is None:
-            self._nccl = self.agree(self._nccl_communicator)
+            nccl = self.agree(self._nccl_library)
+            uid = self.agree(lambda: nccl.get_unique_id() if self.is_root else None)
+            uid = self.bcast_obj(uid)
+            self._nccl = nccl, self.agree(lambda: nccl.NcclCommunicator(self.size, uid, self.rank))
 
-    def _nccl_communicator(self):
+    def _nccl_library(self):
+        """CuPy's NCCL binding, with this rank's GPU selected (``local_rank % n_gpus``)."""
         import cupy
         from cupy.cuda import nccl  # imports without the library, and says so in nccl.available
         if not getattr(nccl, "available", False):
             raise DistributedUnavailable("--distributed --backend cupy sums the gradients with NCCL, and CuPy "
                                          "finds no NCCL library; install it: pip install 'nvidia-nccl-cu12>=2.18.1,<3'")
         cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
-        uid = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
-        return nccl, nccl.NcclCommunicator(self.size, uid, self.rank)
+        return nccl
 
     @property
     def is_root(self) -> bool:

@@ -310,3 +310,44 @@ def test_the_nccl_calls_match_cupys_api():
 
     assert parameters("allReduce") == ["sendbuf", "recvbuf", "count", "datatype", "op", "stream"]
     assert parameters("bcast") == ["buff", "count", "datatype", "root", "stream"]
+
+
+class _OneRank:
+    """A stand-in for an mpi4py communicator of one rank (the collectives are identities)."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Split_type(self, kind):
+        return self
+
+    def Free(self):
+        pass
+
+    def allgather(self, value):
+        return [value]
+
+    def bcast(self, value, root=0):
+        return value
+
+
+@needs_mpi
+def test_the_nccl_set_up_runs_in_agreed_steps(monkeypatch):
+    import types
+    comm = distributed.Communicator(_OneRank())
+    fake = types.SimpleNamespace(get_unique_id=lambda: b"uid",
+                                 NcclCommunicator=lambda n, uid, rank: ("communicator", n, uid, rank))
+    monkeypatch.setattr(distributed.Communicator, "_nccl_library", lambda self: fake)
+    comm.use_backend(types.SimpleNamespace(name="cupy"))
+    assert comm._nccl == (fake, ("communicator", 1, b"uid", 0))
+
+    def missing(self):
+        raise distributed.DistributedUnavailable("no NCCL library")
+    monkeypatch.setattr(distributed.Communicator, "_nccl_library", missing)
+    fresh = distributed.Communicator(_OneRank())
+    with pytest.raises(distributed.DistributedUnavailable, match="no NCCL") as err:
+        fresh.use_backend(types.SimpleNamespace(name="cupy"))
+    assert getattr(err.value, "agreed", False)          # every rank raises it: none waits in the broadcast
