@@ -203,6 +203,11 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
         comm.check_same("--resume / --overwrite", (str(ckpt), mode))
         if not comm.is_root:            # rank 0 speaks for the job
             log, progress = (lambda *_: None), False
+        elif comm.local_size > 1 and be.name == "numpy" and not os.environ.get("OPENBLAS_NUM_THREADS"):
+            cores = os.cpu_count() or 1
+            log(f"note: {comm.local_size} processes share this machine's {cores} cores and OPENBLAS_NUM_THREADS is "
+                f"not set, so each starts a BLAS thread per core (several times slower when they compete); "
+                f"launch with mpiexec -genv OPENBLAS_NUM_THREADS {max(1, cores // comm.local_size)} ...")
     with _run_folder(out, mode, comm) as removed:
         if removed:
             log(f"removed {len(removed)} temporary file(s) left by an interrupted write in {out}")

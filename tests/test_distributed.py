@@ -351,3 +351,14 @@ def test_the_nccl_set_up_runs_in_agreed_steps(monkeypatch):
     with pytest.raises(distributed.DistributedUnavailable, match="no NCCL") as err:
         fresh.use_backend(types.SimpleNamespace(name="cupy"))
     assert getattr(err.value, "agreed", False)          # every rank raises it: none waits in the broadcast
+
+
+@needs_mpi
+def test_unset_blas_threads_are_noted(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", TRAIN, *SMALL, "--limit", "200",
+                           "--epochs", "1", "--out", str(tmp_path / "run"), "--distributed"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("OPENBLAS_NUM_THREADS is not set") == 1     # rank 0 only
+    assert "mpiexec -genv OPENBLAS_NUM_THREADS 1" in proc.stdout
