@@ -24,7 +24,6 @@ broadcast so that every rank stops with the same message.
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy
 
@@ -329,11 +328,3 @@ def _first_difference(a, b) -> str:
         keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         return ", ".join(f"{k}: {a.get(k)!r} on rank 0, {b.get(k)!r} there" for k in keys[:3])
     return f"{str(a)[:60]!r} on rank 0, {str(b)[:60]!r} there"
-
-
-def local_environment() -> dict:
-    """What a launcher set for this process (for the summary): the MPI library and the thread caps."""
-    from mpi4py import MPI
-    return {"mpi": MPI.Get_library_version().split("\n")[0].strip(),
-            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
