@@ -60,6 +60,16 @@ def _layers(batch):
     return out
 
 
+def _seconds_per_call(step, reps):
+    """Seconds per call of ``step()``, over ``reps`` calls after a fifth as many (at least 3) to warm up."""
+    for _ in range(max(3, reps // 5)):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    return (time.perf_counter() - t0) / reps
+
+
 def scratch_worker(batch, reps):
     import numpy as np
     layers = _layers(batch)
@@ -73,12 +83,7 @@ def scratch_worker(batch, reps):
         def step(layer=layer, x=x, dy=dy):
             layer.forward(x)
             layer.backward(dy)
-        for _ in range(max(3, reps // 5)):
-            step()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            step()
-        results[name] = (time.perf_counter() - t0) / reps
+        results[name] = _seconds_per_call(step, reps)
         results[name + " floor"] = _floor(layer, shape, y.shape, need_dx, reps)
     return results
 
@@ -154,12 +159,7 @@ def torch_worker(batch, reps, threads):
                 p.grad = None
             x.grad = None
             mod(x).backward(dy)
-        for _ in range(max(3, reps // 5)):
-            step()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            step()
-        results[name] = (time.perf_counter() - t0) / reps
+        results[name] = _seconds_per_call(step, reps)
     return results
 
 
