@@ -26,6 +26,7 @@ import numpy
 
 from scratchvae import losses as _plain
 from scratchvae.backend import BackendUnavailable, array_module
+from scratchvae.layers.conv import conv_output_size
 from scratchvae.optim import check_adam_arrays
 
 from . import cpu
@@ -254,9 +255,9 @@ def _check_fold(fname, image, cols, kernel_size, stride, padding):
     _check_kernel_dtype(fname, image.dtype)
     if cols.dtype != image.dtype:
         raise TypeError(f"{fname}: cols dtype {cols.dtype} differs from the image's {image.dtype}")
-    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    kh, kw = kernel_size
     C, H, W, B = image.shape
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    Ho, Wo = conv_output_size((H, W), kernel_size, stride, padding)
     if Ho < 1 or Wo < 1 or cols.shape != (C * kh * kw, Ho * Wo * B):
         raise ValueError(f"{fname}: cols has shape {cols.shape}, expected {(C * kh * kw, Ho * Wo * B)} for an "
                          f"image {image.shape} (C, H, W, B), kernel {kernel_size}, stride {stride}, padding {padding}")
