@@ -252,12 +252,11 @@ class DataParallel:
                                        sync=False, x_in=None if x_in is None else x_in[rows], batch_total=B,
                                        reduce=reduce)
         nonfinite = ~(xp.isfinite(local["recon"]) & xp.isfinite(local["kl"]))
-        buf.pack(model.grads, (local["recon"], local["kl"], nonfinite))
-        buf.array[buf.n_grad + 3:] = local["kl_per_dim"]
+        buf.pack(model.grads, (local["recon"], local["kl"], nonfinite, local["kl_per_dim"]))
         comm.allreduce_(buf.array)
-        extras = buf.unpack(model.grads)
-        recon, kl, nonfinite_count = extras[:3]
-        kl_per_dim = buf.array[buf.n_grad + 3:].copy()              # (L,) the whole batch's
+        extras = buf.unpack(model.grads)                            # (3 + L,) the whole batch's sums
+        recon, kl, nonfinite_count = extras[:3].copy()              # copies: the next step reuses the buffer
+        kl_per_dim = extras[3:].copy()                              # (L,)
         kl_term = local["kl_term"] if free_bits > 0 else kl         # with free bits: already the batch's
         loss = recon + beta * kl_term
         if sync:
@@ -297,11 +296,12 @@ def params_checksum(params: dict, backend) -> str:
 
 
 class GradientBuffer:
-    """One flat buffer holding every gradient (in the model's parameter order) and a few scalars.
+    """One flat buffer holding every gradient (in the model's parameter order) and a few extra values.
 
-    ``pack`` copies the gradients and ``extras`` in, the communicator sums
-    the buffer over the ranks, and ``unpack`` copies the sums back into the
-    gradient arrays and returns the summed extras (0-d arrays of the backend).
+    ``pack`` copies the gradients and the ``extras`` (0-d or 1-d arrays, one
+    after the other) in, the communicator sums the buffer over the ranks, and
+    ``unpack`` copies the sums back into the gradient arrays and returns the
+    summed extras: a view (E,) of the buffer, in ``pack``'s order.
     """
 
     def __init__(self, grads: dict, n_extras: int, xp, dtype):
@@ -314,13 +314,19 @@ class GradientBuffer:
     def pack(self, grads: dict, extras) -> None:
         for k, lo, hi in zip(self.keys, self.offsets, self.offsets[1:]):
             self.array[lo:hi] = grads[k].reshape(-1)
-        for i, value in enumerate(extras):
-            self.array[self.n_grad + i] = value
+        at = self.n_grad
+        for value in extras:
+            n = int(getattr(value, "size", 1))
+            self.array[at:at + n] = value
+            at += n
+        if at != self.array.size:
+            raise ValueError(f"GradientBuffer.pack: the extras hold {at - self.n_grad} values, the buffer "
+                             f"{self.array.size - self.n_grad}")
 
-    def unpack(self, grads: dict) -> list:
+    def unpack(self, grads: dict):
         for k, lo, hi in zip(self.keys, self.offsets, self.offsets[1:]):
             grads[k][...] = self.array[lo:hi].reshape(grads[k].shape)
-        return [self.array[i] for i in range(self.n_grad, self.array.size)]
+        return self.array[self.n_grad:]
 
 
 def _first_difference(a, b) -> str:
