@@ -58,6 +58,8 @@ NOISE_SCHEME = "seed-epoch-v1"
 CHECK_EVERY = 50
 # The generator stream of batch b's denoising corruption (streams 0, 1 and 2 + b are shuffle, eps, binarization).
 DENOISING_STREAM = 1 << 40
+# The stream (of epoch 0) of the fixed dequantization noise of 8-bit test and validation images.
+EVAL_DEQUANTIZATION_STREAM = 1 << 41
 
 
 class TrainingDiverged(RuntimeError):
@@ -681,7 +683,7 @@ def prepare_data(cfg: TrainConfig, be, log=None, progress=None) -> _Data:
         raise ValueError(f"keep_best (--keep-best) needs a validation split and dataset {cfg.dataset!r} has none")
     dtype = numpy.dtype(cfg.dtype)
     if data.levels:   # 8-bit images: uint8 on the device; the test and validation splits dequantized once
-        gen = numpy.random.default_rng(_seeds(cfg.seed, 0, 1 << 41))
+        gen = numpy.random.default_rng(_seeds(cfg.seed, 0, EVAL_DEQUANTIZATION_STREAM))
         x_test, x_valid = (None if x is None else datasets.to_intensities(x, cfg.likelihood, gen)
                            for x in (x_test, x_valid))
         x_train = numpy.ascontiguousarray(x_train, dtype=numpy.uint8)
