@@ -20,8 +20,8 @@ import sys
 import numpy as np
 
 from scratchvae import datasets, figures
-from scratchvae.cli import USER_ERRORS
-from scratchvae.train import describe_os_error, load_trained
+from scratchvae.cli import USER_ERRORS, describe_error
+from scratchvae.train import load_trained
 
 
 def _floats(text):
@@ -113,11 +113,8 @@ def main(argv=None) -> int:
         model, data, cfg, meta, _ = load_trained(run, args.params)
         blocks = blocks_for(model, data, args, args.rows)
         result = figures.plot_attribute_vectors(model, blocks, args.multiples, out, run_id=meta.get("run_id"))
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+    except (*USER_ERRORS, OSError) as err:
+        print(f"error: {describe_error(err)}", file=sys.stderr)
         return 1
     for block in result["blocks"]:
         print(f"{block['title']}: {block['rows']} test images, vector norm {block['vector_norm']:.3f}")

@@ -19,8 +19,8 @@ import sys
 import time
 
 from scratchvae.atomic import write_json
-from scratchvae.cli import USER_ERRORS
-from scratchvae.train import describe_os_error, iwae_test_nll, load_trained
+from scratchvae.cli import USER_ERRORS, describe_error
+from scratchvae.train import iwae_test_nll, load_trained
 
 
 def evaluate(run: pathlib.Path, params: str, iwae_k: int, seed: int, progress) -> dict:
@@ -50,11 +50,8 @@ def main(argv=None) -> int:
     run = pathlib.Path(args.run_dir)
     try:
         result = evaluate(run, args.params, args.iwae_k, args.seed, args.progress)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+    except (*USER_ERRORS, OSError) as err:
+        print(f"error: {describe_error(err)}", file=sys.stderr)
         return 1
     print(f"{run} ({result['params']} parameters, epoch {result['epoch']}): test negative ELBO "
           f"{result['test_neg_elbo']:.3f}, test NLL (IWAE, k={args.iwae_k}) {result['test_nll_iwae']:.3f} nats")
@@ -62,7 +59,7 @@ def main(argv=None) -> int:
     try:
         write_json(target, result)
     except OSError as err:
-        print(f"error: {describe_os_error(err)}; the figures above were not saved to {target}", file=sys.stderr)
+        print(f"error: {describe_error(err)}; the figures above were not saved to {target}", file=sys.stderr)
         return 1
     return 0
 

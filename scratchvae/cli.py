@@ -18,12 +18,17 @@ from .config import AE_UNUSED, RUN_DEFINING, TrainConfig
 from .runfolder import RunFolderError
 from .train import RunFailed, TrainingDiverged, describe_os_error, train
 
-__all__ = ["build_parser", "config_from_args", "main", "USER_ERRORS"]
+__all__ = ["build_parser", "config_from_args", "main", "USER_ERRORS", "describe_error"]
 
 # What the command line turns into one "error:" line (and exit code 1).
 USER_ERRORS = (ValueError, TypeError, backend_mod.BackendUnavailable, checkpoint.CheckpointError,
                datasets.DatasetUnavailable, datasets.DatasetIntegrityError, TrainingDiverged, RunFailed,
                RunFolderError, distributed.DistributedUnavailable)
+
+
+def describe_error(err: BaseException) -> str:
+    """The text of the ``error:`` line for one of :data:`USER_ERRORS` or an ``OSError`` (which names its file)."""
+    return describe_os_error(err) if isinstance(err, OSError) else str(err)
 
 
 def _int_tuple(text):
@@ -149,10 +154,8 @@ def main(argv=None) -> int:
             comm = distributed.init()
         cfg, resume = config_from_args(args) if comm is None else comm.agree(lambda: config_from_args(args))
         summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress, comm=comm)
-    except USER_ERRORS as err:
-        return _error(str(err), err, comm)
-    except OSError as err:          # outside a run (reading a checkpoint to resume, say)
-        return _error(describe_os_error(err), err, comm)
+    except (*USER_ERRORS, OSError) as err:   # OSError: outside a run (reading a checkpoint to resume, say)
+        return _error(describe_error(err), err, comm)
     except MemoryError as err:
         return _error(f"out of memory ({err or 'MemoryError'}); try a smaller --batch-size or model", err, comm)
     except KeyboardInterrupt as err:
