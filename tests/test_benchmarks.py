@@ -172,3 +172,41 @@ def test_bench_run_smallest(tmp_path):
                                "--threads", "1", tmp_path=tmp_path)
     assert len(data["runs"]["scratchvae"]) == 1 and len(data["runs"]["scratchvae"][0]["seconds"]) == 1
     assert data["median_total_s"]["scratchvae"] > 0 and "total" in stdout
+
+
+@pytest.fixture()
+def count_launches():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import count_launches
+        count_launches.COUNTER.by_kind.clear()
+        yield count_launches
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_the_launch_counter_counts_what_cupy_would_launch(count_launches):
+    xp, counter = count_launches.counting_module(), count_launches.COUNTER
+    a = xp.zeros((4, 6), dtype="float32")                       # a fill: 1
+    b = xp.empty((6, 3), dtype="float32")                       # allocation only: 0
+    seen = []
+    for op in (lambda: a @ b, lambda: a * 2 + 1, lambda: a.sum(axis=0), lambda: a.reshape(6, 4), lambda: a.T,
+               lambda: a.T.reshape(-1), lambda: a[xp.asarray([0, 2])], lambda: a[1:3], lambda: a.astype("float64"),
+               lambda: xp.copyto(a, 1.0), lambda: float(a.sum())):
+        before = counter.total
+        op()
+        seen.append(counter.total - before)
+    assert seen == [1, 2, 1, 0, 0, 1, 1, 0, 1, 1, 1]
+    assert counter.by_kind["copy/fill"] == 1 + 3 and counter.by_kind["matmul"] == 1
+
+
+def test_count_launches_of_a_training_step(count_launches):
+    result = count_launches.count_step_launches(hidden=(16, 8), latent_dim=3, batch_size=16, test_limit=20)
+    kinds, n_dense, n_params = result["by_kind"], 7, 14      # 784-16-8, two heads, 3-8-16-784
+    assert sum(kinds.values()) == result["per_step"]
+    assert kinds["matmul"] == 3 * n_dense - 1                 # forward, dW, dx (none for the data's layer)
+    assert kinds["fused kernel"] == 3 + n_params              # loss, reparameterize + backward, Adam per array
+    assert kinds["gather"] == 1                               # the batch, gathered on the device
+    steps = result["steps"]
+    assert steps.count(result["per_step"]) == len(steps) - 1  # every step alike but the one after the check,
+    assert result["check_step"] == result["per_step"] + 3 * n_params + 2   # which snapshots params, m and v
