@@ -135,17 +135,22 @@ def instrumented(T):
     MM = "matmul: Dense"
 
     # -- Dense: statement-level copies of scratchvae/layers/dense.py
-    def affine_forward(x, W, b):
+    def affine_forward(x, W, b, order="C"):
         with T(MM):
-            out = x @ W
+            out = (W.T @ x.T).T if order == "F" else x @ W
         with T(EW):
             out += b
         return out, (x, W)
 
-    def affine_backward(dout, cache):
+    def affine_backward(dout, cache, need_dx=True):
         x, W = cache
         with T(MM):
-            dx = dout @ W.T
+            if not need_dx:
+                dx = None
+            elif x.flags.f_contiguous and not x.flags.c_contiguous:
+                dx = (W @ dout.T).T
+            else:
+                dx = dout @ W.T
             dW = x.T @ dout
         with T(EW):
             db = dout.sum(axis=0)
@@ -154,7 +159,7 @@ def instrumented(T):
     def dense_backward(self, dy):
         cache = self._get_cache()
         self._check_dy(dy, (cache[0].shape[0], self.out_features))
-        dx, dW, db = dense.affine_backward(dy, cache)
+        dx, dW, db = dense.affine_backward(dy, cache, need_dx=self.input_grad)
         with T(EW):
             self.grads["W"] += dW
             self.grads["b"] += db

@@ -293,19 +293,33 @@ def _check_relu(fname, **arrays):
             raise ValueError(f"{fname}: {name} is {a.dtype} {a.shape}, expected {first.dtype} {first.shape}")
 
 
+def _memory_order(*arrays) -> str:
+    """"C" or "F" when every array is contiguous in that order (then ``a.ravel(order)`` is a view of each)."""
+    for order, flag in (("C", "C_CONTIGUOUS"), ("F", "F_CONTIGUOUS")):
+        if all(a.flags[flag] for a in arrays):
+            return order
+    return ""
+
+
 def relu_forward(x):
-    """Fused ``maximum(x, 0)`` (:class:`scratchvae.layers.ReLU`), bit-identical; any shape, a new array."""
+    """Fused ``maximum(x, 0)`` (:class:`scratchvae.layers.ReLU`), bit-identical; any shape, a new array
+    in the memory order of ``x`` (C or Fortran order; other strides are copied first)."""
     _check_relu("relu_forward", x=x)
-    (x,) = _contiguous(numpy, x)
-    y = numpy.empty_like(x)
-    cpu.relu_forward_kernel(x.reshape(-1), y.reshape(-1))
+    order = _memory_order(x) or "C"
+    if order == "C":
+        (x,) = _contiguous(numpy, x)
+    y = numpy.empty_like(x, order=order)
+    cpu.relu_forward_kernel(x.ravel(order), y.ravel(order))
     return y
 
 
 def relu_backward(dy, x):
-    """Fused ``dy * (x > 0)``, bit-identical; a new array shaped like ``x``."""
+    """Fused ``dy * (x > 0)``, bit-identical; a new array shaped like ``x``, in the memory order that
+    ``dy`` and ``x`` share (C when they share none)."""
     _check_relu("relu_backward", dy=dy, x=x)
-    dy, x = _contiguous(numpy, dy, x)
-    dx = numpy.empty_like(x)
-    cpu.relu_backward_kernel(dy.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    order = _memory_order(dy, x) or "C"
+    if order == "C":
+        dy, x = _contiguous(numpy, dy, x)
+    dx = numpy.empty_like(x, order=order)
+    cpu.relu_backward_kernel(dy.ravel(order), x.ravel(order), dx.ravel(order))
     return dx

@@ -654,7 +654,11 @@ def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, 
 
 
 def _bottleneck(flat, hidden, latent_dim, activation, gen, kw, ckw):
-    """The Dense layers between the conv stacks: (encoder tail, heads, decoder head)."""
+    """The Dense layers between the conv stacks: (encoder tail, heads, decoder head).
+
+    The decoder's last Dense stores its output batch-fastest (``order="F"``), and the
+    encoder's first reads FromCHWB's transposed view, so that no transposing copy
+    stands between the Dense layers and the CHWB convolutions, forward or backward."""
     enc, width_in = [], flat
     if hidden:
         enc += [Dense(flat, hidden, rng=gen, **kw), _activation(activation, **ckw)]
@@ -662,9 +666,9 @@ def _bottleneck(flat, hidden, latent_dim, activation, gen, kw, ckw):
     heads = Dense(width_in, latent_dim, rng=gen, **kw), Dense(width_in, latent_dim, rng=gen, **kw)
     if hidden:
         dec = [Dense(latent_dim, hidden, rng=gen, **kw), _activation(activation, **ckw),
-               Dense(hidden, flat, rng=gen, **kw), _activation(activation, **ckw)]
+               Dense(hidden, flat, order="F", rng=gen, **kw), _activation(activation, **ckw)]
     else:
-        dec = [Dense(latent_dim, flat, rng=gen, **kw), _activation(activation, **ckw)]
+        dec = [Dense(latent_dim, flat, order="F", rng=gen, **kw), _activation(activation, **ckw)]
     return enc, heads, dec
 
 

@@ -557,6 +557,11 @@ def test_to_and_from_chwb():
     np.testing.assert_array_equal(back.forward(y), x)
     assert gradcheck.check_layer(to, x).max_error <= 1e-9
     assert gradcheck.check_layer(back, y).max_error <= 1e-9
+    assert np.shares_memory(back.forward(y), y)                     # a view, forward
+    assert np.shares_memory(to.backward(y), y)                       # and backward
+    x_f = np.asfortranarray(x)                                       # stored batch-fastest: no copy either
+    assert np.shares_memory(to.forward(x_f), x_f)
+    np.testing.assert_array_equal(to.forward(x_f), y)
     with pytest.raises(ValueError, match=r"ToCHWB: input has shape \(5, 23\), expected \(N, 24\)"):
         to.forward(x[:, :23])
     with pytest.raises(ValueError, match="shape must be"):

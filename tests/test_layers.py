@@ -29,6 +29,32 @@ def test_dense_gradcheck(batch, d_in, d_out, seed):
     assert report.max_error <= TOL, str(report)
 
 
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(2, 5), d_in=st.integers(2, 9), d_out=st.integers(2, 9), seed=st.integers(0, 2**16))
+def test_dense_batch_fastest_layouts_gradcheck(batch, d_in, d_out, seed):
+    """order="F" stores the output batch-fastest; an input stored so (a transposed view) gets its
+    gradient in the same order. Same numbers as the C-ordered layer, and every gradient checked."""
+    rng = np.random.default_rng(seed)
+    x_f = rng.standard_normal((d_in, batch)).T                      # (B, D_in), stored batch-fastest
+    layer_f, layer_c = Dense(d_in, d_out, order="F", rng=seed, **F64), Dense(d_in, d_out, rng=seed, **F64)
+    y_f, y_c = layer_f.forward(x_f), layer_c.forward(np.ascontiguousarray(x_f))
+    assert y_f.flags.f_contiguous and not y_f.flags.c_contiguous
+    np.testing.assert_allclose(y_f, y_c, rtol=1e-13, atol=1e-13)
+    dy = rng.standard_normal(y_f.shape)
+    dx_f, dx_c = layer_f.backward(dy), layer_c.backward(dy)
+    assert dx_f.flags.f_contiguous and not dx_f.flags.c_contiguous and dx_c.flags.c_contiguous
+    np.testing.assert_allclose(dx_f, dx_c, rtol=1e-13, atol=1e-13)
+    for k in layer_f.grads:
+        np.testing.assert_allclose(layer_f.grads[k], layer_c.grads[k], rtol=1e-13, atol=1e-13)
+    # finite differences perturb a C-ordered input in place; the F-ordered input's gradients equal
+    # the C layer's above, which test_dense_gradcheck checks
+    report = gradcheck.check_layer(Dense(d_in, d_out, order="F", rng=seed, **F64), np.ascontiguousarray(x_f),
+                                   seed=seed)
+    assert report.max_error <= TOL, str(report)
+    with pytest.raises(ValueError, match="order must be 'C' or 'F'"):
+        Dense(2, 3, order="K")
+
+
 @pytest.mark.parametrize("make", [ReLU, lambda **kw: LeakyReLU(0.2, **kw), Sigmoid, Tanh, Softplus],
                          ids=["relu", "leaky_relu", "sigmoid", "tanh", "softplus"])
 @settings(max_examples=15, deadline=None)
@@ -250,3 +276,20 @@ def test_fused_relu_is_bit_identical_including_nan_inf_and_signed_zeros(dtype):
     dx_plain, dx_fused = plain.backward(dy), fused.backward(dy)
     np.testing.assert_array_equal(np.signbit(dx_fused), np.signbit(dx_plain))
     np.testing.assert_array_equal(dx_fused, dx_plain)
+
+
+def test_fused_relu_keeps_a_batch_fastest_layout_without_copies():
+    """A Fortran-ordered input (a Dense with order="F" feeding ToCHWB) stays in that order, bit-identical."""
+    from scratchvae.layers import ReLU
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((7, 5)).T.astype("float32"), rng.standard_normal((7, 5)).T.astype("float32")
+    plain, fused = ReLU(), ReLU(fused=True)
+    y = fused.forward(x)
+    assert y.flags.f_contiguous and not y.flags.c_contiguous
+    np.testing.assert_array_equal(y, plain.forward(x))
+    dx = fused.backward(dy)
+    assert dx.flags.f_contiguous
+    np.testing.assert_array_equal(dx, plain.backward(dy))
+    mixed = fused.backward(np.ascontiguousarray(dy))        # orders differ: computed in C order
+    assert mixed.flags.c_contiguous
+    np.testing.assert_array_equal(mixed, plain.backward(dy))

@@ -62,6 +62,30 @@ def test_conv_vae_gradcheck(likelihood, fused):
     assert report.max_error <= TOL, str(report)
 
 
+@pytest.mark.parametrize("fused", FUSED)
+def test_no_transposing_copy_between_the_dense_layers_and_the_conv_stacks(fused):
+    """FromCHWB hands the encoder's Dense a view, the decoder's last Dense writes batch-fastest so
+    that ToCHWB reshapes without a copy, and the gradients come back through views the same way."""
+    from scratchvae.layers import FromCHWB, ToCHWB
+    from scratchvae.vae import conv_vae
+    model = conv_vae((1, 12, 12), channels=(3, 4), latent_dim=2, hidden=8, seed=0, fused=fused)
+    rng = np.random.default_rng(0)
+    for part, entry in ((model.encoder, FromCHWB), (model.decoder, ToCHWB)):
+        x = (rng.random((5, 144)) < 0.5).astype(np.float32) if part is model.encoder else \
+            rng.standard_normal((5, 2)).astype(np.float32)
+        outputs = [x]
+        for layer in part.layers:
+            outputs.append(layer.forward(outputs[-1]))
+        i = next(i for i, layer in enumerate(part.layers) if isinstance(layer, entry))
+        assert np.shares_memory(outputs[i + 1], outputs[i]), (part.layers[i - 1], part.layers[i])
+        grads = [rng.standard_normal(outputs[-1].shape).astype(np.float32)]
+        for layer in reversed(part.layers[i:]):
+            grads.append(layer.backward(grads[-1]))
+        dy_out = grads[-1]                       # the gradient ToCHWB / FromCHWB hands back
+        dy_in = grads[-2]
+        assert np.shares_memory(dy_out, dy_in), part.layers[i]
+
+
 def test_whole_model_check_catches_a_slightly_wrong_gradient():
     model = small_mlp()
     x, eps = binary_batch(5, 7, 0), np.random.default_rng(2).standard_normal((5, 3))

@@ -8,7 +8,7 @@ from .base import Layer, init_rng
 __all__ = ["Dense", "affine_forward", "affine_backward"]
 
 
-def affine_forward(x, W, b):
+def affine_forward(x, W, b, order="C"):
     """Affine map.
 
     Parameters
@@ -16,13 +16,21 @@ def affine_forward(x, W, b):
     x : array, shape (B, D_in)
     W : array, shape (D_in, D_out)
     b : array, shape (D_out,)
+    order : "C" or "F"
+        The memory order of ``out``. "F" computes ``out.T = W.T @ x.T``, so
+        that the batch index is the fastest in memory: the (D_out, B) block
+        a stack of CHWB convolutions reads without a transposing copy
+        (:class:`~scratchvae.layers.ToCHWB`).
 
     Returns
     -------
     out : array, shape (B, D_out)
     cache : tuple ``(x, W)`` for :func:`affine_backward`
     """
-    out = x @ W  # (B, D_out)
+    if order == "F":
+        out = (W.T @ x.T).T  # (B, D_out), stored as (D_out, B)
+    else:
+        out = x @ W  # (B, D_out)
     out += b
     return out, (x, W)
 
@@ -41,12 +49,19 @@ def affine_backward(dout, cache, need_dx=True):
 
     Returns
     -------
-    dx : array, shape (B, D_in)   ``dout @ W.T`` (None when not needed)
+    dx : array, shape (B, D_in)   ``dout @ W.T`` (None when not needed), in the memory
+        order of ``x``: for an ``x`` stored batch-fastest (a transposed view, as
+        :class:`~scratchvae.layers.FromCHWB` gives) it is computed as ``(W @ dout.T).T``
     dW : array, shape (D_in, D_out)   ``x.T @ dout``
     db : array, shape (D_out,)   ``dout.sum(0)``
     """
     x, W = cache
-    dx = dout @ W.T if need_dx else None
+    if not need_dx:
+        dx = None
+    elif x.flags.f_contiguous and not x.flags.c_contiguous:
+        dx = (W @ dout.T).T  # (B, D_in), stored as (D_in, B) like x
+    else:
+        dx = dout @ W.T  # (B, D_in)
     dW = x.T @ dout
     db = dout.sum(axis=0)
     return dx, dW, db
@@ -64,12 +79,18 @@ class Dense(Layer):
 
     Set ``input_grad = False`` on a layer whose input is data (the first
     layer of an encoder): ``backward`` then skips dL/dx and returns None.
+    ``order="F"`` stores the output batch-fastest (see :func:`affine_forward`):
+    for the layer that feeds a stack of CHWB convolutions.
     """
 
     input_grad = True
 
-    def __init__(self, in_features: int, out_features: int, *, backend=None, dtype="float32", rng=None):
+    def __init__(self, in_features: int, out_features: int, *, order: str = "C", backend=None, dtype="float32",
+                 rng=None):
         super().__init__(backend=backend, dtype=dtype)
+        if order not in ("C", "F"):
+            raise ValueError(f"Dense: order must be 'C' or 'F', got {order!r}")
+        self.order = order
         if in_features < 1 or out_features < 1:
             raise ValueError(f"Dense: in_features and out_features must be >= 1, got {in_features}, {out_features}")
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -81,7 +102,7 @@ class Dense(Layer):
     def forward(self, x):
         """x: (B, in_features) -> (B, out_features)."""
         self._check_input(x, (None, self.in_features))
-        y, self._cache = affine_forward(x, self.params["W"], self.params["b"])
+        y, self._cache = affine_forward(x, self.params["W"], self.params["b"], self.order)
         return y
 
     def backward(self, dy):
@@ -94,4 +115,4 @@ class Dense(Layer):
         return dx
 
     def __repr__(self):
-        return f"Dense({self.in_features}, {self.out_features})"
+        return f"Dense({self.in_features}, {self.out_features}" + (", order='F')" if self.order == "F" else ")")

@@ -48,7 +48,10 @@ class ToCHWB(Layer):
     """Flat images (B, C*H*W) -> (C, H, W, B), the batch-innermost layout.
 
     The entry of a stack of ``layout="CHWB"`` convolutions: one transposing
-    copy here instead of two per convolution.  ``shape`` is (C, H, W).
+    copy here instead of two per convolution, and none when ``x`` is already
+    stored batch-fastest (the output of a ``Dense(..., order="F")``).
+    ``backward`` returns a transposed view (B, C*H*W), no copy.  ``shape`` is
+    (C, H, W).
     """
 
     def __init__(self, shape, **kw):
@@ -67,20 +70,25 @@ class ToCHWB(Layer):
     def backward(self, dy):
         (B,) = self._get_cache()
         self._check_dy(dy, self.shape + (B,))
-        return self.xp.ascontiguousarray(dy.reshape(self.size, B).T)  # (B, C*H*W)
+        return dy.reshape(self.size, B).T  # (B, C*H*W), a view stored batch-fastest
 
     def __repr__(self):
         return f"ToCHWB({self.shape})"
 
 
 class FromCHWB(Layer):
-    """(C, H, W, B) -> flat images (B, C*H*W): the exit of a CHWB convolution stack."""
+    """(C, H, W, B) -> flat images (B, C*H*W): the exit of a CHWB convolution stack.
+
+    ``forward`` returns a transposed view, no copy (a Dense reads it through
+    BLAS's transpose flag, and returns its input gradient in the same order,
+    which ``backward`` then reshapes without a copy).
+    """
 
     def forward(self, x):
         self._check_input(x, (None, None, None, None), what="input (CHWB)")
         self._cache = (tuple(x.shape),)
         B = x.shape[-1]
-        return self.xp.ascontiguousarray(x.reshape(-1, B).T)  # (B, C*H*W)
+        return x.reshape(-1, B).T  # (B, C*H*W), a view stored batch-fastest
 
     def backward(self, dy):
         (shape,) = self._get_cache()
