@@ -19,7 +19,8 @@ the launches of their ``scratchvae.kernels.cuda`` twins). Counted, per call:
   assignment into a slice: one launch each; views (``reshape``, ``.T``,
   slicing) and ``xp.empty`` launch nothing;
 * a kernel wrapper: the launches of its CUDA twin (``gaussian_nll`` zeroes
-  ``dlog_sigma`` first: two; ``adam_update_many``: one per parameter).
+  ``dlog_sigma`` first: two; ``adam_update_many``: one over the flat buffers
+  of a model's parameters, else one per parameter).
 
 What it cannot see: CuPy launches more than one kernel for some of these
 (a large reduction through CUB takes two; ``mean`` is one kernel where NumPy
@@ -55,7 +56,15 @@ _FILLS = {"zeros": 1, "zeros_like": 1, "ones": 1, "ones_like": 1, "full": 1, "fu
 # scratchvae.kernels functions -> launches of their kernels.cuda twins (see the module docstring)
 _KERNELS = {"bce_with_logits": lambda *a, **k: 1, "gaussian_nll": lambda *a, **k: 2,
             "reparameterize_kl": lambda *a, **k: 1, "reparameterize_kl_backward": lambda *a, **k: 1,
-            "adam_update": lambda *a, **k: 1, "adam_update_many": lambda params, *a, **k: len(params)}
+            "adam_update": lambda *a, **k: 1, "adam_update_many": lambda *a, **k: _adam_launches(*a[:4])}
+
+
+def _adam_launches(params, grads, ms, vs) -> int:
+    """As ``kernels.cuda.adam_update_many_into``: one launch when the four lists each tile one
+    flat buffer (a model's flat_params/flat_grads, Adam.init's moments), else one per parameter."""
+    from scratchvae.backend import contiguous_run
+    runs = [contiguous_run(arrays) for arrays in (params, grads, ms, vs)]
+    return 1 if all(r is not None for r in runs) and len({r.size for r in runs}) == 1 else len(params)
 
 
 class Counter:
@@ -115,11 +124,11 @@ class CountedArray(numpy.ndarray):
             COUNTER.add("copy/fill")
         return _wrap(func(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
 
-    def __getitem__(self, key):
+    def __getitem__(self, key):   # views stay CountedArray, so that their base is the counted buffer
         if _has_index_array(key):
             COUNTER.add("gather")
             key = _unwrap(key)
-        return _wrap(numpy.ndarray.__getitem__(self.view(numpy.ndarray), key))
+        return _wrap(numpy.ndarray.__getitem__(self, key))
 
     def __setitem__(self, key, value):
         COUNTER.add("copy/fill")
@@ -139,11 +148,10 @@ class CountedArray(numpy.ndarray):
         self.view(numpy.ndarray).fill(value)
 
     def reshape(self, *shape, **kwargs):
-        plain = self.view(numpy.ndarray)
-        out = plain.reshape(*shape, **kwargs)
-        if out.size and not numpy.shares_memory(out, plain):
+        out = numpy.ndarray.reshape(self, *shape, **kwargs)
+        if out.size and not numpy.shares_memory(out.view(numpy.ndarray), self.view(numpy.ndarray)):
             COUNTER.add("copy/fill")
-        return _wrap(out)
+        return out
 
 
 def counting_module() -> types.ModuleType:

@@ -34,7 +34,7 @@ except ImportError as err:  # pragma: no cover - depends on the installation
         "scratchvae.kernels.cuda needs numba-cuda (`pip install numba-cuda[cu12]`); "
         f"importing numba.cuda failed: {err}") from err
 
-from scratchvae.backend import BackendUnavailable
+from scratchvae.backend import BackendUnavailable, contiguous_run
 from scratchvae.losses import EXPM1_SERIES, EXPM1_SERIES_CUTOFF, HALF_LOG_2PI
 from scratchvae.optim import adam_coefficients
 
@@ -320,6 +320,12 @@ def adam_update_into(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, ste
 
 def adam_update_many_into(params, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, step, *,
                           threads=ELEMENTWISE_THREADS, stream=0):
-    """:func:`adam_update_into` for each parameter (one launch each)."""
+    """:func:`adam_update_into` over every parameter: one launch when each list tiles one flat
+    buffer in the same order (a model's ``flat_params`` and ``flat_grads``, the moments of
+    :meth:`scratchvae.optim.Adam.init`), else one launch per parameter."""
+    runs = [contiguous_run(arrays) for arrays in (params, grads, ms, vs)]
+    if all(r is not None for r in runs) and len({r.size for r in runs}) == 1:
+        adam_update_into(*runs, lr, beta1, beta2, eps, weight_decay, step, threads=threads, stream=stream)
+        return
     for p, g, m, v in zip(params, grads, ms, vs):
         adam_update_into(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, threads=threads, stream=stream)

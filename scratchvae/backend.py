@@ -21,7 +21,7 @@ import types
 
 import numpy
 
-__all__ = ["Backend", "BackendUnavailable", "get", "resolve", "array_module"]
+__all__ = ["Backend", "BackendUnavailable", "get", "resolve", "array_module", "contiguous_run"]
 
 NAMES = ("numpy", "cupy")
 
@@ -150,3 +150,33 @@ def array_module(*arrays):
             import cupy
             return cupy
     return numpy
+
+
+def _address(a) -> int:
+    """The device or host address of ``a``'s first element."""
+    data = a.data
+    return data.ptr if hasattr(data, "ptr") else a.__array_interface__["data"][0]
+
+
+def contiguous_run(arrays):
+    """The 1-D array that ``arrays`` tile back to back, in order; None if they do not.
+
+    That is the case when every array is a C-contiguous view of one 1-D
+    buffer (their common ``base``), each starting where the previous one
+    ends: the parameters, gradients and Adam moments of a model, which
+    :func:`scratchvae.layers.base.flat_views` lays out so. A kernel can then
+    sweep all of them in one launch.
+    """
+    arrays = list(arrays)
+    if not arrays:
+        return None
+    base = arrays[0].base
+    if base is None or base.ndim != 1 or not base.flags.c_contiguous or base.dtype != arrays[0].dtype:
+        return None
+    origin, item = _address(base), base.itemsize
+    start = end = _address(arrays[0]) - origin
+    for a in arrays:
+        if a.base is not base or not a.flags.c_contiguous or _address(a) - origin != end:
+            return None
+        end += a.size * item
+    return base[start // item:end // item]

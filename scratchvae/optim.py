@@ -46,6 +46,7 @@ from typing import NamedTuple
 import numpy
 
 from .backend import array_module
+from .layers.base import flat_views
 
 __all__ = ["Adam", "AdamState", "adam_update", "adam_coefficients", "check_adam_arrays", "geometric_lr"]
 
@@ -186,7 +187,17 @@ class Adam:
                              f"eps={self.eps}, weight_decay={self.weight_decay}")
 
     def init(self, params: dict) -> AdamState:
-        """Zero moments shaped like ``params``: arrays on their backend, in their dtype."""
+        """Zero moments shaped like ``params``: arrays on their backend, in their dtype.
+
+        When the parameters share one dtype and one array library, ``m`` and
+        ``v`` are views of one flat buffer each, in the order of ``params`` (as
+        a model's ``flat_params``), so that one kernel launch on a GPU updates
+        every parameter.
+        """
+        arrays = list(params.values())
+        if arrays and len({(a.dtype, array_module(a)) for a in arrays}) == 1:
+            xp = array_module(arrays[0])
+            return AdamState(step=0, m=flat_views(xp, params, fill=0)[1], v=flat_views(xp, params, fill=0)[1])
         return AdamState(step=0,
                          m={k: array_module(p).zeros_like(p) for k, p in params.items()},
                          v={k: array_module(p).zeros_like(p) for k, p in params.items()})

@@ -41,7 +41,9 @@ import numpy
 from . import backend as backend_mod
 from . import checkpoint, datasets, distributed
 from .atomic import to_jsonable, write_json
+from .backend import contiguous_run
 from .config import TrainConfig
+from .layers.base import flat_views
 from .optim import Adam, AdamState, geometric_lr
 from .runfolder import RunFolder, new_run_id
 from .vae import NonFiniteLoss, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
@@ -423,12 +425,17 @@ class _Run:
         """Copies (on the device, into buffers reused from one snapshot to the next) of what the
         steps from ``batch`` on change, to replay them from."""
         st, xp = self.state, self.be.xp
+        parts = (("params", self.model.params), ("m", st.opt_state.m), ("v", st.opt_state.v))
         if self._snapshot_buffers is None:
-            self._snapshot_buffers = {part: {k: xp.empty_like(a) for k, a in arrays.items()} for part, arrays in
-                                      (("params", self.model.params), ("m", st.opt_state.m), ("v", st.opt_state.v))}
-        for part, arrays in (("params", self.model.params), ("m", st.opt_state.m), ("v", st.opt_state.v)):
-            for k, a in arrays.items():
-                xp.copyto(self._snapshot_buffers[part][k], a)
+            self._snapshot_buffers = {part: flat_views(xp, arrays)[1] for part, arrays in parts}
+        for part, arrays in parts:
+            saved = self._snapshot_buffers[part]
+            src, dst = contiguous_run(arrays.values()), contiguous_run(saved.values())
+            if src is not None and dst is not None:
+                xp.copyto(dst, src)             # one copy: the arrays lie back to back (flat_params, Adam.init)
+            else:
+                for k, a in arrays.items():
+                    xp.copyto(saved[k], a)
         return dict(self._snapshot_buffers, batch=batch, step=st.step, adam_step=st.opt_state.step)
 
     def _replay(self, snapshot, b, on_step):

@@ -49,7 +49,7 @@ from .layers import (
     ToCHWB,
     Upsample2d,
 )
-from .layers.base import float_dtype, gather_params, zero_grads
+from .layers.base import flat_views, float_dtype, gather_params, walk
 
 __all__ = ["VAE", "Autoencoder", "NonFiniteLoss", "mlp_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder",
            "LIKELIHOODS"]
@@ -112,11 +112,35 @@ class _Model:
                 self.grads["decoder.out_log_sigma"] = self.xp.zeros_like(self.out_log_sigma)
             else:
                 self.out_log_sigma = self.xp.full((1,), float(gaussian_log_sigma), dtype=self.dtype)  # (1,)
+        self._flatten()
+
+    def _flatten(self) -> None:
+        """Move the parameters into one flat buffer and the gradients into another.
+
+        ``flat_params`` and ``flat_grads`` (1-D) hold every array of ``params``
+        and ``grads`` back to back, in their order; every dict that held an
+        array (the layers', the containers', the model's) holds its view
+        instead. So one kernel launch updates them all (Adam), one fill zeroes
+        the gradients and one copy snapshots them.
+        """
+        self.flat_params, params = flat_views(self.xp, self.params)
+        self.flat_grads, grads = flat_views(self.xp, self.grads, fill=0)
+        moved = {}
+        for name in self.params:
+            moved[id(self.params[name])], moved[id(self.grads[name])] = params[name], grads[name]
+        for part in self.parts.values():
+            for layer in walk(part):
+                for arrays in (layer.params, layer.grads):
+                    for key in arrays:
+                        arrays[key] = moved[id(arrays[key])]
+        self.params, self.grads = params, grads
+        if self._learn_out_log_sigma:
+            self.out_log_sigma = params["decoder.out_log_sigma"]
 
     # -- bookkeeping -------------------------------------------------------------
     def zero_grad(self) -> None:
-        """Reset every gradient to zero, in place."""
-        zero_grads(self.grads)
+        """Reset every gradient to zero, in place (one fill of ``flat_grads``)."""
+        self.flat_grads.fill(0)
 
     def num_params(self) -> int:
         return sum(int(p.size) for p in self.params.values())

@@ -169,9 +169,50 @@ def check_streams():
         failures.append(f"streams {wrong or seen}")
 
 
+def check_flat_adam():
+    """Parameters, gradients and moments laid out back to back (a model's flat buffers, Adam.init's
+    moments) are updated in ONE launch, with the numbers of one update per parameter."""
+    from scratchvae.layers.base import flat_views
+    launches = []
+    original = ck.adam_kernel
+
+    class Counting:
+        def __getitem__(self, config):
+            launches.append(config)
+            return original[config]
+
+    rng = np.random.default_rng(5)
+    f = np.float32
+    shapes = {"W": (3, 4), "b": (4,), "W2": (4, 2)}
+    like = {k: rng.standard_normal(s).astype(f) for k, s in shapes.items()}
+    _, params = flat_views(np, like)
+    _, grads = flat_views(np, {k: rng.standard_normal(s).astype(f) for k, s in shapes.items()})
+    state = optim.Adam().init(params)
+    apart = {k: p.copy() for k, p in params.items()}
+    m_apart, v_apart = ({k: np.zeros(s, f) for k, s in shapes.items()} for _ in range(2))
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    ck.adam_kernel = Counting()
+    try:
+        for step in (1, 2, 3):
+            ck.adam_update_many_into(list(params.values()), list(grads.values()), list(state.m.values()),
+                                     list(state.v.values()), step=step, threads=8, **hyper)
+    finally:
+        ck.adam_kernel = original
+    for step in (1, 2, 3):
+        for k in shapes:
+            optim.adam_update(apart[k], grads[k], m_apart[k], v_apart[k], step=step, **hyper)
+    for k in shapes:
+        compare(f"float32 flat adam {k} after 3 steps", params[k], apart[k], f)
+    ok = len(launches) == 3
+    print(f"{'ok ' if ok else 'BAD'} flat adam: {len(launches)} launches for 3 steps of 3 parameters")
+    if not ok:
+        failures.append(f"flat adam launches {len(launches)}")
+
+
 for dt in (np.float32, np.float64):
     run(dt)
 check_streams()
+check_flat_adam()
 if failures:
     print(f"{len(failures)} mismatches: {failures}")
     sys.exit(1)

@@ -377,3 +377,54 @@ def test_pooling_conv_vae_gradcheck_and_shapes():
         conv_vae(input_shape=(1, 6, 6), channels=(2, 3), downsample="pool")
     with pytest.raises(ValueError, match="downsample must be one of"):
         conv_vae(downsample="avg")
+
+
+@pytest.mark.parametrize("build", ["mlp", "conv", "gaussian-learned"])
+def test_parameters_and_gradients_live_in_one_flat_buffer_each(build):
+    """Every dict that holds a parameter (layer, container, model) holds a view of flat_params, back to
+    back in the model's order; gradients likewise in flat_grads, which zero_grad fills in one pass."""
+    from scratchvae.backend import contiguous_run
+    from scratchvae.layers.base import walk
+    from scratchvae.vae import conv_vae, mlp_vae
+    if build == "conv":
+        model = conv_vae((1, 12, 12), channels=(3, 4), latent_dim=2, hidden=8, seed=0)
+    else:
+        model = mlp_vae(20, hidden=(6,), latent_dim=2, seed=0,
+                        likelihood="gaussian" if build == "gaussian-learned" else "bernoulli",
+                        gaussian_log_sigma="learned")
+    for flat, arrays in ((model.flat_params, model.params), (model.flat_grads, model.grads)):
+        run = contiguous_run(arrays.values())
+        assert run is not None and run.size == flat.size == model.num_params() and np.shares_memory(run, flat)
+    held = {id(a) for a in list(model.params.values()) + list(model.grads.values())}
+    for part in model.parts.values():
+        for layer in walk(part):
+            assert all(id(a) in held for a in list(layer.params.values()) + list(layer.grads.values())), layer
+    if build == "gaussian-learned":
+        assert np.shares_memory(model.out_log_sigma, model.flat_params)
+    x = (np.random.default_rng(0).random((4, model.input_dim)) < 0.5).astype(np.float32)
+    model.zero_grad()
+    model.loss_and_grad(x, eps=np.zeros((4, 2), np.float32))
+    assert np.abs(model.flat_grads).sum() > 0
+    model.zero_grad()
+    assert not model.flat_grads.any()
+    before = model.encode(x)[0].copy()
+    model.flat_params[:] *= 2                                  # the layers read the flat buffer
+    assert not np.allclose(model.encode(x)[0], before)
+
+
+def test_contiguous_run_finds_only_arrays_that_tile_one_buffer_in_order():
+    from scratchvae.backend import contiguous_run
+    from scratchvae.optim import Adam
+    flat = np.arange(10.0)
+    a, b, c = flat[:4].reshape(2, 2), flat[4:7], flat[7:]
+    np.testing.assert_array_equal(contiguous_run([a, b, c]), flat)
+    np.testing.assert_array_equal(contiguous_run([b, c]), flat[4:])
+    assert contiguous_run([b, a]) is None                       # out of order
+    assert contiguous_run([a, c]) is None                       # a gap
+    assert contiguous_run([np.zeros(3), np.zeros(3)]) is None   # two buffers
+    assert contiguous_run([flat.reshape(2, 5).T]) is None        # not a C-contiguous view of a 1-D buffer
+    assert contiguous_run([]) is None
+    state = Adam().init({"a": a, "b": b})
+    assert contiguous_run(state.m.values()) is not None and contiguous_run(state.v.values()) is not None
+    mixed = Adam().init({"a": a, "b": b.astype(np.float32)})   # two dtypes: one array each
+    assert mixed.m["b"].dtype == np.float32 and contiguous_run(mixed.m.values()) is None

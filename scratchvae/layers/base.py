@@ -15,7 +15,8 @@ import numpy
 
 from ..backend import resolve
 
-__all__ = ["Layer", "init_rng", "as_pair", "float_dtype", "gather_params", "zero_grads"]
+__all__ = ["Layer", "init_rng", "as_pair", "float_dtype", "gather_params", "zero_grads", "flat_views",
+           "walk"]
 
 
 def float_dtype(dtype) -> numpy.dtype:
@@ -58,6 +59,39 @@ def gather_params(children, owner: str, backend, dtype) -> tuple[dict, dict]:
             params[f"{prefix}.{name}"] = child.params[name]
             grads[f"{prefix}.{name}"] = child.grads[name]
     return params, grads
+
+
+def flat_views(xp, like: dict, *, fill=None):
+    """One 1-D buffer and, per entry of ``like``, a view of it with that entry's shape.
+
+    The views tile the buffer back to back in the order of ``like`` (so that
+    :func:`scratchvae.backend.contiguous_run` finds them), in the dtype of the
+    first entry. ``fill=None`` copies each entry's values into its view;
+    ``fill=0`` (for gradients and moments) zeroes the buffer instead.
+
+    Returns
+    -------
+    flat : array, shape (sum of the sizes,)
+    views : dict, the keys of ``like``, each an array shaped like its entry
+    """
+    arrays = list(like.values())
+    dtype = arrays[0].dtype if arrays else numpy.float32
+    total = sum(int(a.size) for a in arrays)
+    flat = xp.zeros(total, dtype=dtype) if fill == 0 else xp.empty(total, dtype=dtype)
+    views, offset = {}, 0
+    for key, a in like.items():
+        views[key] = flat[offset:offset + a.size].reshape(a.shape)
+        if fill is None:
+            views[key][...] = a
+        offset += int(a.size)
+    return flat, views
+
+
+def walk(layer):
+    """``layer`` and, for a container, every layer inside it (depth first, in order)."""
+    yield layer
+    for child in getattr(layer, "layers", ()):
+        yield from walk(child)
 
 
 def zero_grads(grads: dict) -> None:
