@@ -27,6 +27,8 @@ import hashlib
 
 import numpy
 
+from .backend import contiguous_run
+
 __all__ = ["Communicator", "DataParallel", "GradientBuffer", "DistributedUnavailable", "DistributedMismatch", "init",
            "agreed", "params_checksum", "INSTALL_HINT"]
 
@@ -298,8 +300,8 @@ def params_checksum(params: dict, backend) -> str:
 class GradientBuffer:
     """One flat buffer holding every gradient (in the model's parameter order) and a few extra values.
 
-    ``pack`` copies the gradients and the ``extras`` (0-d or 1-d arrays, one
-    after the other) in, the communicator sums the buffer over the ranks, and
+    ``pack`` copies the gradients (in one copy when they are a model's
+    ``flat_grads``) and the ``extras`` (0-d or 1-d arrays, one after the other) in, the communicator sums the buffer over the ranks, and
     ``unpack`` copies the sums back into the gradient arrays and returns the
     summed extras: a view (E,) of the buffer, in ``pack``'s order.
     """
@@ -312,8 +314,12 @@ class GradientBuffer:
         self.array = xp.empty(self.n_grad + n_extras, dtype=dtype)   # (P + E,)
 
     def pack(self, grads: dict, extras) -> None:
-        for k, lo, hi in zip(self.keys, self.offsets, self.offsets[1:]):
-            self.array[lo:hi] = grads[k].reshape(-1)
+        run = contiguous_run(grads[k] for k in self.keys)
+        if run is not None:          # a model's flat_grads: one copy
+            self.array[:self.n_grad] = run
+        else:
+            for k, lo, hi in zip(self.keys, self.offsets, self.offsets[1:]):
+                self.array[lo:hi] = grads[k].reshape(-1)
         at = self.n_grad
         for value in extras:
             n = int(getattr(value, "size", 1))
@@ -324,8 +330,12 @@ class GradientBuffer:
                              f"{self.array.size - self.n_grad}")
 
     def unpack(self, grads: dict):
-        for k, lo, hi in zip(self.keys, self.offsets, self.offsets[1:]):
-            grads[k][...] = self.array[lo:hi].reshape(grads[k].shape)
+        run = contiguous_run(grads[k] for k in self.keys)
+        if run is not None:
+            run[...] = self.array[:self.n_grad]
+        else:
+            for k, lo, hi in zip(self.keys, self.offsets, self.offsets[1:]):
+                grads[k][...] = self.array[lo:hi].reshape(grads[k].shape)
         return self.array[self.n_grad:]
 
 

@@ -120,19 +120,23 @@ def test_free_bits_decide_from_the_whole_batch_kl():
     assert max(np.abs(alone[k] - g).max() for k, g in full.grads.items()) > 1e-6
 
 
-def test_gradient_buffer_round_trip():
+@pytest.mark.parametrize("layout", ["flat", "separate"])
+def test_gradient_buffer_round_trip(layout):
+    """The model's flat_grads go in and out in one copy each; separate arrays one by one."""
     model = mlp_vae(input_dim=6, hidden=(5,), latent_dim=2, dtype="float64", seed=0)
     rng = np.random.default_rng(0)
-    for g in model.grads.values():
+    grads = model.grads if layout == "flat" else {k: g.copy() for k, g in model.grads.items()}
+    for g in grads.values():
         g[...] = rng.standard_normal(g.shape)
-    expected = {k: g.copy() for k, g in model.grads.items()}
-    buf = distributed.GradientBuffer(model.grads, 3, np, np.float64)
-    buf.pack(model.grads, (np.float64(1.5), np.float64(-2.0), np.bool_(True)))
+    expected = {k: g.copy() for k, g in grads.items()}
+    buf = distributed.GradientBuffer(grads, 3, np, np.float64)
+    buf.pack(grads, (np.float64(1.5), np.float64(-2.0), np.bool_(True)))
     assert buf.array.shape == (model.num_params() + 3,)
+    np.testing.assert_array_equal(buf.array[:-3], np.concatenate([g.ravel() for g in expected.values()]))
     buf.array *= 2                                                   # what a 2-rank sum of equal values gives
-    extras = buf.unpack(model.grads)
+    extras = buf.unpack(grads)
     assert [float(e) for e in extras] == [3.0, -4.0, 2.0]
-    for k, g in model.grads.items():
+    for k, g in grads.items():
         np.testing.assert_array_equal(g, 2 * expected[k])
 
 
