@@ -300,8 +300,10 @@ def params_checksum(params: dict, backend) -> str:
 class GradientBuffer:
     """One flat buffer holding every gradient (in the model's parameter order) and a few extra values.
 
-    ``pack`` copies the gradients (in one copy when they are a model's
-    ``flat_grads``) and the ``extras`` (0-d or 1-d arrays, one after the other) in, the communicator sums the buffer over the ranks, and
+    ``pack`` copies the gradients (in one copy when they are the model's
+    ``flat_grads`` the buffer was made for) and the ``extras`` (0-d or 1-d
+    arrays, one after the other) in, the communicator sums the buffer over
+    the ranks, and
     ``unpack`` copies the sums back into the gradient arrays and returns the
     summed extras: a view (E,) of the buffer, in ``pack``'s order.
     """
@@ -312,11 +314,19 @@ class GradientBuffer:
         self.offsets = numpy.concatenate([[0], numpy.cumsum(self.sizes)]).astype(int).tolist()
         self.n_grad = self.offsets[-1]
         self.array = xp.empty(self.n_grad + n_extras, dtype=dtype)   # (P + E,)
+        self._arrays = [grads[k] for k in self.keys]
+        self._flat = contiguous_run(self._arrays)                    # (P,) a model's flat_grads, or None
+
+    def _as_flat(self, grads: dict):
+        """``grads`` as one (P,) array when they are the flat arrays the buffer was made for, else None."""
+        if self._flat is not None and all(grads[k] is a for k, a in zip(self.keys, self._arrays)):
+            return self._flat
+        return None
 
     def pack(self, grads: dict, extras) -> None:
-        run = contiguous_run(grads[k] for k in self.keys)
-        if run is not None:          # a model's flat_grads: one copy
-            self.array[:self.n_grad] = run
+        flat = self._as_flat(grads)
+        if flat is not None:          # a model's flat_grads: one copy
+            self.array[:self.n_grad] = flat
         else:
             for k, lo, hi in zip(self.keys, self.offsets, self.offsets[1:]):
                 self.array[lo:hi] = grads[k].reshape(-1)
@@ -330,9 +340,9 @@ class GradientBuffer:
                              f"{self.array.size - self.n_grad}")
 
     def unpack(self, grads: dict):
-        run = contiguous_run(grads[k] for k in self.keys)
-        if run is not None:
-            run[...] = self.array[:self.n_grad]
+        flat = self._as_flat(grads)
+        if flat is not None:
+            flat[...] = self.array[:self.n_grad]
         else:
             for k, lo, hi in zip(self.keys, self.offsets, self.offsets[1:]):
                 grads[k][...] = self.array[lo:hi].reshape(grads[k].shape)

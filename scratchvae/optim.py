@@ -197,7 +197,8 @@ class Adam:
         arrays = list(params.values())
         if arrays and len({(a.dtype, array_module(a)) for a in arrays}) == 1:
             xp = array_module(arrays[0])
-            return AdamState(step=0, m=flat_views(xp, params, fill=0)[1], v=flat_views(xp, params, fill=0)[1])
+            return AdamState(step=0, m=flat_views(xp, params, copy=False)[1],
+                             v=flat_views(xp, params, copy=False)[1])
         return AdamState(step=0,
                          m={k: array_module(p).zeros_like(p) for k, p in params.items()},
                          v={k: array_module(p).zeros_like(p) for k, p in params.items()})

@@ -426,17 +426,18 @@ class _Run:
         steps from ``batch`` on change, to replay them from."""
         st, xp = self.state, self.be.xp
         parts = (("params", self.model.params), ("m", st.opt_state.m), ("v", st.opt_state.v))
-        if self._snapshot_buffers is None:
-            self._snapshot_buffers = {part: flat_views(xp, arrays)[1] for part, arrays in parts}
+        if self._snapshot_buffers is None:    # part -> (flat buffer, views shaped like the arrays)
+            self._snapshot_buffers = {part: flat_views(xp, arrays, copy=False) for part, arrays in parts}
         for part, arrays in parts:
-            saved = self._snapshot_buffers[part]
-            src, dst = contiguous_run(arrays.values()), contiguous_run(saved.values())
-            if src is not None and dst is not None:
-                xp.copyto(dst, src)             # one copy: the arrays lie back to back (flat_params, Adam.init)
+            flat, saved = self._snapshot_buffers[part]
+            src = contiguous_run(arrays.values())
+            if src is not None:
+                xp.copyto(flat, src)            # one copy: the arrays lie back to back (flat_params, Adam.init)
             else:
                 for k, a in arrays.items():
                     xp.copyto(saved[k], a)
-        return dict(self._snapshot_buffers, batch=batch, step=st.step, adam_step=st.opt_state.step)
+        views = {part: saved for part, (_, saved) in self._snapshot_buffers.items()}
+        return dict(views, batch=batch, step=st.step, adam_step=st.opt_state.step)
 
     def _replay(self, snapshot, b, on_step):
         """Restore ``snapshot`` and redo its steps checked one by one, so the error names the step and term."""

@@ -124,7 +124,7 @@ class _Model:
         the gradients and one copy snapshots them.
         """
         self.flat_params, params = flat_views(self.xp, self.params)
-        self.flat_grads, grads = flat_views(self.xp, self.grads, fill=0)
+        self.flat_grads, grads = flat_views(self.xp, self.grads, copy=False)
         moved = {}
         for name in self.params:
             moved[id(self.params[name])], moved[id(self.grads[name])] = params[name], grads[name]
@@ -662,18 +662,30 @@ def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, 
                                    ckw)
     enc += tail
     dec.append(ToCHWB((prev, *sizes[-1]), **kw))
-    ups = list(reversed(channels[:-1])) + [c_in]
-    for i, c in enumerate(ups):
+
+    def up(i, c_from, c_to):
         small, big = sizes[len(channels) - i], sizes[len(channels) - i - 1]
         # (s - 1) * 2 - 2 + 4 + output_padding = big  =>  output_padding = big - 2 s
         out_pad = (big[0] - 2 * small[0], big[1] - 2 * small[1])
-        dec.append(ConvTranspose2d(prev, c, 4, stride=2, padding=1, output_padding=out_pad, layout="CHWB",
-                                   rng=gen, **ckw))
+        return [ConvTranspose2d(c_from, c_to, 4, stride=2, padding=1, output_padding=out_pad, layout="CHWB",
+                                rng=gen, **ckw)]
+    return _assemble(enc, heads, dec, channels, c_in, up, activation, kw, ckw)
+
+
+def _assemble(enc, heads, dec, channels, c_in, up, activation, kw, ckw):
+    """Finish the conv parts: the decoder's up stages, ``up(i, c_from, c_to)`` -> layers, one per
+    encoder stage in reverse order back to ``c_in`` channels, the activation between them (none after
+    the last: its output is the likelihood's parameter), then FromCHWB; the first convolution skips
+    dL/dx (its input is data). Returns (encoder, heads, decoder)."""
+    prev = channels[-1]
+    ups = list(reversed(channels[:-1])) + [c_in]
+    for i, c in enumerate(ups):
+        dec += up(i, prev, c)
         if i < len(ups) - 1:
             dec.append(_activation(activation, **ckw))
         prev = c
     dec.append(FromCHWB(**kw))
-    enc[1].input_grad = False   # the first convolution's input is data: skip dL/dx
+    enc[1].input_grad = False
     return Sequential(*enc), heads, Sequential(*dec)
 
 
@@ -714,15 +726,10 @@ def _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, g
     tail, heads, dec = _bottleneck(prev * small[0] * small[1], hidden, latent_dim, activation, gen, kw, ckw)
     enc += tail
     dec.append(ToCHWB((prev, *small), **kw))
-    ups = list(reversed(channels[:-1])) + [c_in]
-    for i, c in enumerate(ups):
-        dec += [Upsample2d(2, layout="CHWB", **kw), Conv2d(prev, c, 3, padding=1, layout="CHWB", rng=gen, **ckw)]
-        if i < len(ups) - 1:
-            dec.append(_activation(activation, **ckw))
-        prev = c
-    dec.append(FromCHWB(**kw))
-    enc[1].input_grad = False   # the first convolution's input is data: skip dL/dx
-    return Sequential(*enc), heads, Sequential(*dec)
+
+    def up(i, c_from, c_to):
+        return [Upsample2d(2, layout="CHWB", **kw), Conv2d(c_from, c_to, 3, padding=1, layout="CHWB", rng=gen, **ckw)]
+    return _assemble(enc, heads, dec, channels, c_in, up, activation, kw, ckw)
 
 
 def conv_vae(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, likelihood="bernoulli", backend=None,

@@ -61,13 +61,13 @@ def gather_params(children, owner: str, backend, dtype) -> tuple[dict, dict]:
     return params, grads
 
 
-def flat_views(xp, like: dict, *, fill=None):
+def flat_views(xp, like: dict, *, copy: bool = True):
     """One 1-D buffer and, per entry of ``like``, a view of it with that entry's shape.
 
     The views tile the buffer back to back in the order of ``like`` (so that
     :func:`scratchvae.backend.contiguous_run` finds them), in the dtype of the
-    first entry. ``fill=None`` copies each entry's values into its view;
-    ``fill=0`` (for gradients and moments) zeroes the buffer instead.
+    first entry. ``copy=True`` copies each entry's values into its view;
+    ``copy=False`` (for gradients and moments) zeroes the buffer instead.
 
     Returns
     -------
@@ -77,11 +77,11 @@ def flat_views(xp, like: dict, *, fill=None):
     arrays = list(like.values())
     dtype = arrays[0].dtype if arrays else numpy.float32
     total = sum(int(a.size) for a in arrays)
-    flat = xp.zeros(total, dtype=dtype) if fill == 0 else xp.empty(total, dtype=dtype)
+    flat = xp.empty(total, dtype=dtype) if copy else xp.zeros(total, dtype=dtype)
     views, offset = {}, 0
     for key, a in like.items():
         views[key] = flat[offset:offset + a.size].reshape(a.shape)
-        if fill is None:
+        if copy:
             views[key][...] = a
         offset += int(a.size)
     return flat, views
