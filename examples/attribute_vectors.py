@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=6, help="test images per block (default 6)")
     p.add_argument("--params", choices=("auto", "best", "last"), default="auto")
     p.add_argument("--out", help="the figure (default RUN/attribute_vectors.png)")
+    p.add_argument("--data-dir", help="where the run's data is now, when it moved (checked against the run's "
+                                      "record of its data)")
     args = p.parse_args(argv)
     if bool(args.attribute) == bool(args.from_ is not None or args.to is not None) or \
             (args.from_ is None) != (args.to is None):
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
     run = pathlib.Path(args.run_dir)
     out = pathlib.Path(args.out) if args.out else run / "attribute_vectors.png"
     try:
-        model, data, cfg, meta, _ = load_trained(run, args.params)
+        model, data, cfg, meta, _ = load_trained(run, args.params, data_dir=args.data_dir)
         blocks = blocks_for(model, data, args, args.rows)
         result = figures.plot_attribute_vectors(model, blocks, args.multiples, out, run_id=meta.get("run_id"))
     except (*USER_ERRORS, OSError) as err:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a finished or interrupted training run on the test split.
 
-    python examples/evaluate_run.py RUN_DIR [--params auto|best|last] [--iwae-k 5000]
+    python examples/evaluate_run.py RUN_DIR [--params auto|best|last] [--iwae-k 5000] [--data-dir DIR]
 
 Rebuilds the model from ``RUN_DIR/checkpoint.npz`` (its config), loads the
 parameters of ``best.npz`` (the best validation epoch, written with
@@ -23,8 +23,8 @@ from scratchvae.cli import USER_ERRORS, describe_error
 from scratchvae.train import iwae_test_nll, load_trained
 
 
-def evaluate(run: pathlib.Path, params: str, iwae_k: int, seed: int, progress) -> dict:
-    model, data, cfg, meta, params = load_trained(run, params)
+def evaluate(run: pathlib.Path, params: str, iwae_k: int, seed: int, progress, data_dir=None) -> dict:
+    model, data, cfg, meta, params = load_trained(run, params, data_dir=data_dir)
     elbo = model.evaluate(data.test_dev, model.backend.rng(seed))
     t0 = time.perf_counter()
     nll = iwae_test_nll(model, data.test_dev, iwae_k, model.backend.rng(seed + 1), progress=progress)
@@ -41,6 +41,8 @@ def main(argv=None) -> int:
                         "run trained with --keep-best, else last (default)")
     p.add_argument("--iwae-k", type=int, default=5000, help="importance samples per test image (default 5000)")
     p.add_argument("--seed", type=int, default=7, help="seed of the IWAE samples")
+    p.add_argument("--data-dir", help="where the run's data is now, when it moved (checked against the run's "
+                                      "record of its data)")
     p.add_argument("--progress", action="store_true", default=None,
                    help="force the progress bar on (default: on a terminal)")
     args = p.parse_args(argv)
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
         return 1
     run = pathlib.Path(args.run_dir)
     try:
-        result = evaluate(run, args.params, args.iwae_k, args.seed, args.progress)
+        result = evaluate(run, args.params, args.iwae_k, args.seed, args.progress, args.data_dir)
     except (*USER_ERRORS, OSError) as err:
         print(f"error: {describe_error(err)}", file=sys.stderr)
         return 1

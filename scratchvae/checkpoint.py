@@ -134,7 +134,8 @@ def _check_listed(path, listed, headers: dict) -> None:
 RUN_META = {"run_id": (str, type(None)), "epoch": int, "step": int, "batch_in_epoch": int, "adam_step": int,
             "rng_state": dict, "epoch_rng_state": (dict, type(None)), "config": dict, "history": list,
             "partial": (dict, type(None)), "initial_test": (dict, type(None)), "best": dict,
-            "format_version": int, "sha256": dict, "arrays": dict, "world_size": int}
+            "format_version": int, "sha256": dict, "arrays": dict, "world_size": int,
+            "data_sha256": (str, type(None))}
 RUN_META_REQUIRED = ("epoch", "step", "batch_in_epoch", "adam_step", "rng_state", "config", "history")
 
 

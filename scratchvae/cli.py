@@ -15,7 +15,7 @@ import time
 from . import backend as backend_mod
 from . import checkpoint, datasets, distributed
 from .config import AE_UNUSED, RUN_DEFINING, TrainConfig
-from .runfolder import RunFolderError
+from .runfolder import RunFolder, RunFolderError
 from .train import RunFailed, TrainingDiverged, describe_os_error, train
 
 __all__ = ["build_parser", "config_from_args", "main", "USER_ERRORS", "describe_error"]
@@ -120,10 +120,19 @@ def config_from_args(args: dict) -> tuple[TrainConfig, str | None]:
     if args.get("model") == "ae" and given:
         raise ValueError(f"{', '.join(given)}: a plain autoencoder (--model ae) has no KL term and no "
                              "importance-weighted bound, so this does nothing; drop it or train a VAE")
+    if args.get("data_dir"):   # recorded absolute, so evaluate_run.py finds the data from any folder
+        args["data_dir"] = str(pathlib.Path(args["data_dir"]).expanduser().absolute())
     if resume is None:
         return TrainConfig(**args), None
     path = pathlib.Path(resume)
     ckpt = path / "checkpoint.npz" if path.is_dir() else path
+    if path.is_dir() and not ckpt.exists() and RunFolder(path).run_files():
+        raise ValueError(f"--resume {resume}: the run in {path} stopped before writing its first checkpoint "
+                         f"(there is no {ckpt.name}), so nothing can be resumed; start it again with "
+                         f"--out {path} --overwrite")
+    if ckpt.name != "checkpoint.npz" and "out" not in args:
+        raise ValueError(f"--resume {resume}: this file is not a run folder's checkpoint.npz, so it names no run "
+                         "folder to continue in; pass --out to choose the folder the continued run writes into")
     _, _, stored = checkpoint.load_run(ckpt)
     for key in RUN_DEFINING:
         if key in args:
@@ -159,7 +168,7 @@ def main(argv=None) -> int:
     except MemoryError as err:
         return _error(f"out of memory ({err or 'MemoryError'}); try a smaller --batch-size or model", err, comm)
     except KeyboardInterrupt as err:
-        _error("interrupted twice; the last checkpoint written is intact", err, comm)
+        _error(f"interrupted; {getattr(err, 'kept', 'nothing was written')}", err, comm)
         return 130
     if summary.get("status") == "interrupted":
         return 130

@@ -9,6 +9,9 @@
 * a folder that already holds a run (a checkpoint, metrics, a summary,
   figures) is refused unless the caller resumes it or asks to overwrite it,
   in which case exactly that run's files are deleted first;
+* resuming checks identity: every file the folder already holds must carry
+  the resumed run's identity, so a checkpoint copied out of run A can never
+  continue into run B's folder and replace B's files;
 * temporary files left by interrupted atomic writes are removed;
 * a folder the run created and never wrote into is removed again when the
   run fails, so a bad flag leaves nothing behind.
@@ -21,13 +24,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import pathlib
 import uuid
 
+from . import checkpoint
 from .atomic import remove_stale_temporaries
 
-__all__ = ["RunFolder", "RunFolderError", "RUN_FILES", "new_run_id"]
+__all__ = ["RunFolder", "RunFolderError", "RUN_FILES", "new_run_id", "run_ids"]
 
 # Every file a training run writes into its folder (evaluate_run.py adds the last two).
 RUN_FILES = ("checkpoint.npz", "best.npz", "metrics.jsonl", "summary.json", "samples.png", "reconstructions.png",
@@ -53,20 +58,29 @@ class RunFolder:
     path : str or os.PathLike
         The folder (``--out``).
     mode : {"new", "resume", "overwrite"}
-        ``new`` refuses a folder that holds a run; ``resume`` expects one;
+        ``new`` refuses a folder that holds a run; ``resume`` accepts an
+        empty folder or one whose files all belong to run ``run_id``;
         ``overwrite`` deletes that run's files (:data:`RUN_FILES`) first.
+    run_id : str, optional
+        With ``resume``: the identity of the run being continued.
+    checkpoint : path, optional
+        With ``resume``: the checkpoint file being continued from. One without
+        an identity (written before runs had one) can continue only in its own
+        folder, or into a folder without run files.
 
     Use as a context manager; ``removed_temporaries`` lists the stale
     temporary files that were deleted on opening.
     """
 
-    def __init__(self, path, mode: str = "new"):
+    def __init__(self, path, mode: str = "new", run_id: str | None = None, checkpoint=None):
         if mode not in ("new", "resume", "overwrite"):
             raise ValueError(f"RunFolder: mode must be 'new', 'resume' or 'overwrite', got {mode!r}")
         if not str(path).strip():
             raise RunFolderError("--out is empty; name the folder the run should write into")
         self.path = pathlib.Path(path)
         self.mode = mode
+        self.run_id = run_id
+        self.checkpoint = None if checkpoint is None else pathlib.Path(checkpoint)
         self.created = False
         self.removed_temporaries: list[str] = []
         self._lock_fd = None
@@ -122,9 +136,29 @@ class RunFolder:
     def _check_contents(self):
         present = self.run_files()
         if self.mode == "new" and present:
+            if "checkpoint.npz" not in present:
+                raise RunFolderError(
+                    f"--out {self.path} holds the files of a run that stopped before writing its first checkpoint "
+                    f"({', '.join(present)}), so there is nothing to resume; pass --overwrite to delete them and "
+                    "start a new run there, or choose another --out")
             raise RunFolderError(
                 f"--out {self.path} already holds a run ({', '.join(present)}); pass --resume {self.path} to "
                 f"continue it, or --overwrite to delete its files and start a new run there")
+        if self.mode == "resume" and self.run_id is None:
+            own = self.checkpoint is not None and self.checkpoint.resolve() == (self.path / "checkpoint.npz").resolve()
+            if present and not own:
+                raise RunFolderError(
+                    f"--out {self.path} holds a run ({', '.join(present)}) and the checkpoint {self.checkpoint} "
+                    "records no run identity (an old format), so it cannot be shown to be that run's; continue "
+                    "into a new folder with --out")
+        elif self.mode == "resume":
+            others = {name: rid for name, rid in run_ids(self.path).items() if rid != self.run_id}
+            if others:
+                name, rid = next(iter(others.items()))
+                raise RunFolderError(
+                    f"--out {self.path} holds another run ({name} belongs to run {rid}, the checkpoint being "
+                    f"resumed to run {self.run_id}); continuing here would replace that run's files. Continue "
+                    "into a new folder with --out, or resume that folder's own checkpoint.npz")
         if self.mode == "overwrite":
             for name in present:
                 try:
@@ -135,6 +169,7 @@ class RunFolder:
     def run_files(self) -> list[str]:
         """The names of :data:`RUN_FILES` present in the folder."""
         return [name for name in RUN_FILES if (self.path / name).exists()]
+
 
     # -- closing ---------------------------------------------------------------------
     def close(self, failed: bool = False) -> None:
@@ -152,3 +187,31 @@ class RunFolder:
         if empty:
             with contextlib.suppress(OSError):
                 self.path.rmdir()
+
+
+def run_ids(folder) -> dict:
+    """The run identity recorded in each run file of ``folder`` that records one: name -> run_id.
+
+    Checkpoints are read (and verified) through :mod:`scratchvae.checkpoint`;
+    JSON files by their ``run_id`` field (``metrics.jsonl``: every line's).
+    A file that cannot be read is reported as ``"unreadable"``.
+    """
+    folder, ids = pathlib.Path(folder), {}
+    for name in ("checkpoint.npz", "best.npz"):
+        if (folder / name).exists():
+            ids[name] = checkpoint.load(folder / name)[1].get("run_id")
+    for name in ("summary.json", "evaluation-best.json", "evaluation-last.json", "metrics.jsonl"):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+            records = ([json.loads(line) for line in text.splitlines() if line.strip()] if name.endswith(".jsonl")
+                       else [json.loads(text)])
+        except (OSError, ValueError):
+            ids[name] = "unreadable"
+            continue
+        found = {r.get("run_id") if isinstance(r, dict) else "unreadable" for r in records}
+        if found:
+            ids[name] = found.pop() if len(found) == 1 else "several"
+    return ids

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -88,6 +89,7 @@ class RunState:
     best: dict = dataclasses.field(default_factory=lambda: {"epoch": 0, "valid_loss": math.inf})
     saved_epoch: int | None = None      # the epoch of the last checkpoint this run wrote (or resumed)
     world_size: int = 1                 # processes of a data-parallel run (scratchvae.distributed)
+    data_sha256: str | None = None      # the data the run trains on (_Data.sha256); resuming on other data is refused
 
     def meta(self, cfg: TrainConfig) -> dict:
         return to_jsonable({
@@ -95,7 +97,7 @@ class RunState:
             "adam_step": self.opt_state.step, "rng_state": {"scheme": NOISE_SCHEME},
             "epoch_rng_state": None, "config": dataclasses.asdict(cfg), "history": self.history,
             "partial": self.epoch_sums, "initial_test": self.initial_test, "best": self.best,
-            "world_size": self.world_size})
+            "world_size": self.world_size, "data_sha256": self.data_sha256})
 
 
 @dataclasses.dataclass
@@ -111,6 +113,7 @@ class _Data:
     levels: int | None = None      # 256: train holds uint8 levels, made intensities batch by batch
     dataset: object = None         # the loaded datasets.Dataset (labels, attributes, names)
     test_attributes: numpy.ndarray | None = None   # (N_test, A) of the test images kept
+    sha256: str | None = None      # SHA-256 of the dataset's train and test pixels as loaded (data_sha256)
 
 
 def build_model(cfg: TrainConfig, image_shape, be):
@@ -197,10 +200,16 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
     RunFailed
         An OS error (disk full, read-only folder); the last good checkpoint is intact.
     """
+    if resume is not None and overwrite:
+        raise ValueError("--overwrite and --resume contradict each other: --resume continues a run, --overwrite "
+                         "deletes the one in --out")
     be = backend_mod.get(cfg.backend)
     ckpt = None if resume is None else _checkpoint_path(resume)
     out = pathlib.Path(cfg.out)
-    mode = "resume" if ckpt is not None and _same_folder(ckpt.parent, out) else ("overwrite" if overwrite else "new")
+    # a run folder belongs to one run: resuming (into the checkpoint's own folder or another) needs a folder
+    # that is empty or holds only files of the checkpoint's run, which RunFolder checks
+    mode = "resume" if ckpt is not None else ("overwrite" if overwrite else "new")
+    run_id = None if ckpt is None else checkpoint.load(ckpt)[1].get("run_id")
     if comm is not None:
         comm.use_backend(be)
         comm.check_same("config", dataclasses.asdict(cfg))
@@ -212,7 +221,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
             log(f"note: {comm.local_size} processes share this machine's {cores} cores and OPENBLAS_NUM_THREADS is "
                 f"not set, so each starts a BLAS thread per core (several times slower when they compete); "
                 f"launch with mpiexec -genv OPENBLAS_NUM_THREADS {max(1, cores // comm.local_size)} ...")
-    with _run_folder(out, mode, comm) as removed:
+    with _run_folder(out, mode, run_id, ckpt, comm) as removed:
         if removed:
             log(f"removed {len(removed)} temporary file(s) left by an interrupted write in {out}")
         run = _Run(cfg, be, out, log, progress, comm)
@@ -223,15 +232,18 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
                            TrainingDiverged, err) from err
         except OSError as err:
             raise run.fail("failed", describe_os_error(err), RunFailed, err) from err
+        except KeyboardInterrupt as err:   # a second Ctrl-C, or one before the training loop
+            err.kept = run.kept()
+            raise
 
 
 @contextlib.contextmanager
-def _run_folder(out, mode, comm):
+def _run_folder(out, mode, run_id, ckpt, comm):
     """Open (and lock) the run folder: in a data-parallel run, on rank 0 only, every rank learning
     whether it could; yields the stale temporary files removed."""
     with contextlib.ExitStack() as stack:
         def open_folder():
-            return stack.enter_context(RunFolder(out, mode)).removed_temporaries
+            return stack.enter_context(RunFolder(out, mode, run_id, checkpoint=ckpt)).removed_temporaries
         yield open_folder() if comm is None else comm.root_only(open_folder)
 
 
@@ -268,7 +280,8 @@ class _Run:
             self._agree(lambda: _check_shards(self.data.train.shape[0], cfg.batch_size, comm.size))
             self.parallel = distributed.DataParallel(comm, self.model)
         self.state = self._agree(lambda: self._resume(ckpt)) if ckpt is not None else self._start()
-        self.summary = {"run_id": self.state.run_id, "config": dataclasses.asdict(cfg), "backend": self.be.name,
+        self.summary = {"run_id": self.state.run_id, "config": dataclasses.asdict(cfg), "data_sha256": self.data.sha256,
+                        "backend": self.be.name,
                         "device": self.be.device, "versions": _versions(), "cpu_count": os.cpu_count(),
                         "world_size": self.state.world_size, "initial_test": self.state.initial_test}
         self._write_metrics()
@@ -307,7 +320,7 @@ class _Run:
         run_id = new_run_id() if self.comm is None else self.comm.bcast_obj(new_run_id())
         self._share_params()
         state = RunState(run_id=run_id, opt_state=self.opt.init(self.model.params),
-                         world_size=1 if self.comm is None else self.comm.size)
+                         world_size=1 if self.comm is None else self.comm.size, data_sha256=self.data.sha256)
         state.initial_test = self._test_metrics(0)
         loss_name = "loss" if cfg.model == "vae" else "reconstruction loss"
         self.log(f"{cfg.model} ({cfg.arch}) on {cfg.dataset}: {self.data.train.shape[0]} train / "
@@ -328,6 +341,7 @@ class _Run:
             raise ValueError(f"--resume {path}: the learning rate decays to lr_final over the run's {stored_epochs} "
                              f"epochs; resuming with epochs={self.cfg.epochs} would change the schedule midway. "
                              f"Resume with --epochs {stored_epochs}, or start a new run")
+        check_same_data(meta, self.data, path, self.cfg)
         opt_state = self.opt.init(self.model.params)
         checkpoint.restore(path, arrays, self.model, opt_state, self.be)
         opt_state = opt_state._replace(step=meta["adam_step"])
@@ -339,7 +353,7 @@ class _Run:
                          step=meta["step"], batch_in_epoch=meta["batch_in_epoch"], epoch_sums=meta.get("partial"),
                          history=meta["history"], initial_test=meta.get("initial_test"),
                          best=meta.get("best", {"epoch": 0, "valid_loss": math.inf}), saved_epoch=meta["epoch"],
-                         world_size=world_size)
+                         world_size=world_size, data_sha256=self.data.sha256)
         self._share_params()
         if self.cfg.keep_best and state.best["epoch"] > 0:
             _, best_meta = checkpoint.load(self.best_path)
@@ -347,7 +361,7 @@ class _Run:
                 raise checkpoint.CheckpointError(
                     f"{self.best_path} was written by another run (run {best_meta.get('run_id')}, the checkpoint's "
                     f"is {state.run_id}); it is not this run's best epoch")
-        if not _same_folder(path.parent, self.out):   # continuing into a new folder: the checkpoint is not there
+        if not _same_file(path, self.ckpt_path):   # continuing into a new folder: the checkpoint is not there
             state.saved_epoch = None
         self.log(f"resumed from {path}: epoch {state.epoch}, step {state.step}"
                  + (f", batch {state.batch_in_epoch}" if state.batch_in_epoch else ""))
@@ -545,7 +559,7 @@ class _Run:
         at = f"at epoch {st.epoch + 1}, step {st.step}" if mid_epoch else f"after epoch {st.epoch}"
         self.log(f"interrupted {at}: checkpoint saved to {self.ckpt_path}; continue with --resume {self.out}")
         self.summary.update(status="interrupted", history=st.history)
-        self._on_root(lambda: write_json(self.out / "summary.json", self.summary))
+        self._on_root(self._write_summary)
         return self.summary
 
     def _finish(self) -> dict:
@@ -589,7 +603,7 @@ class _Run:
             attributes = self._attribute_figure(figures)
             if attributes is not None:
                 summary["figures"]["attribute_vectors"] = attributes
-        write_json(self.out / "summary.json", summary)
+        self._write_summary()
 
     def _attribute_figure(self, figures):
         """A dataset with attributes (CelebA, attributes.csv): attribute_vectors.png for its first two
@@ -610,19 +624,38 @@ class _Run:
         return figures.plot_attribute_vectors(self.model, blocks, (0, 0.5, 1, 1.5, 2),
                                               self.out / "attribute_vectors.png", run_id=self.state.run_id)
 
+    def kept(self) -> str:
+        """What a run that stops now leaves behind to continue from (the end of an error line)."""
+        st = self.state
+        if st is not None and st.saved_epoch is not None and self.ckpt_path.exists():
+            return f"the last good checkpoint {self.ckpt_path} (epoch {st.saved_epoch}) is untouched"
+        if st is None and self.ckpt_path.exists():   # stopped while loading: the folder's checkpoint was not touched
+            return f"the checkpoint {self.ckpt_path} is untouched"
+        return "no checkpoint of this run had been written yet"
+
+    def _write_summary(self) -> None:
+        """Write summary.json; when a continuation of a finished run stops or fails, the finished run's
+        summary (final figures, figure list) is kept inside it as ``last_finished``."""
+        if self.summary.get("status") != "finished":
+            try:
+                previous = json.loads((self.out / "summary.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                previous = None
+            if isinstance(previous, dict) and previous.get("run_id") == self.summary.get("run_id"):
+                finished = previous if previous.get("status") == "finished" else previous.get("last_finished")
+                if finished is not None:
+                    self.summary["last_finished"] = finished
+        write_json(self.out / "summary.json", self.summary)
+
     def fail(self, status: str, message: str, kind: type, cause: BaseException | None = None) -> Exception:
         """The exception to raise for a failed run, after recording it in summary.json (when possible;
         in a data-parallel run, by rank 0). It is marked agreed when ``cause`` was raised on every rank."""
         st = self.state
-        if st is not None and st.saved_epoch is not None and self.ckpt_path.exists():
-            kept = f"the last good checkpoint {self.ckpt_path} (epoch {st.saved_epoch}) is untouched"
-        else:
-            kept = "no checkpoint of this run had been written yet"
-        message = f"{message}; {kept}"
+        message = f"{message}; {self.kept()}"
         self.summary.update(status=status, error=message, history=st.history if st else [])
         if self.comm is None or self.comm.is_root:   # no collective here: other ranks may not be failing
             try:
-                write_json(self.out / "summary.json", self.summary)
+                self._write_summary()
             except OSError:
                 pass   # the disk that failed the run may fail this too; the message says what matters
         err = kind(message)
@@ -644,15 +677,19 @@ class _Run:
         self._on_root(lambda: write_json(self.out / "metrics.jsonl", text))
 
 
-def load_trained(run, params: str = "auto", log=None):
+def load_trained(run, params: str = "auto", log=None, data_dir=None):
     """A trained run's model with its parameters: ``(model, data, cfg, meta, params)``.
 
     ``run`` is a run folder; ``params`` ``"best"`` (``best.npz``), ``"last"``
     (the checkpoint's) or ``"auto"`` (best for a run trained with
-    ``--keep-best``). ``data`` is :func:`prepare_data`'s, as the run saw it.
+    ``--keep-best``). ``data`` is :func:`prepare_data`'s, as the run saw it;
+    ``data_dir`` replaces the folder the run recorded (the data moved), and
+    the data found there must be the run's (its SHA-256).
     """
     run = pathlib.Path(run)
     _, meta, cfg = checkpoint.load_run(run / "checkpoint.npz")
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=str(pathlib.Path(data_dir).expanduser().absolute()))
     if params == "auto":
         params = "best" if cfg.keep_best and meta.get("best", {}).get("epoch", 0) > 0 else "last"
     elif params == "best" and not (run / "best.npz").exists():
@@ -660,6 +697,7 @@ def load_trained(run, params: str = "auto", log=None):
                          "use --params last")
     be = backend_mod.get(cfg.backend)
     data = prepare_data(cfg, be, log)
+    check_same_data(meta, data, run / "checkpoint.npz", cfg)
     model = build_model(cfg, data.image_shape, be)
     source = run / ("best.npz" if params == "best" else "checkpoint.npz")
     pmeta = checkpoint.load_parameters(source, model, be, run_id=meta.get("run_id"))
@@ -705,11 +743,31 @@ def prepare_data(cfg: TrainConfig, be, log=None, progress=None) -> _Data:
     stored_as_uint8 = stored_as_bits or bool(data.levels)
     train_dev = be.asarray(numpy.ascontiguousarray(x_train, dtype=numpy.uint8 if stored_as_uint8 else dtype))
     return _Data(train=train_dev, test=x_test, test_labels=test_labels, levels=data.levels, dataset=data,
-                 test_attributes=test_attributes,
+                 test_attributes=test_attributes, sha256=data_sha256(data.train, data.test),
                  test_dev=be.asarray(x_test, dtype=dtype),
                  valid_dev=None if x_valid is None else be.asarray(x_valid, dtype=dtype),
                  image_shape=data.image_shape, dynamic=data.dynamic_binarization,
                  binary=bool(data.binary or data.dynamic_binarization))
+
+
+def data_sha256(*splits) -> str:
+    """SHA-256 of the splits' pixels (dtype, shape and bytes, in order): what a checkpoint records of its data."""
+    h = hashlib.sha256()
+    for x in splits:
+        h.update(f"{x.dtype.str}{x.shape}".encode())
+        for start in range(0, x.shape[0], 4096):     # in blocks: a memory-mapped image cache stays on disk
+            h.update(numpy.ascontiguousarray(x[start:start + 4096]).tobytes())
+    return h.hexdigest()
+
+
+def check_same_data(meta: dict, data: _Data, path, cfg: TrainConfig) -> None:
+    """Refuse to continue (or evaluate) the run of checkpoint ``path`` on data other than its own."""
+    stored = meta.get("data_sha256")   # absent in checkpoints written before it was recorded
+    if stored is not None and stored != data.sha256:
+        where = f"--data-dir {cfg.data_dir}" if cfg.data_dir else f"the {cfg.dataset} data found"
+        raise ValueError(f"{path}: the run was trained on other data than {where} holds (data SHA-256 "
+                         f"{stored[:12]}..., found {data.sha256[:12]}...); point --data-dir at the run's own "
+                         "data, or start a new run")
 
 
 def _check_shards(n: int, batch_size: int, world_size: int) -> None:
@@ -731,7 +789,7 @@ def _checkpoint_path(resume) -> pathlib.Path:
     return path / "checkpoint.npz" if path.is_dir() else path
 
 
-def _same_folder(a, b) -> bool:
+def _same_file(a, b) -> bool:
     return pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
 
 

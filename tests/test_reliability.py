@@ -1,0 +1,160 @@
+"""Nothing lost, nothing mixed: the ways into a run folder, data identity, what a failure keeps.
+
+Each test drives the real command line (``scratchvae.cli.main``) in-process
+and fails on the behaviour it names (a resume that replaced another run's
+files, a history mixing two datasets, a finished summary lost, ...).
+"""
+import json
+import pathlib
+import shutil
+
+from scratchvae import checkpoint
+from scratchvae.cli import main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--limit", "300", "--test-limit", "200", "--batch-size", "64", "--hidden", "32", "--latent-dim", "3",
+        "--epochs", "1", "--no-figures"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_error_line(err, *needles):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir()) if p.is_file()}
+
+
+# -- 1. a run folder's identity, on every way in ---------------------------------------------
+
+def test_a_checkpoint_copied_into_another_runs_folder_cannot_overwrite_it(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(capsys, *TINY, "--out", a)[0] == 0
+    assert run_cli(capsys, *TINY, "--seed", "1", "--out", b)[0] == 0
+    shutil.copy(a / "checkpoint.npz", b / "backup.npz")
+    before = snapshot(b)
+    code, _, err = run_cli(capsys, "--resume", b / "backup.npz", "--epochs", "2")   # no --out: no run folder
+    assert code == 1
+    assert_one_error_line(err, "not a run folder's checkpoint.npz", "--out")
+    code, _, err = run_cli(capsys, "--resume", b / "backup.npz", "--epochs", "2", "--out", b)
+    assert code == 1
+    assert_one_error_line(err, "holds another run", "checkpoint.npz belongs to run")
+    assert snapshot(b) == before
+
+
+def test_a_loose_checkpoint_writes_nothing_beside_itself(tmp_path, capsys):
+    a, loose = tmp_path / "a", tmp_path / "some" / "folder"
+    assert run_cli(capsys, *TINY, "--out", a)[0] == 0
+    loose.mkdir(parents=True)
+    shutil.copy(a / "checkpoint.npz", loose / "lone.npz")
+    code, _, err = run_cli(capsys, "--resume", loose / "lone.npz", "--epochs", "2")
+    assert code == 1 and sorted(p.name for p in loose.iterdir()) == ["lone.npz"]
+    # with --out, the run continues into a folder of its own, and can be resumed there again
+    c = tmp_path / "c"
+    assert run_cli(capsys, "--resume", loose / "lone.npz", "--epochs", "2", "--out", c)[0] == 0
+    assert run_cli(capsys, "--resume", c, "--epochs", "3")[0] == 0
+    ids = {json.loads(line)["run_id"] for line in (c / "metrics.jsonl").read_text().splitlines()}
+    assert ids == {checkpoint.load(a / "checkpoint.npz")[1]["run_id"]}
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, *TINY, "--out", out)[0] == 0
+    (out / "checkpoint.npz").unlink()          # as after kill -9 during epoch 1: metrics.jsonl, no checkpoint
+    (out / "summary.json").unlink()
+    code, _, err = run_cli(capsys, *TINY, "--out", out)
+    assert code == 1
+    assert_one_error_line(err, "before writing its first checkpoint", "--overwrite")
+    assert "--resume" not in err
+    code, _, err = run_cli(capsys, "--resume", out)
+    assert code == 1
+    assert_one_error_line(err, "before writing its first checkpoint", "--overwrite")
+    assert run_cli(capsys, *TINY, "--out", out, "--overwrite")[0] == 0
+
+
+# -- 3. resuming on other data ---------------------------------------------------------------------
+
+def _idx_folder(folder, n, seed):
+    """A folder of MNIST-named IDX files (n train and 20 test images of 28 x 28)."""
+    from test_datasets import small_idx_set
+    folder.mkdir()
+    small_idx_set(folder, n_train=n, n_test=20, rows=28, cols=28, seed=seed)
+    return folder
+
+
+def test_resume_refuses_other_data_and_accepts_the_same_data_moved(tmp_path, capsys):
+    d1, d2 = _idx_folder(tmp_path / "d1", 200, 0), _idx_folder(tmp_path / "d2", 200, 1)
+    out = tmp_path / "run"
+    tiny = ["--dataset", "idx", "--batch-size", "50", "--hidden", "16", "--latent-dim", "2", "--no-figures"]
+    assert run_cli(capsys, *tiny, "--data-dir", d1, "--epochs", "1", "--out", out)[0] == 0
+    before = snapshot(out)
+    code, _, err = run_cli(capsys, "--resume", out, "--data-dir", d2, "--epochs", "2")
+    assert code == 1
+    assert_one_error_line(err, "other data", str(d2))
+    assert snapshot(out) == before
+    moved = tmp_path / "moved"
+    shutil.move(d1, moved)
+    assert run_cli(capsys, "--resume", out, "--data-dir", moved, "--epochs", "2")[0] == 0
+
+
+def test_evaluate_run_works_from_another_folder_and_takes_data_dir(tmp_path, capsys, monkeypatch):
+    from test_runs import load_script
+    d1 = _idx_folder(tmp_path / "d1", 200, 0)
+    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--dataset", "idx", "--batch-size", "50", "--hidden", "16", "--latent-dim", "2", "--no-figures"]
+    assert run_cli(capsys, *tiny, "--data-dir", "d1", "--epochs", "1", "--out", out)[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    evaluate = load_script("evaluate_run").main
+    assert evaluate([str(out), "--iwae-k", "2"]) == 0, capsys.readouterr().err
+    moved = tmp_path / "moved"
+    shutil.move(d1, moved)
+    assert evaluate([str(out), "--iwae-k", "2"]) == 1
+    assert_one_error_line(capsys.readouterr().err, str(tmp_path / "d1"))
+    assert evaluate([str(out), "--iwae-k", "2", "--data-dir", str(moved)]) == 0
+    other = _idx_folder(tmp_path / "other", 200, 5)
+    capsys.readouterr()
+    assert evaluate([str(out), "--iwae-k", "2", "--data-dir", str(other)]) == 1
+    assert_one_error_line(capsys.readouterr().err, "other data")
+
+
+# -- 4. a failed continuation keeps the finished run's summary -------------------------------------
+
+def test_a_failed_resume_keeps_the_finished_summary(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run_cli(capsys, *TINY, "--out", out)[0] == 0
+    finished = json.loads((out / "summary.json").read_text())
+    assert finished["status"] == "finished"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(out / "checkpoint.npz"))
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    code, _, err = run_cli(capsys, "--resume", out, "--epochs", "2")
+    assert code == 1 and "disk full" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["last_finished"] == finished
+
+
+# -- 9. what an interruption says --------------------------------------------------------------------
+
+def test_ctrl_c_before_training_does_not_claim_a_checkpoint(tmp_path, capsys, monkeypatch):
+    from scratchvae import train as train_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod, "prepare_data", interrupted)
+    code, _, err = run_cli(capsys, *TINY, "--out", tmp_path / "run")
+    assert code == 130
+    assert_one_error_line(err, "interrupted", "no checkpoint of this run had been written yet")
+    assert "twice" not in err
