@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--color", choices=("rgb", "gray"), help="--dataset folder/celeba: train on RGB (default) or grayscale images")
     a("--image-size", type=int, metavar="PIXELS", help="--dataset folder/celeba: center-crop to a square and resize "
                                                        f"to PIXELS x PIXELS (default {d.image_size})")
+    a("--max-image-pixels", type=int, metavar="N", help="--dataset folder/celeba: refuse images of more than N "
+                                                         f"pixels before decoding them (default {d.max_image_pixels:,})")
     a("--binarize", choices=("static", "dynamic"), help="turn grayscale pixels into 0/1: once (static) or every epoch "
                                                        "(dynamic); default: use them as probabilities")
     a("--arch", choices=("mlp", "conv"), help=f"encoder/decoder architecture (default {d.arch})")

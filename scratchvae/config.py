@@ -28,6 +28,7 @@ class TrainConfig:
     binarize: str | None = None
     color: str = "rgb"              # dataset folder / celeba: the images as RGB or grayscale
     image_size: int = 64            # dataset folder / celeba: the side of the square images
+    max_image_pixels: int = 64_000_000   # dataset folder / celeba: larger images are refused before decoding
     arch: str = "mlp"
     hidden: tuple = (400,)
     channels: tuple = (32, 64)
@@ -76,8 +77,9 @@ class TrainConfig:
         _check_number("image_size", self.image_size, low=4)
         if self.image_size > 1024:
             raise ValueError(f"{_name('image_size')} must be at most 1024, got {self.image_size}")
+        _check_number("max_image_pixels", self.max_image_pixels, low=1)
         if self.dataset not in IMAGE_DATASETS:
-            changed = [key for key in ("color", "image_size") if getattr(self, key) != _DEFAULTS[key]]
+            changed = [key for key in ("color", "image_size", "max_image_pixels") if getattr(self, key) != _DEFAULTS[key]]
             if changed:
                 raise ValueError(f"{', '.join(_name(k) for k in changed)}: only for the image datasets "
                                  f"{IMAGE_DATASETS} (dataset {self.dataset!r} has a fixed image format)")
@@ -132,7 +134,7 @@ RUN_DEFINING = ("dataset", "binarize", "color", "image_size", "arch", "hidden", 
 AE_UNUSED = ("beta", "kl_warmup", "free_bits", "iwae_k")
 
 _TYPES = {"backend": str, "dataset": str, "data_dir": (str, None), "binarize": (str, None), "color": str,
-          "image_size": int, "arch": str,
+          "image_size": int, "max_image_pixels": int, "arch": str,
           "hidden": tuple, "channels": tuple, "downsample": str, "latent_dim": int, "activation": str, "likelihood": str, "model": str,
           "epochs": int, "batch_size": int, "lr": float, "lr_final": (float, None), "beta": float,
           "kl_warmup": float, "free_bits": float, "input_noise": float, "seed": int, "dtype": str, "limit": (int, None),

@@ -713,7 +713,8 @@ def prepare_data(cfg: TrainConfig, be, log=None, progress=None) -> _Data:
     once), ``image_shape``, ``levels`` and the loaded ``dataset``.
     """
     data = datasets.load(cfg.dataset, data_dir=cfg.data_dir, binarize=cfg.binarize, rng=cfg.seed, log=log,
-                         color=cfg.color, image_size=cfg.image_size, progress=progress)
+                         color=cfg.color, image_size=cfg.image_size, progress=progress,
+                         max_image_pixels=cfg.max_image_pixels)
     x_train, x_test, test_labels = data.train, data.test, data.test_labels
     test_attributes = None if data.attributes is None else data.attributes.get("test")
     if cfg.limit is not None:

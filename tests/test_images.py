@@ -141,7 +141,7 @@ def test_the_cache_is_used_then_invalidated_by_a_changed_file(tmp_path, monkeypa
     before = sorted(p.name for p in data.rglob("*"))
     first = datasets.load("folder", data_dir=data, image_size=8, cache_dir=cache)
     cached = list(cache.iterdir())
-    assert len(cached) == 1 and cached[0].suffix == ".npy"            # one file, no temporary left
+    assert sorted(p.suffix for p in cached) == [".json", ".npy"]   # the cache and its record, no temporary
     assert sorted(p.name for p in data.rglob("*")) == before          # nothing written beside the images
 
     def no_decoding(*a, **k):
@@ -152,10 +152,129 @@ def test_the_cache_is_used_then_invalidated_by_a_changed_file(tmp_path, monkeypa
     monkeypatch.undo()
     square(data / "img00.png", (0, 255, 0), size=44)                  # a changed file: size and mtime
     os.utime(data / "img00.png", ns=(1, 1))
-    datasets.load("folder", data_dir=data, image_size=8, cache_dir=cache)
-    assert len(list(cache.iterdir())) == 2
-    datasets.load("folder", data_dir=data, image_size=12, cache_dir=cache)   # other options: another key
-    assert len(list(cache.iterdir())) == 3
+    changed = datasets.load("folder", data_dir=data, image_size=8, cache_dir=cache)
+    assert not np.array_equal(np.concatenate([first.train, first.valid, first.test]),
+                              np.concatenate([changed.train, changed.valid, changed.test]))
+    assert len(list(cache.iterdir())) == 2                            # the folder's old cache was replaced
+    datasets.load("folder", data_dir=data, image_size=12, cache_dir=cache)   # other options: another cache
+    assert len(list(cache.iterdir())) == 4
+
+
+def _all_pixels(ds):
+    return np.concatenate([ds.train, ds.valid, ds.test])
+
+
+def test_zeroed_cached_pixels_are_found_and_decoded_again(tmp_path):
+    data, cache = folder_of(tmp_path / "data", n=5), tmp_path / "cache"
+    first = _all_pixels(datasets.load("folder", data_dir=data, image_size=8, cache_dir=cache))
+    (npy,) = cache.glob("*.npy")
+    raw = bytearray(npy.read_bytes())
+    header = len(raw) - first.size
+    raw[header:] = bytes(first.size)                                  # black pixels, same size
+    npy.write_bytes(bytes(raw))
+    logs = []
+    again = _all_pixels(datasets.load("folder", data_dir=data, image_size=8, cache_dir=cache, log=logs.append))
+    np.testing.assert_array_equal(again, first)
+    assert any("damaged" in line for line in logs), logs
+
+
+def test_an_edit_keeping_size_and_mtime_is_seen(tmp_path):
+    data, cache = folder_of(tmp_path / "data", n=5), tmp_path / "cache"
+    target = square(data / "img99.bmp", (200, 0, 0))                  # uncompressed: an edit keeps its size
+    first = _all_pixels(datasets.load("folder", data_dir=data, image_size=8, cache_dir=cache))
+    st = target.stat()
+    square(target, (0, 0, 250))
+    assert target.stat().st_size == st.st_size
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = _all_pixels(datasets.load("folder", data_dir=data, image_size=8, cache_dir=cache))
+    assert not np.array_equal(again, first)
+
+
+def test_a_full_disk_while_decoding_is_one_error_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    data, cache = folder_of(tmp_path / "data", n=5), tmp_path / "xdg" / "scratchvae" / "images"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    real = images.decode_image
+    calls = []
+
+    def decode_then_fill_the_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(images, "decode_image", decode_then_fill_the_disk)
+    code = main(["--dataset", "folder", "--data-dir", str(data), "--image-size", "8", "--epochs", "1",
+                 "--no-figures", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: ") and "disk full" in err, err
+    assert [p.name for p in cache.iterdir()] == []
+
+
+def test_a_killed_decoding_leaves_a_temporary_that_the_next_run_removes(tmp_path):
+    import subprocess
+    import sys
+    data, cache = folder_of(tmp_path / "data", n=5), tmp_path / "cache"
+    code = ("import os, signal, sys\n"
+            "from scratchvae import datasets\n"
+            "from scratchvae.datasets import images\n"
+            "real, n = images.decode_image, []\n"
+            "def decode(*a, **k):\n"
+            "    n.append(1)\n"
+            "    if len(n) == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(*a, **k)\n"
+            "images.decode_image = decode\n"
+            f"datasets.load('folder', data_dir={str(data)!r}, image_size=8, cache_dir={str(cache)!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert [p.name for p in cache.iterdir() if p.name.endswith(".tmp")]      # the killed writer's temporary
+    logs = []
+    datasets.load("folder", data_dir=data, image_size=8, cache_dir=cache, log=logs.append)
+    assert not [p.name for p in cache.iterdir() if p.name.endswith(".tmp")]
+    assert any("interrupted decoding" in line for line in logs), logs
+
+
+def test_a_huge_image_in_a_small_file_is_refused_before_decoding(tmp_path, capsys, monkeypatch):
+    import tracemalloc
+    import warnings
+    big = tmp_path / "data" / "big.png"
+    big.parent.mkdir()
+    Image.new("I;16", (13000, 13000)).save(big)                      # a few hundred KB, 338 MB decoded
+    assert big.stat().st_size < 2_000_000
+    tracemalloc.start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                # Pillow's DecompressionBombWarning too
+        with pytest.raises(images.ImageFolderError, match=r"big\.png is 13000 x 13000 = 169\.0 megapixels.*"
+                                                          r"--max-image-pixels"):
+            images.decode_image(big, "gray", 8)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50_000_000, peak
+    for i in range(4):
+        square(tmp_path / "data" / f"small{i}.png", (200, 0, 0))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--image-size", "8", "--epochs", "1",
+            "--no-figures", "--limit", "2", "--batch-size", "2", "--hidden", "8", "--latent-dim", "2"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--max-image-pixels" in err
+    assert "batch" not in err and "Warning" not in err
+
+
+def test_a_raised_limit_decodes_a_large_image_from_its_crop(tmp_path):
+    a = np.full((300, 200), 257 * 100, np.uint16)
+    Image.fromarray(a).save(tmp_path / "deep.png")
+    with pytest.raises(images.ImageFolderError, match="megapixels"):
+        images.decode_image(tmp_path / "deep.png", "gray", 8, max_pixels=50_000)
+    assert (images.decode_image(tmp_path / "deep.png", "gray", 8, max_pixels=60_000) == 100).all()
+
+
+def test_out_of_memory_while_decoding_names_the_image_not_the_batch(tmp_path, monkeypatch):
+    square(tmp_path / "x.png", (1, 2, 3))
+
+    def no_memory(*a, **k):
+        raise MemoryError
+    monkeypatch.setattr(images, "_to_color", no_memory)
+    with pytest.raises(images.ImageFolderError, match=r"out of memory decoding the image .*x\.png"):
+        images.decode_image(tmp_path / "x.png", "rgb", 8)
 
 
 # -- CelebA ------------------------------------------------------------------------------------

@@ -388,7 +388,7 @@ def _load_binarized_mnist(log):
 
 def load(name="binarized-mnist", data_dir=None, binarize=None, rng=None, log=None, *,
          mirrors=None, timeout=30.0, n_valid=None, color="rgb", image_size=64, cache_dir=None,
-         progress=None) -> Dataset:
+         progress=None, max_image_pixels=None) -> Dataset:
     """Load a dataset by name as float32 pixel rows in ``[0, 1]``.
 
     Parameters
@@ -431,11 +431,12 @@ def load(name="binarized-mnist", data_dir=None, binarize=None, rng=None, log=Non
         the valid split; None means ``n_train // 6`` (10,000 of MNIST's
         60,000); 0 means no valid split (``valid`` is None).  Must be None
         for ``"binarized-mnist"``, whose split is fixed.
-    color, image_size, cache_dir, progress
+    color, image_size, cache_dir, progress, max_image_pixels
         ``"folder"`` and ``"celeba"`` (:mod:`scratchvae.datasets.images`):
         ``"rgb"`` or ``"gray"``, the side of the square images, where the
         decoded images are cached (default ``default_cache_dir("images")``),
-        and whether decoding shows a progress bar. ``rng`` is then the seed
+        whether decoding shows a progress bar, and the largest image decoded
+        (default ``images.MAX_IMAGE_PIXELS``). ``rng`` is then the seed
         of a folder's drawn splits.
 
     Returns
@@ -481,7 +482,8 @@ def load(name="binarized-mnist", data_dir=None, binarize=None, rng=None, log=Non
         if binarize is not None:
             raise ValueError(f"dataset {key!r} holds 8-bit images: --binarize is not supported for it (grey levels "
                              "are Bernoulli probabilities, or dequantized for the Gaussian likelihood)")
-        common = dict(color=color, image_size=image_size, cache_dir=cache_dir, log=log, progress=progress)
+        common = dict(color=color, image_size=image_size, cache_dir=cache_dir, log=log, progress=progress,
+                      max_pixels=images.MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels)
         if key == "celeba":
             return images.load_celeba(data_dir, **common)
         if data_dir is None:

@@ -3,9 +3,11 @@
 Every image is decoded once with Pillow, converted to RGB or grayscale,
 center-cropped to a square and resized to ``image_size`` x ``image_size``
 with a Lanczos filter, as uint8. The decoded set is cached (a uint8 ``.npy``
-in the user cache folder, keyed by the file list, the sizes and mtimes and
-the preprocessing options, written atomically) and later runs load the cache
-memory-mapped.
+in the user cache folder, one per source folder and options, written
+atomically, with a record of the SHA-256 of the source files' contents and of
+the cached pixels) and later runs load the cache memory-mapped once both
+checksums match. Images larger than ``max_pixels`` are refused from their
+header, before any pixel is decoded.
 
 The splits hold uint8 pixel levels, ``(N, C*H*W)``; :attr:`Dataset.levels`
 is 256, and the trainer turns a batch into intensities only when it uses it
@@ -15,17 +17,21 @@ negative ELBO bounds the discrete data's negative log-likelihood;
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pathlib
 import secrets
 import sys
+import warnings
 
 import numpy
 
-__all__ = ["IMAGE_EXTENSIONS", "COLORS", "CELEBA_CROP", "ImageFolderError", "load_folder", "load_celeba",
-           "decode_image"]
+from ..atomic import atomic_write, remove_stale_temporaries, write_json
+
+__all__ = ["IMAGE_EXTENSIONS", "COLORS", "CELEBA_CROP", "MAX_IMAGE_PIXELS", "ImageFolderError", "load_folder",
+           "load_celeba", "decode_image"]
 
 #: Files with these extensions are decoded; every other file is ignored (and counted).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -33,7 +39,9 @@ COLORS = ("rgb", "gray")
 #: The usual aligned-face crop of CelebA: the central 148 x 148 of the 178 x 218 images (as a share of the width).
 CELEBA_CROP = 148 / 178
 _SPLITS = ("train", "valid", "test")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+#: Images of more pixels than this are refused before they are decoded (--max-image-pixels raises it).
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 class ImageFolderError(ValueError):
@@ -43,37 +51,77 @@ class ImageFolderError(ValueError):
 
 # -- one image ------------------------------------------------------------------------------
 
-def decode_image(path, color: str = "rgb", image_size: int = 64, crop: float = 1.0) -> numpy.ndarray:
+def decode_image(path, color: str = "rgb", image_size: int = 64, crop: float = 1.0,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> numpy.ndarray:
     """One image file as uint8 ``(C, image_size, image_size)`` (C = 3 for ``"rgb"``, 1 for ``"gray"``).
 
     Any mode Pillow reads: RGB, grayscale, palette, 16-bit (scaled to 8
     bits), with transparency (composited onto black), CMYK; the EXIF
     orientation is applied. The central square of side ``crop * min(W, H)``
     is resized with a Lanczos filter.
+
+    An image of more than ``max_pixels`` pixels is refused from its header,
+    before its pixels are decoded: a small compressed file can hold a huge
+    image (a 328 KB PNG of 13000 x 13000 16-bit pixels needs 338 MB decoded).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with _pillow_limit(Image, max_pixels), Image.open(path) as im:
+            w, h = im.size                                      # from the header: nothing decoded yet
+            if w * h > max_pixels:
+                raise ImageFolderError(
+                    f"the image {path} is {w} x {h} = {w * h / 1e6:.1f} megapixels, more than the limit of "
+                    f"{max_pixels / 1e6:g} (--max-image-pixels {max_pixels}); raise the limit to decode it "
+                    f"(it needs about {w * h * _bytes_per_pixel(im.mode) / 2**20:,.0f} MiB of memory)")
             im.load()
-            im = _to_color(ImageOps.exif_transpose(im), color)
+            im = ImageOps.exif_transpose(im)
+            w, h = im.size
+            side = max(1, round(min(w, h) * crop))
+            left, top = (w - side) // 2, (h - side) // 2
+            im = _to_color(im.crop((left, top, left + side, top + side)), color)   # the crop only, converted
+    except ImageFolderError:
+        raise
+    except MemoryError as err:
+        raise ImageFolderError(f"out of memory decoding the image {path}; lower --max-image-pixels to refuse "
+                               "such images, or free memory") from err
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageFolderError(f"cannot decode the image {path}: {err}") from err
-    w, h = im.size
-    side = max(1, round(min(w, h) * crop))
-    left, top = (w - side) // 2, (h - side) // 2
-    im = im.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.Resampling.LANCZOS)
+    im = im.resize((image_size, image_size), Image.Resampling.LANCZOS)
     a = numpy.asarray(im, dtype=numpy.uint8)
     return a[None] if a.ndim == 2 else numpy.ascontiguousarray(a.transpose(2, 0, 1))   # (C, S, S)
+
+
+@contextlib.contextmanager
+def _pillow_limit(Image, max_pixels):
+    """Pillow's own decompression-bomb check set to our limit while opening (its warning is never printed:
+    :func:`decode_image` refuses such images with its own message)."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    return {"1": 1, "L": 1, "P": 1, "LA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "RGB": 3, "YCbCr": 3,
+            "RGBA": 4, "CMYK": 4, "I": 4, "F": 4}.get(mode, 4)
 
 
 def _to_color(im, color):
     from PIL import Image
 
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):     # 16-bit (or wider) grayscale: to 8 bits
-        a = numpy.asarray(im, dtype=numpy.float64)
-        scale = 257.0 if (im.mode.startswith("I;16") or a.max() > 255) else 1.0
-        im = Image.fromarray(numpy.clip(numpy.rint(a / scale), 0, 255).astype(numpy.uint8), mode="L")
+        a = numpy.asarray(im)
+        if a.dtype.kind == "f":
+            scale = 257.0 if a.max() > 255 else 1.0
+            a = numpy.rint(a / scale)
+        elif im.mode.startswith("I;16") or a.max() > 255:
+            a = (a.astype(numpy.int64) + 128) // 257            # = rint(a / 257): 257 is odd, so no ties
+        im = Image.fromarray(numpy.clip(a, 0, 255).astype(numpy.uint8), mode="L")
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
@@ -82,67 +130,117 @@ def _to_color(im, color):
 
 # -- many images, cached ----------------------------------------------------------------------
 
-def _decode_all(files, root, color, image_size, crop, cache_dir, log, progress, name):
-    """uint8 (N, C, S, S) for ``files`` (paths relative to ``root``): from the cache, or decoded and cached."""
-    from tqdm.auto import tqdm
+def _decode_all(files, root, color, image_size, crop, cache_dir, log, progress, name, max_pixels):
+    """uint8 (N, C, S, S) for ``files`` (paths relative to ``root``): from the cache, or decoded and cached.
 
-    stats = [(str(f), *_size_mtime(root / f)) for f in files]
-    key = hashlib.sha256(json.dumps({"version": _CACHE_VERSION, "color": color, "image_size": image_size,
-                                     "crop": crop, "files": stats}).encode()).hexdigest()[:40]
-    channels = 3 if color == "rgb" else 1
-    shape = (len(files), channels, image_size, image_size)
+    One cache per source folder and options: ``<name>-<slot>.npy`` and its
+    record ``<name>-<slot>.json``, which holds the SHA-256 of the sources'
+    contents (file names and bytes) and of the cached pixels. The cache is
+    used only when both match (an edited image, or damaged cached pixels,
+    are decoded again); a new cache replaces the folder's old one.
+    """
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache()
-    path = cache_dir / f"{name}-{key}.npy"
-    if path.is_file():
-        try:
-            cached = numpy.load(path, mmap_mode="r")
-            if cached.shape == shape and cached.dtype == numpy.uint8:
-                if log:
-                    log(f"{name}: {len(files)} images from the cache {path}")
-                return cached
-        except (OSError, ValueError):
-            pass   # a damaged cache file: decode again and replace it
-    out, tmp = _cache_target(cache_dir, path, shape, log, name)
-    try:
-        with tqdm(total=len(files), desc=f"decoding {name} images", unit="img", leave=False, file=sys.stderr,
-                  disable=(not progress) if progress is not None else None) as bar:
-            for i, f in enumerate(files):
-                out[i] = decode_image(root / f, color, image_size, crop)
-                bar.update(1)
-        if tmp is not None:
-            out.flush()
-            del out
-            os.replace(tmp, path)
-            if log:
-                log(f"{name}: decoded {len(files)} images; cached in {path}")
-            return numpy.load(path, mmap_mode="r")
-        return out
-    finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
+    slot = hashlib.sha256(json.dumps({"version": _CACHE_VERSION, "root": str(pathlib.Path(root).resolve()),
+                                      "color": color, "image_size": image_size, "crop": crop}).encode()).hexdigest()
+    path = cache_dir / f"{name}-{slot[:40]}.npy"
+    record_path = path.with_suffix(".json")
+    shape = (len(files), 3 if color == "rgb" else 1, image_size, image_size)
+    sources = _sources_sha256(root, files)
+    with contextlib.suppress(OSError):
+        removed = remove_stale_temporaries(cache_dir)    # left by a decoding that was killed
+        if removed and log:
+            log(f"{name}: removed {len(removed)} temporary file(s) of an interrupted decoding in {cache_dir}")
+    cached, why = _read_cache(path, record_path, shape, sources)
+    if cached is not None:
+        if log:
+            log(f"{name}: {len(files)} images from the cache {path} (pixels and sources verified)")
+        return cached
+    if why and log:
+        log(f"{name}: the cache {path} {why}; decoding again")
+    images = _decode_into_cache(files, root, color, image_size, crop, path, record_path, shape, sources,
+                                progress, name, max_pixels, log)
+    if images is not None:
+        if log:
+            log(f"{name}: decoded {len(files)} images; cached in {path}")
+        return images
+    out = numpy.empty(shape, dtype=numpy.uint8)    # the cache folder is not writable: decode into memory
+    for i, f in enumerate(_progress(files, progress, name)):
+        out[i] = decode_image(root / f, color, image_size, crop, max_pixels)
+    return out
 
 
-def _cache_target(cache_dir, path, shape, log, name):
-    """A memory-mapped temporary .npy beside ``path`` (renamed when complete), or, when the cache
-    folder is not writable, an in-memory array and no temporary."""
+def _read_cache(path, record_path, shape, sources):
+    """(the cached pixels, memory-mapped, None) when the cache matches; else (None, why, or None if there is none)."""
+    if not path.is_file():
+        return None, None
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        return numpy.lib.format.open_memmap(tmp, mode="w+", dtype=numpy.uint8, shape=shape), tmp
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        cached = numpy.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None, "is unreadable or has no record"
+    if not isinstance(record, dict) or record.get("sources_sha256") != sources:
+        return None, "was made from other image files (their contents changed)"
+    if cached.shape != shape or cached.dtype != numpy.uint8 or _pixels_sha256(cached) != record.get("pixels_sha256"):
+        return None, "does not hold the pixels its record names (it is damaged)"
+    return cached, None
+
+
+def _decode_into_cache(files, root, color, image_size, crop, path, record_path, shape, sources, progress, name,
+                       max_pixels, log):
+    """Decode into ``path`` with plain writes (a full disk is an OSError, never a SIGBUS through a
+    memory map), atomically, then write its record; returns the cache memory-mapped, or None when the
+    cache folder cannot be written at all."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        probe.touch()
+        probe.unlink()
     except OSError as err:
         if log:
-            log(f"{name}: cannot write the cache in {cache_dir} ({err.strerror or err}); decoding into memory")
-        return numpy.empty(shape, dtype=numpy.uint8), None
+            log(f"{name}: cannot write the cache in {path.parent} ({err.strerror or err}); decoding into memory")
+        return None
+    digest = hashlib.sha256()
+    with atomic_write(path) as f:
+        numpy.lib.format.write_array_header_1_0(f, {"descr": numpy.dtype(numpy.uint8).str, "fortran_order": False,
+                                                    "shape": shape})
+        for file in _progress(files, progress, name):
+            pixels = decode_image(root / file, color, image_size, crop, max_pixels).tobytes()
+            digest.update(pixels)
+            f.write(pixels)
+    write_json(record_path, {"version": _CACHE_VERSION, "shape": list(shape), "sources_sha256": sources,
+                             "pixels_sha256": digest.hexdigest()})
+    return numpy.load(path, mmap_mode="r")
+
+
+def _progress(files, progress, name):
+    from tqdm.auto import tqdm
+    return tqdm(files, desc=f"decoding {name} images", unit="img", leave=False, file=sys.stderr,
+                disable=(not progress) if progress is not None else None)
+
+
+def _sources_sha256(root, files) -> str:
+    """SHA-256 of the source images: every file's relative path and bytes, in order."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(pathlib.Path(f).as_posix().encode() + b"\0")
+        file_hash = hashlib.sha256()
+        with open(root / f, "rb") as src:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                file_hash.update(block)
+        h.update(file_hash.digest())
+    return h.hexdigest()
+
+
+def _pixels_sha256(pixels) -> str:
+    h = hashlib.sha256()
+    for start in range(0, pixels.shape[0], 1024):     # in blocks: the memory map stays on disk
+        h.update(numpy.ascontiguousarray(pixels[start:start + 1024]).tobytes())
+    return h.hexdigest()
 
 
 def _default_cache():
     from .download import default_cache_dir
     return default_cache_dir("images")
-
-
-def _size_mtime(path):
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
 
 
 # -- a folder of images ---------------------------------------------------------------------------
@@ -160,7 +258,7 @@ def _scan(folder):
 
 
 def load_folder(data_dir, *, color="rgb", image_size=64, seed=0, cache_dir=None, log=None, progress=None,
-                valid_fraction=0.1, test_fraction=0.1):
+                valid_fraction=0.1, test_fraction=0.1, max_pixels=MAX_IMAGE_PIXELS):
     """Every image file under ``data_dir`` as a :class:`~scratchvae.datasets.Dataset` of uint8 levels.
 
     Splits come from ``train/``, ``valid/`` (optional) and ``test/``
@@ -188,7 +286,7 @@ def load_folder(data_dir, *, color="rgb", image_size=64, seed=0, cache_dir=None,
     split_of = _splits(folder, files, seed, valid_fraction, test_fraction)
     classes, label_of = _class_labels(files, split_of)
     attributes, names = _read_attributes(folder / "attributes.csv", files)
-    pixels = _decode_all(files, folder, color, image_size, 1.0, cache_dir, log, progress, "folder")
+    pixels = _decode_all(files, folder, color, image_size, 1.0, cache_dir, log, progress, "folder", max_pixels)
     out = {}
     for split in _SPLITS:
         idx = numpy.array([i for i, f in enumerate(files) if split_of[i] == split], dtype=numpy.int64)
@@ -283,7 +381,8 @@ def _read_attributes(path, files):
 
 # -- CelebA ------------------------------------------------------------------------------------------
 
-def load_celeba(data_dir, *, color="rgb", image_size=64, cache_dir=None, log=None, progress=None):
+def load_celeba(data_dir, *, color="rgb", image_size=64, cache_dir=None, log=None, progress=None,
+                max_pixels=MAX_IMAGE_PIXELS):
     """CelebA as distributed: ``img_align_celeba/``, ``list_attr_celeba.txt`` and
     ``list_eval_partition.txt`` (the official 0/1/2 = train/valid/test splits)
     in ``data_dir``; the 40 attributes as ``attributes`` (+1/-1) with the
@@ -312,7 +411,7 @@ def load_celeba(data_dir, *, color="rgb", image_size=64, cache_dir=None, log=Non
     if log:
         log(f"celeba: {len(files)} images, {len(names)} attributes, in {folder}")
     pixels = _decode_all([pathlib.Path("img_align_celeba") / f for f in files], folder, color, image_size,
-                         CELEBA_CROP, cache_dir, log, progress, "celeba")
+                         CELEBA_CROP, cache_dir, log, progress, "celeba", max_pixels)
     table = numpy.array([attrs[f] for f in files], dtype=numpy.int8)
     which = numpy.array([partition[f] for f in files])
     split = {}
