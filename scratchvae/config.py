@@ -94,6 +94,12 @@ class TrainConfig:
         if any(h < 1 for h in self.hidden) or any(c < 1 for c in self.channels):
             raise ValueError(f"hidden and channels (--hidden, --channels) must be positive widths, "
                              f"got {self.hidden} and {self.channels}")
+        if self.arch == "conv" and not self.channels:
+            raise ValueError(f"channels (--channels) must name at least one convolution width for --arch conv, "
+                             f"got {self.channels} (e.g. --channels 32,64)")
+        if self.arch == "mlp" and not self.hidden:
+            raise ValueError(f"hidden (--hidden) must name at least one layer width for --arch mlp, got "
+                             f"{self.hidden} (e.g. --hidden 400)")
         if self.arch == "mlp" and self.downsample != "stride":
             raise ValueError(f"downsample (--downsample) {self.downsample!r} is for --arch conv; the MLP has no "
                              "convolutions to pool")

@@ -484,7 +484,8 @@ def _radius_holding(norms, fraction=0.99):
 def _pca_directions(mu, k=2):
     """Top-``k`` principal directions (rows) of ``mu`` and their variance share."""
     centred = mu - mu.mean(axis=0)
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    # fewer points than directions (a one-image test split): the full basis completes them (zero variance)
+    _, s, vt = np.linalg.svd(centred, full_matrices=centred.shape[0] < k)
     var = s ** 2
     total = var.sum()
     share = float(var[:k].sum() / total) if total > 0 else 1.0
@@ -1036,8 +1037,11 @@ def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None
             results["posterior"] = plot_posterior(history, p("posterior"), run_id=run_id)
     results["latent"] = plot_latent(model, x_test, p("latent"), labels=labels, run_id=run_id)
     results["manifold"] = plot_manifold(model, p("manifold"), x_test=x_test, run_id=run_id)
-    results["interpolation"] = plot_interpolation(model, x_test, p("interpolation"), rng, run_id=run_id,
-                                                  labels=labels)
+    if len(x_test) >= 2:
+        results["interpolation"] = plot_interpolation(model, x_test, p("interpolation"), rng, run_id=run_id,
+                                                      labels=labels)
+    else:   # a small folder of images can have a one-image test split
+        results["interpolation"] = {"skipped": f"needs two test images; the test split has {len(x_test)}"}
     if noisy is not None:
         results["denoising"] = plot_denoising(model, x_test, noisy, p("denoising"), run_id=run_id)
     return results

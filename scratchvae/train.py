@@ -590,6 +590,7 @@ class _Run:
     def _write_outputs(self) -> None:
         """The figures and summary.json (rank 0's job in a data-parallel run)."""
         cfg, st, summary = self.cfg, self.state, self.summary
+        self._write_summary()          # the final figures are on disk before any drawing can fail
         if cfg.figures:
             from . import figures
             noisy = None

@@ -8,6 +8,8 @@ import json
 import pathlib
 import shutil
 
+import pytest
+
 from scratchvae import checkpoint
 from scratchvae.cli import main
 
@@ -158,3 +160,120 @@ def test_ctrl_c_before_training_does_not_claim_a_checkpoint(tmp_path, capsys, mo
     assert code == 130
     assert_one_error_line(err, "interrupted", "no checkpoint of this run had been written yet")
     assert "twice" not in err
+
+
+# -- 8. a damaged checkpoint is one line naming the file ----------------------------------------------
+
+def _structure_bytes(path):
+    """Offsets of a checkpoint's zip structure: every member's local header and .npy header, and the
+    central directory (where single-byte damage reaches zipfile's and numpy's parsers, not only a CRC)."""
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        start = min(i.header_offset for i in infos)
+        central = max(i.header_offset + 30 + len(i.filename) + i.compress_size for i in infos)
+    offsets = set(range(central, path.stat().st_size))
+    for info in infos:
+        offsets.update(range(info.header_offset, info.header_offset + 30 + len(info.filename) + 128))
+    assert start == 0
+    return sorted(o for o in offsets if o < path.stat().st_size)
+
+
+@pytest.mark.slow
+def test_every_single_byte_flip_of_the_archive_structure_is_a_checkpoint_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, "--limit", "64", "--test-limit", "20", "--batch-size", "64", "--hidden", "2",
+                   "--latent-dim", "1", "--epochs", "1", "--no-figures", "--out", out)[0] == 0
+    raw = (out / "checkpoint.npz").read_bytes()
+    target = tmp_path / "flipped.npz"
+    offsets = _structure_bytes(out / "checkpoint.npz")
+    assert len(offsets) > 2000
+    escaped = []
+    for offset in offsets:
+        mask = (0x01, 0x80, 0xFF, 0x10)[offset % 4]    # low, high, all and middle bits, in turn
+        damaged = bytearray(raw)
+        damaged[offset] ^= mask
+        target.write_bytes(bytes(damaged))
+        try:
+            checkpoint.load_run(target)
+        except checkpoint.CheckpointError as err:
+            assert str(target) in str(err)
+        except Exception as err:   # noqa: BLE001 - the failure this test exists to find
+            escaped.append((offset, mask, f"{type(err).__name__}: {err}"))
+    assert not escaped, escaped[:5]
+
+
+@pytest.mark.parametrize("argv, needle", [(["--arch", "conv", "--channels", ""], "--channels"),
+                                          (["--arch", "conv", "--channels", ","], "--channels"),
+                                          (["--hidden", ","], "--hidden")])
+def test_empty_layer_lists_are_one_error_line(tmp_path, capsys, argv, needle):
+    code, _, err = run_cli(capsys, *argv, "--epochs", "1", "--out", tmp_path / "run")
+    assert code == 1
+    assert_one_error_line(err, needle, "at least one")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("n", [3, 14])
+def test_a_small_folder_of_images_trains_and_draws_its_figures(tmp_path, capsys, monkeypatch, n):
+    from test_images import folder_of
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data, out = folder_of(tmp_path / "data", n=n), tmp_path / "run"
+    code, _, err = run_cli(capsys, "--dataset", "folder", "--data-dir", data, "--image-size", "8", "--epochs", "1",
+                           "--batch-size", "2", "--hidden", "8", "--out", out)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["figures"]["interpolation"] == {"skipped": "needs two test images; the test split has 1"}
+    assert (out / "latent.png").exists() and (out / "manifold.png").exists()
+
+
+# -- 9. attribute and list files: nothing silently wins ---------------------------------------------
+
+def _attribute_folder(tmp_path, text, binary=None):
+    from test_images import folder_of
+    data = folder_of(tmp_path / "data", n=4)
+    path = data / "attributes.csv"
+    if binary is not None:
+        path.write_bytes(binary)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return data
+
+
+ROWS = "".join(f"img{i:02d}.png,{i % 2},1\n" for i in range(4))
+
+
+@pytest.mark.parametrize("text, binary, needle", [
+    ("file,Red,Red\n" + ROWS, None, "line 1: the attribute 'Red' is named more than once"),
+    ("file,Red,Big\n" + ROWS + "img01.png,0,0\n", None, "line 6: img01.png already has a line (line 3)"),
+    (None, b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary", "attributes.csv is not a UTF-8 text file"),
+])
+def test_attributes_csv_refuses_what_would_silently_win(tmp_path, text, binary, needle):
+    from scratchvae import datasets
+    from scratchvae.datasets import images
+    data = _attribute_folder(tmp_path, text, binary)
+    with pytest.raises(images.ImageFolderError) as info:
+        datasets.load("folder", data_dir=data, image_size=8, cache_dir=tmp_path / "cache")
+    assert needle in str(info.value)
+
+
+def test_attributes_csv_with_a_byte_order_mark_is_read(tmp_path):
+    from scratchvae import datasets
+    data = _attribute_folder(tmp_path, "\ufefffile,Red,Big\n" + ROWS)
+    ds = datasets.load("folder", data_dir=data, image_size=8, cache_dir=tmp_path / "cache")
+    assert ds.attribute_names == ("Red", "Big")
+
+
+def test_a_celeba_partition_line_for_a_missing_image_is_refused(tmp_path):
+    from test_images import celeba_folder
+
+    from scratchvae import datasets
+    from scratchvae.datasets import images
+    root = celeba_folder(tmp_path / "celeba", n=8)
+    with open(root / "list_eval_partition.txt", "a") as f:
+        f.write("999999.jpg 0\n")
+    with pytest.raises(images.ImageFolderError, match=r"999999\.jpg has a split but no line in list_attr"):
+        datasets.load("celeba", data_dir=root, image_size=8, cache_dir=tmp_path / "cache")
+    (root / "list_attr_celeba.txt").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(images.ImageFolderError, match=r"list_attr_celeba\.txt is not a UTF-8 text file"):
+        datasets.load("celeba", data_dir=root, image_size=8, cache_dir=tmp_path / "cache")

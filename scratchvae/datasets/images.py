@@ -353,13 +353,16 @@ def _read_attributes(path, files):
 
     if not path.is_file():
         return None, None
-    rows = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    rows, first_line = {}, {}
+    with _text_file(path) as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header or header[0].strip() != "file" or len(header) < 2:
             raise ImageFolderError(f"{path}, line 1: the header must be file,<attribute>,..., got {header!r}")
         names = tuple(h.strip() for h in header[1:])
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ImageFolderError(f"{path}, line 1: the attribute {repeated[0]!r} is named more than once")
         for line, row in enumerate(reader, start=2):
             if not row:
                 continue
@@ -372,7 +375,10 @@ def _read_attributes(path, files):
                                        f"{row[1:]!r}") from None
             if any(v not in (-1, 0, 1) for v in values):
                 raise ImageFolderError(f"{path}, line {line}: attribute values must be 1, 0 or -1, got {values}")
-            rows[pathlib.Path(row[0].strip()).as_posix()] = values
+            key = pathlib.Path(row[0].strip()).as_posix()
+            if key in rows:
+                raise ImageFolderError(f"{path}, line {line}: {key} already has a line (line {first_line[key]})")
+            rows[key], first_line[key] = values, line
     missing = [f for f in files if f.as_posix() not in rows]
     if missing:
         raise ImageFolderError(f"{path}: no line for {len(missing)} image(s), the first {missing[0].as_posix()}")
@@ -401,6 +407,10 @@ def load_celeba(data_dir, *, color="rgb", image_size=64, cache_dir=None, log=Non
                                  "layout as distributed)", files=[str(p) for p in missing], folder=folder)
     names, attrs = _read_celeba_attributes(need[1])
     partition = _read_celeba_partition(need[2])
+    unlisted = [name for name in partition if name not in attrs]
+    if unlisted:
+        raise ImageFolderError(f"{need[2]}: {unlisted[0]} has a split but no line in {need[1].name} "
+                               f"({len(unlisted)} such image(s)); the two lists must name the same images")
     files = list(attrs)
     for line, name in enumerate(files, start=3):
         if not (need[0] / name).is_file():
@@ -428,7 +438,7 @@ def load_celeba(data_dir, *, color="rgb", image_size=64, cache_dir=None, log=Non
 
 
 def _read_celeba_attributes(path):
-    with open(path, encoding="utf-8") as f:
+    with _text_file(path) as f:
         lines = f.read().splitlines()
     if len(lines) < 2:
         raise ImageFolderError(f"{path}: expected a count line and a line of attribute names, got {len(lines)} line(s)")
@@ -454,6 +464,8 @@ def _read_celeba_attributes(path):
                                    f"{' '.join(fields[1:])[:60]!r}") from None
         if any(v not in (-1, 1) for v in values):
             raise ImageFolderError(f"{path}, line {line}: attribute values must be 1 or -1, got {values}")
+        if fields[0] in rows:
+            raise ImageFolderError(f"{path}, line {line}: {fields[0]} is listed a second time")
         rows[fields[0]] = values
     if len(rows) != count:
         raise ImageFolderError(f"{path}, line 1: says {count} images, the file lists {len(rows)}")
@@ -462,12 +474,24 @@ def _read_celeba_attributes(path):
 
 def _read_celeba_partition(path):
     out = {}
-    with open(path, encoding="utf-8") as f:
+    with _text_file(path) as f:
         for line, text in enumerate(f, start=1):
             fields = text.split()
             if not fields:
                 continue
             if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
                 raise ImageFolderError(f"{path}, line {line}: expected '<image> 0|1|2', got {text.strip()[:60]!r}")
+            if fields[0] in out:
+                raise ImageFolderError(f"{path}, line {line}: {fields[0]} is listed a second time")
             out[fields[0]] = int(fields[1])
     return out
+
+
+@contextlib.contextmanager
+def _text_file(path):
+    """A UTF-8 text file (a byte-order mark allowed) to read; a file that is not text is an error naming it."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            yield f
+    except UnicodeDecodeError as err:
+        raise ImageFolderError(f"{path} is not a UTF-8 text file (byte {err.start}: {err.reason})") from None
