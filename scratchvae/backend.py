@@ -21,7 +21,7 @@ import types
 
 import numpy
 
-__all__ = ["Backend", "BackendUnavailable", "get", "resolve", "array_module", "contiguous_run"]
+__all__ = ["Backend", "BackendUnavailable", "get", "gpu_count", "resolve", "array_module", "contiguous_run"]
 
 NAMES = ("numpy", "cupy")
 
@@ -89,20 +89,36 @@ def _numpy_backend() -> Backend:
     return Backend(name="numpy", xp=numpy, device="cpu")
 
 
-def _cupy_backend() -> Backend:
-    hint = ("install the GPU extra with `pip install scratchvae[gpu]` "
-            "(cupy-cuda12x) on a machine with an NVIDIA GPU and driver")
+_HINT = "install the GPU extra with `pip install scratchvae[gpu]` (cupy-cuda12x) on a machine with an NVIDIA GPU and driver"
+
+
+def gpu_count() -> int:
+    """The number of CUDA GPUs CuPy sees (nothing is allocated on any of them).
+
+    Raises :class:`BackendUnavailable` when CuPy is missing or finds none.
+    """
     try:
         import cupy
     except ImportError as err:
-        raise BackendUnavailable(f"backend 'cupy' needs CuPy, which is not installed ({err}); {hint}") from err
+        raise BackendUnavailable(f"backend 'cupy' needs CuPy, which is not installed ({err}); {_HINT}") from err
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as err:  # CUDARuntimeError, driver missing, ...
         raise BackendUnavailable(
-            f"backend 'cupy': CuPy is installed but no usable CUDA GPU was found ({err}); {hint}") from err
+            f"backend 'cupy': CuPy is installed but no usable CUDA GPU was found ({err}); {_HINT}") from err
     if count < 1:
-        raise BackendUnavailable(f"backend 'cupy': CuPy is installed but no CUDA GPU is visible; {hint}")
+        raise BackendUnavailable(f"backend 'cupy': CuPy is installed but no CUDA GPU is visible; {_HINT}")
+    return count
+
+
+def _cupy_backend(device: int | None = None) -> Backend:
+    hint = _HINT
+    count = gpu_count()
+    import cupy
+    if device is not None:
+        if not 0 <= device < count:
+            raise BackendUnavailable(f"backend 'cupy': GPU {device} was asked for and this machine has {count}")
+        cupy.cuda.Device(device).use()    # before the first allocation: nothing lands on another GPU
     try:
         device_id = cupy.cuda.runtime.getDevice()
         props = cupy.cuda.runtime.getDeviceProperties(device_id)
@@ -114,8 +130,11 @@ def _cupy_backend() -> Backend:
     return Backend(name="cupy", xp=cupy, device=f"cuda:{device_id} ({name})")
 
 
-def get(name: str = "numpy") -> Backend:
+def get(name: str = "numpy", device: int | None = None) -> Backend:
     """Return the backend called ``name`` (``"numpy"`` or ``"cupy"``).
+
+    ``device`` (``"cupy"`` only): the GPU to make current before anything is
+    allocated (default: CuPy's current one).
 
     Raises
     ------
@@ -126,7 +145,7 @@ def get(name: str = "numpy") -> Backend:
     """
     if not isinstance(name, str) or name.lower() not in NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
-    return _numpy_backend() if name.lower() == "numpy" else _cupy_backend()
+    return _numpy_backend() if name.lower() == "numpy" else _cupy_backend(device)
 
 
 def resolve(backend=None) -> Backend:

@@ -161,12 +161,12 @@ def main(argv=None) -> int:
         return 1
     comm = None
     try:
-        if args.get("distributed"):
-            comm = distributed.init()
+        # the ranks of an MPI job agree on --distributed first (a rank without it joins only to say so)
+        comm = distributed.init(bool(args.get("distributed")))
         cfg, resume = config_from_args(args) if comm is None else comm.agree(lambda: config_from_args(args))
         summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress, comm=comm)
     except (*USER_ERRORS, OSError) as err:   # OSError: outside a run (reading a checkpoint to resume, say)
-        return _error(describe_error(err), err, comm)
+        return _error(describe_error(err), err, getattr(err, "communicator", comm))
     except MemoryError as err:
         return _error(f"out of memory ({err or 'MemoryError'}); try a smaller --batch-size or model", err, comm)
     except KeyboardInterrupt as err:

@@ -46,27 +46,62 @@ class DistributedMismatch(ValueError):
     agreed = True   # raised on every rank alike: no rank is left waiting in a collective
 
 
-def init() -> Communicator:
-    """The communicator of this MPI job (``COMM_WORLD``).
+def init(distributed: bool = True) -> Communicator | None:
+    """The communicator of this MPI job (``COMM_WORLD``), after every rank agreed on ``--distributed``.
+
+    With ``distributed`` false it returns None, unless this process is one
+    rank of a multi-process MPI job: it then joins the agreement, so that
+    ranks started with ``--distributed`` never wait for it in a collective,
+    and every rank raises the same :class:`DistributedMismatch`.
 
     Raises :class:`DistributedUnavailable` when mpi4py is not installed or
     the job has one process (a launcher that started N independent "rank 0
     of 1" processes must not let them write N copies of one run).
     """
+    if not distributed and not _in_mpi_job():
+        return None
     try:
         from mpi4py import MPI
     except ImportError as err:
         if err.name not in ("mpi4py", "mpi4py.MPI"):
             raise
+        if not distributed:
+            return None   # no MPI here to agree through, so no rank of this job can be using it
         raise DistributedUnavailable(f"--distributed needs mpi4py and an MPI library ({err}); install them: "
                                      f"{INSTALL_HINT}") from err
     comm = MPI.COMM_WORLD
     if comm.Get_size() < 2:
+        if not distributed:
+            return None
         raise DistributedUnavailable(
             "--distributed: this process is rank 0 of a world of 1 (it was not started by mpiexec, or the "
             "launcher started independent processes); launch it as "
             "mpiexec -n 2 python -m mpi4py examples/train_mnist.py --distributed ...")
-    return Communicator(comm)
+    communicator = Communicator(comm)
+    modes = comm.allgather(bool(distributed))     # the first collective: no rank can be left waiting
+    if not all(modes):
+        err = DistributedMismatch(
+            f"--distributed: this MPI job has {len(modes)} processes and rank(s) "
+            f"{[r for r, m in enumerate(modes) if not m]} were started without --distributed"
+            + (f", rank(s) {[r for r, m in enumerate(modes) if m]} with it" if any(modes) else "")
+            + "; give every rank --distributed, or run a single process without mpiexec")
+        err.communicator = communicator   # for the command line's agreed exit
+        raise err
+    return communicator
+
+
+# Variables that MPI launchers (MPICH's Hydra, Open MPI, PMIx) give every process of a job.
+_WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def _in_mpi_job() -> bool:
+    """Whether this process looks like one of several ranks of an MPI job (``python -m mpi4py`` already
+    started MPI, or a launcher's variables say so)."""
+    import os
+    import sys
+    if "mpi4py.MPI" in sys.modules:
+        return True
+    return any(os.environ.get(v, "").isdigit() and int(os.environ[v]) > 1 for v in _WORLD_SIZE_VARIABLES)
 
 
 class Communicator:
@@ -78,9 +113,9 @@ class Communicator:
         The ranks (``COMM_WORLD``).
 
     Arrays are summed through MPI ``Allreduce`` until :meth:`use_backend`
-    selects CuPy: each rank then uses GPU ``local_rank % n_gpus`` and sums go
-    through NCCL on CuPy's current stream (its unique id sent by
-    ``comm.bcast`` from rank 0).
+    selects CuPy: each rank then uses GPU ``local_rank`` of its machine
+    (:meth:`make_backend`, before anything is allocated) and sums go through NCCL
+    on CuPy's current stream (its unique id sent by ``comm.bcast`` from rank 0).
     """
 
     def __init__(self, comm):
@@ -92,6 +127,28 @@ class Communicator:
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()   # the ranks on this machine
         local.Free()
         self.backend, self._nccl = None, None
+
+    def make_backend(self, name: str):
+        """The array backend ``name`` for this rank, the same on every rank or an agreed error.
+
+        With ``"cupy"`` each rank of a machine takes a GPU of its own (its
+        ``local_rank``), selected before the first allocation, so no rank
+        leaves a context on another's GPU; NCCL refuses two ranks on one GPU,
+        so more ranks than GPUs on a machine are refused here, in one line.
+        """
+        from . import backend as backend_mod
+
+        def make():
+            if name == "cupy":
+                count = backend_mod.gpu_count()
+                if self.local_size > count:
+                    raise DistributedUnavailable(
+                        f"--distributed --backend cupy: {self.local_size} processes run on this machine and it has "
+                        f"{count} GPU(s); NCCL needs a GPU of its own for every process, so launch at most "
+                        f"{count} per machine (mpiexec -n {count} ...)")
+                return backend_mod.get(name, device=self.local_rank)
+            return backend_mod.get(name)
+        return self.agree(make)
 
     def use_backend(self, backend) -> None:
         """Sum arrays of ``backend`` (numpy: through MPI; cupy: through NCCL, set up here once).
@@ -107,13 +164,13 @@ class Communicator:
             self._nccl = nccl, self.agree(lambda: nccl.NcclCommunicator(self.size, uid, self.rank))
 
     def _nccl_library(self):
-        """CuPy's NCCL binding, with this rank's GPU selected (``local_rank % n_gpus``)."""
+        """CuPy's NCCL binding, with this rank's GPU (``local_rank``) current."""
         import cupy
         from cupy.cuda import nccl  # imports without the library, and says so in nccl.available
         if not getattr(nccl, "available", False):
             raise DistributedUnavailable("--distributed --backend cupy sums the gradients with NCCL, and CuPy "
                                          "finds no NCCL library; install it: pip install 'nvidia-nccl-cu12>=2.18.1,<3'")
-        cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
+        cupy.cuda.Device(self.local_rank).use()    # selected by make_backend() already; the NCCL calls need it current
         return nccl
 
     @property

@@ -203,7 +203,8 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
     if resume is not None and overwrite:
         raise ValueError("--overwrite and --resume contradict each other: --resume continues a run, --overwrite "
                          "deletes the one in --out")
-    be = backend_mod.get(cfg.backend)
+    # data-parallel: each rank's own GPU is selected before the backend allocates anything
+    be = backend_mod.get(cfg.backend) if comm is None else comm.make_backend(cfg.backend)
     ckpt = None if resume is None else _checkpoint_path(resume)
     out = pathlib.Path(cfg.out)
     # a run folder belongs to one run: resuming (into the checkpoint's own folder or another) needs a folder

@@ -366,3 +366,20 @@ def test_unset_blas_threads_are_noted(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("OPENBLAS_NUM_THREADS is not set") == 1     # rank 0 only
     assert "mpiexec -genv OPENBLAS_NUM_THREADS 1" in proc.stdout
+
+
+@needs_mpi
+@pytest.mark.parametrize("second", [["-m", "mpi4py"], []])
+def test_a_rank_started_without_distributed_stops_every_rank_at_once(tmp_path, second):
+    """One rank without --distributed (started under mpi4py or not) joins the agreement on the mode and
+    every rank stops with one error line, instead of rank 0 waiting for it forever."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    script = str(REPO / "examples" / "train_mnist.py")
+    common = [*SMALL, "--epochs", "1", "--out", str(tmp_path / "run")]
+    proc = subprocess.run([MPIEXEC, "-n", "1", sys.executable, "-m", "mpi4py", script, "--distributed", *common,
+                           ":", "-n", "1", sys.executable, *second, script, *common],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank(s) [1] were started without --distributed" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
