@@ -34,6 +34,9 @@ except ImportError as err:  # pragma: no cover - depends on the installation
         "scratchvae.kernels.cuda needs numba-cuda (`pip install numba-cuda[cu12]`); "
         f"importing numba.cuda failed: {err}") from err
 
+import numpy
+from numba import config as _numba_config
+
 from scratchvae.backend import BackendUnavailable, contiguous_run
 from scratchvae.losses import EXPM1_SERIES, EXPM1_SERIES_CUTOFF, HALF_LOG_2PI
 from scratchvae.optim import adam_coefficients
@@ -55,6 +58,8 @@ ROW_THREADS = 128
 ELEMENTWISE_THREADS = 256
 #: cap on the elementwise grid (the kernels grid-stride beyond it)
 _MAX_BLOCKS = 65535
+# NUMBA_ENABLE_CUDASIM=1: kernels run as Python threads on the host (tests without a GPU)
+_SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
 
 _NSERIES = len(EXPM1_SERIES)
 
@@ -251,8 +256,19 @@ def _dev(a):
     NumPy arrays (CUDA simulator) pass through unchanged.
     """
     if hasattr(a, "__cuda_array_interface__"):
+        if _SIMULATOR:   # the simulator's device memory is host memory: a NumPy view over the same bytes
+            return numpy.asarray(_HostView(a.__cuda_array_interface__))
         return cuda.as_cuda_array(a, sync=False)
     return a
+
+
+class _HostView:
+    """Exposes a ``__cuda_array_interface__`` as NumPy's array interface (CUDA simulator only)."""
+
+    def __init__(self, interface):
+        self.__array_interface__ = {"shape": tuple(interface["shape"]), "typestr": interface["typestr"],
+                                    "data": (interface["data"][0], False), "strides": interface.get("strides"),
+                                    "version": 3}
 
 
 def _check_row_threads(threads):
