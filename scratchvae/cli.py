@@ -8,7 +8,9 @@ code 1; never a traceback. Ctrl-C saves a checkpoint and exits with 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
+import signal
 import sys
 import time
 
@@ -161,6 +163,8 @@ def main(argv=None) -> int:
         return 1
     comm = None
     try:
+        stack = contextlib.ExitStack()
+        stack.enter_context(_sigterm_interrupts())
         # the ranks of an MPI job agree on --distributed first (a rank without it joins only to say so)
         comm = distributed.init(bool(args.get("distributed")))
         cfg, resume = config_from_args(args) if comm is None else comm.agree(lambda: config_from_args(args))
@@ -172,9 +176,29 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as err:
         _error(f"interrupted; {getattr(err, 'kept', 'nothing was written')}", err, comm)
         return 130
+    finally:
+        stack.close()
     if summary.get("status") == "interrupted":
         return 130
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's stop) interrupts like Ctrl-C while the command runs, so that work outside
+    the training loop (decoding images into the cache, say) cleans up and says so; the training loop
+    installs its own handler, which stops at the next step."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:   # not the main thread: the caller's business
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _error(message: str, err: BaseException, comm) -> int:

@@ -5,6 +5,7 @@ and fails on the behaviour it names (a resume that replaced another run's
 files, a history mixing two datasets, a finished summary lost, ...).
 """
 import json
+import os
 import pathlib
 import shutil
 
@@ -277,3 +278,36 @@ def test_a_celeba_partition_line_for_a_missing_image_is_refused(tmp_path):
     (root / "list_attr_celeba.txt").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(images.ImageFolderError, match=r"list_attr_celeba\.txt is not a UTF-8 text file"):
         datasets.load("celeba", data_dir=root, image_size=8, cache_dir=tmp_path / "cache")
+
+
+# -- 5. SIGTERM while decoding images into the cache -------------------------------------------------
+
+def test_sigterm_while_decoding_is_one_line_and_leaves_no_temporary(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_images import folder_of
+    data, cache = folder_of(tmp_path / "data", n=6), tmp_path / "xdg" / "scratchvae" / "images"
+    code = ("import sys, time\n"
+            "from scratchvae.cli import main\n"
+            "from scratchvae.datasets import images\n"
+            "real = images.decode_image\n"
+            "def slow(*a, **k):\n"
+            "    print('decoding', flush=True)\n"
+            "    time.sleep(0.5)\n"
+            "    return real(*a, **k)\n"
+            "images.decode_image = slow\n"
+            f"sys.exit(main(['--dataset', 'folder', '--data-dir', {str(data)!r}, '--image-size', '8', '--epochs', '1',"
+            f" '--out', {str(tmp_path / 'run')!r}]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg")))
+    while proc.stdout.readline().strip() != "decoding":   # the log lines before it
+        pass
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert_one_error_line(err, "interrupted", "no checkpoint of this run had been written yet")
+    assert [p.name for p in cache.iterdir()] == []

@@ -158,7 +158,7 @@ def _logs(tmp_path):
 def test_cupy_fused_kernels_under_the_cuda_simulator(tmp_path):
     """The fused loss, reparameterization and Adam kernels on stand-in arrays (a tiny model: the
     simulator runs every GPU thread as a Python thread)."""
-    tiny = ["--limit", "32", "--test-limit", "8", "--batch-size", "16", "--hidden", "4", "--latent-dim", "2",
+    tiny = ["--limit", "16", "--test-limit", "4", "--batch-size", "8", "--hidden", "4", "--latent-dim", "2",
             "--epochs", "1", "--dtype", "float64", "--no-figures"]
     script = str(REPO / "examples" / "train_mnist.py")
     proc = subprocess.run([sys.executable, script, *tiny, "--backend", "cupy", "--out", str(tmp_path / "gpu")],
