@@ -40,9 +40,9 @@ def _int_tuple(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train_mnist.py",
+        prog=prog,
         description="Train a VAE (or a plain autoencoder) on MNIST with scratchvae and write metrics, "
                     "checkpoints and figures into --out.",
         argument_default=argparse.SUPPRESS)
@@ -151,9 +151,10 @@ def config_from_args(args: dict) -> tuple[TrainConfig, str | None]:
     return TrainConfig(**merged), str(ckpt)
 
 
-def main(argv=None) -> int:
-    """Command-line entry point; returns the exit code."""
-    parser = build_parser()
+def main(argv=None, prog: str | None = None) -> int:
+    """Command-line entry point (``examples/train_mnist.py``, ``python -m scratchvae``, the ``scratchvae``
+    command); returns the exit code."""
+    parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
     progress = args.get("progress") or None
     overwrite = bool(args.get("overwrite"))
@@ -221,3 +222,7 @@ def _error(message: str, err: BaseException, comm) -> int:
     time.sleep(1.0)   # let the launcher forward the line: MPI_Abort ends the job at once, unread output with it
     comm.abort(1)
     return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m scratchvae.cli"))

@@ -69,6 +69,16 @@ def test_non_editable_install_imports_every_module(tmp_path):
     data_line = next(line for line in lines if line.startswith("DATA"))
     shipped = set(data_line.split()[1:])
     assert shipped == {p.name for p in (REPO / "scratchvae" / "data").glob("*.npz")}
+    # the installed package trains from outside the checkout: python -m scratchvae and the console script
+    tiny = ["--limit", "64", "--test-limit", "16", "--batch-size", "32", "--hidden", "8", "--latent-dim", "2",
+            "--epochs", "1", "--no-figures"]
+    for command, out in (([str(python), "-m", "scratchvae"], "module"), ([str(venv / "bin" / "scratchvae")], "script")):
+        trained = subprocess.run([*command, *tiny, "--out", out], cwd=tmp_path, env=env, capture_output=True,
+                                 text=True, timeout=300)
+        assert trained.returncode == 0, trained.stdout + trained.stderr
+        assert "final test negative ELBO" in trained.stdout and (tmp_path / out / "checkpoint.npz").exists()
+    usage = subprocess.run([str(venv / "bin" / "scratchvae"), "--help"], capture_output=True, text=True, env=env)
+    assert usage.stdout.startswith("usage: scratchvae ")
 
 
 PLAIN_WITHOUT_NUMBA = textwrap.dedent("""
