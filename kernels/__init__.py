@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import numpy
 
-from scratchvae import losses as _plain
 from scratchvae.backend import BackendUnavailable, array_module
-from scratchvae.layers.conv import conv_output_size
-from scratchvae.optim import check_adam_arrays
+from scratchvae.conv_utils import conv_output_size
+from scratchvae.validation import check_adam_arrays, check_bce, check_gaussian, check_kl_weight, check_reparam
 
 from . import cpu
 
@@ -92,7 +91,7 @@ def bce_with_logits(logits, x, scale=1.0):
     nll : array, shape (B,)
     dlogits : array, shape (B, D)
     """
-    B, D = _plain._validate_bce(logits, x)
+    B, D = check_bce(logits, x)
     _check_kernel_dtype("bce_with_logits", logits.dtype)
     xp = array_module(logits, x)
     module, launch = _backend("bce_with_logits", xp, {"logits": logits, "x": x})
@@ -118,7 +117,7 @@ def gaussian_nll(mean, x, log_sigma, scale=1.0):
     dmean : array, shape (B, D)
     dlog_sigma : array, shape of ``log_sigma``
     """
-    B, D = _plain._validate_gaussian(mean, x, log_sigma)
+    B, D = check_gaussian(mean, x, log_sigma)
     _check_kernel_dtype("gaussian_nll", mean.dtype)
     xp = array_module(mean, x, log_sigma)
     module, launch = _backend("gaussian_nll", xp, {"mean": mean, "x": x, "log_sigma": log_sigma})
@@ -142,7 +141,7 @@ def reparameterize_kl(mu, log_sigma, eps):
     z : array, shape (B, L)
     kl : array, shape (B, L)
     """
-    B, L = _plain._validate_reparam("reparameterize_kl", mu=mu, log_sigma=log_sigma, eps=eps)
+    B, L = check_reparam("reparameterize_kl", mu=mu, log_sigma=log_sigma, eps=eps)
     _check_kernel_dtype("reparameterize_kl", mu.dtype)
     xp = array_module(mu, log_sigma, eps)
     module, launch = _backend("reparameterize_kl", xp, {"mu": mu, "log_sigma": log_sigma, "eps": eps})
@@ -167,11 +166,11 @@ def reparameterize_kl_backward(dz, mu, log_sigma, eps, kl_weight):
     dlog_sigma : array, shape (B, L)
     """
     fname = "reparameterize_kl_backward"
-    B, L = _plain._validate_reparam(fname, dz=dz, mu=mu, log_sigma=log_sigma, eps=eps)
+    B, L = check_reparam(fname, dz=dz, mu=mu, log_sigma=log_sigma, eps=eps)
     _check_kernel_dtype(fname, mu.dtype)
     xp = array_module(dz, mu, log_sigma, eps)
     module, launch = _backend(fname, xp, {"dz": dz, "mu": mu, "log_sigma": log_sigma, "eps": eps})
-    w = _plain._validate_kl_weight(kl_weight, L, mu.dtype, xp)
+    w = check_kl_weight(kl_weight, L, mu.dtype, xp)
     dz, mu, log_sigma, eps, w = _contiguous(xp, dz, mu, log_sigma, eps, w)
     dmu = xp.empty((B, L), dtype=mu.dtype)
     dlog_sigma = xp.empty((B, L), dtype=mu.dtype)

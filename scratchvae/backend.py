@@ -21,7 +21,8 @@ import types
 
 import numpy
 
-__all__ = ["Backend", "BackendUnavailable", "get", "gpu_count", "resolve", "array_module", "contiguous_run"]
+__all__ = ["Backend", "BackendUnavailable", "get", "gpu_count", "resolve", "array_module", "contiguous_run",
+           "flat_views"]
 
 NAMES = ("numpy", "cupy")
 
@@ -199,3 +200,29 @@ def contiguous_run(arrays):
             return None
         end += a.size * item
     return base[start // item:end // item]
+
+
+def flat_views(xp, like: dict, *, copy: bool = True):
+    """One 1-D buffer and, per entry of ``like``, a view of it with that entry's shape.
+
+    The views tile the buffer back to back in the order of ``like`` (so that
+    :func:`scratchvae.backend.contiguous_run` finds them), in the dtype of the
+    first entry. ``copy=True`` copies each entry's values into its view;
+    ``copy=False`` (for gradients and moments) zeroes the buffer instead.
+
+    Returns
+    -------
+    flat : array, shape (sum of the sizes,)
+    views : dict, the keys of ``like``, each an array shaped like its entry
+    """
+    arrays = list(like.values())
+    dtype = arrays[0].dtype if arrays else numpy.float32
+    total = sum(int(a.size) for a in arrays)
+    flat = xp.empty(total, dtype=dtype) if copy else xp.zeros(total, dtype=dtype)
+    views, offset = {}, 0
+    for key, a in like.items():
+        views[key] = flat[offset:offset + a.size].reshape(a.shape)
+        if copy:
+            views[key][...] = a
+        offset += int(a.size)
+    return flat, views

@@ -27,7 +27,9 @@ import hashlib
 
 import numpy
 
+from . import backend as backend_mod
 from .backend import contiguous_run
+from .vae import NonFiniteLoss
 
 __all__ = ["Communicator", "DataParallel", "GradientBuffer", "DistributedUnavailable", "DistributedMismatch", "init",
            "agreed", "params_checksum", "INSTALL_HINT"]
@@ -136,8 +138,6 @@ class Communicator:
         leaves a context on another's GPU; NCCL refuses two ranks on one GPU,
         so more ranks than GPUs on a machine are refused here, in one line.
         """
-        from . import backend as backend_mod
-
         def make():
             if name == "cupy":
                 count = backend_mod.gpu_count()
@@ -300,8 +300,6 @@ class DataParallel:
         rank. With ``sync`` a non-finite loss raises ``NonFiniteLoss`` on every
         rank alike (marked agreed) before any update.
         """
-        from .vae import NonFiniteLoss
-
         comm, xp, buf = self.comm, model.xp, self.buffer
         B = xb.shape[0]
         rows = comm.shard(B)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 
 from .backend import array_module
+from .validation import check_bce, check_gaussian, check_kl_weight, check_reparam
 
 __all__ = [
     "bce_with_logits",
@@ -73,72 +74,6 @@ HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 EXPM1_SERIES = tuple(1.0 / math.factorial(k) for k in range(2, 19))
 EXPM1_SERIES_CUTOFF = 1.0
 
-_FLOAT_KINDS = "f"
-
-
-# ----------------------------------------------------------------------------
-# validation (shared with scratchvae.kernels so that errors read the same)
-# ----------------------------------------------------------------------------
-
-def _check_float(fname, **arrays):
-    """All arrays share one floating dtype; return it."""
-    dtype = None
-    for name, a in arrays.items():
-        if not hasattr(a, "dtype") or not hasattr(a, "shape"):
-            raise TypeError(f"{fname}: {name} must be an array, got {type(a).__name__}")
-        if a.dtype.kind not in _FLOAT_KINDS:
-            raise TypeError(f"{fname}: {name} has dtype {a.dtype}; expected a floating dtype (float32 or float64)")
-        if dtype is None:
-            dtype = a.dtype
-        elif a.dtype != dtype:
-            first = next(iter(arrays))
-            raise TypeError(f"{fname}: {name} has dtype {a.dtype} but {first} has dtype {dtype}; "
-                            "pass all arrays in one dtype (cast with .astype)")
-    return dtype
-
-
-def _check_2d_same(fname, **arrays):
-    """All arrays are 2-D with one shape; return it."""
-    shape = None
-    for name, a in arrays.items():
-        if a.ndim != 2:
-            raise ValueError(f"{fname}: {name} must be 2-D (batch, features), got shape {tuple(a.shape)}")
-        if shape is None:
-            shape = tuple(a.shape)
-        elif tuple(a.shape) != shape:
-            first = next(iter(arrays))
-            raise ValueError(f"{fname}: {name} has shape {tuple(a.shape)} but {first} has shape {shape}")
-    return shape
-
-
-def _validate_bce(logits, x):
-    _check_float("bce_with_logits", logits=logits, x=x)
-    return _check_2d_same("bce_with_logits", logits=logits, x=x)
-
-
-def _validate_gaussian(mean, x, log_sigma):
-    _check_float("gaussian_nll", mean=mean, x=x, log_sigma=log_sigma)
-    B, D = _check_2d_same("gaussian_nll", mean=mean, x=x)
-    if log_sigma.ndim != 1 or log_sigma.shape[0] not in (1, D):
-        raise ValueError(f"gaussian_nll: log_sigma must have shape ({D},) (one per pixel) or (1,) (shared), "
-                         f"got {tuple(log_sigma.shape)}")
-    return B, D
-
-
-def _validate_reparam(fname, **arrays):
-    _check_float(fname, **arrays)
-    return _check_2d_same(fname, **arrays)
-
-
-def _validate_kl_weight(kl_weight, L, dtype, xp):
-    """kl_weight as an xp array of shape (L,) in ``dtype`` (a scalar is broadcast)."""
-    w = xp.asarray(kl_weight, dtype=dtype)
-    if w.ndim == 0:
-        w = xp.ascontiguousarray(xp.broadcast_to(w, (L,)))
-    if w.shape != (L,):
-        raise ValueError(f"reparameterize_kl_backward: kl_weight must have shape ({L},) (one per latent "
-                         f"dimension) or be a scalar, got {tuple(w.shape)}")
-    return w
 
 
 # ----------------------------------------------------------------------------
@@ -197,7 +132,7 @@ def bce_with_logits(logits, x, scale=1.0):
     dlogits : array, shape (B, D)
         ``scale * (sigmoid(logits) - x)``.
     """
-    _validate_bce(logits, x)
+    check_bce(logits, x)
     cast = logits.dtype.type
     nll = bce_with_logits_value(logits, x)
     dlogits = cast(scale) * (sigmoid(logits) - x)
@@ -254,7 +189,7 @@ def gaussian_nll(mean, x, log_sigma, scale=1.0):
         ``scale * sum_b (1 - r**2)`` per pixel, or summed over ``b`` and ``d``
         for a shared ``(1,)`` log_sigma.
     """
-    _validate_gaussian(mean, x, log_sigma)
+    check_gaussian(mean, x, log_sigma)
     xp = array_module(mean, x, log_sigma)
     cast = mean.dtype.type
     inv_var = xp.exp(cast(-2) * log_sigma)
@@ -297,7 +232,7 @@ def reparameterize_kl(mu, log_sigma, eps):
         Per-dimension ``KL(N(mu, sigma**2) || N(0, 1))`` =
         ``0.5 mu**2 + 0.5 (expm1(2 log_sigma) - 2 log_sigma)`` (>= 0).
     """
-    _validate_reparam("reparameterize_kl", mu=mu, log_sigma=log_sigma, eps=eps)
+    check_reparam("reparameterize_kl", mu=mu, log_sigma=log_sigma, eps=eps)
     xp = array_module(mu, log_sigma, eps)
     cast = mu.dtype.type
     z = mu + xp.exp(log_sigma) * eps
@@ -325,10 +260,10 @@ def reparameterize_kl_backward(dz, mu, log_sigma, eps, kl_weight):
     dlog_sigma : array, shape (B, L)
         ``dz * exp(log_sigma) * eps + kl_weight * expm1(2 log_sigma)``.
     """
-    B, L = _validate_reparam("reparameterize_kl_backward", dz=dz, mu=mu, log_sigma=log_sigma, eps=eps)
+    B, L = check_reparam("reparameterize_kl_backward", dz=dz, mu=mu, log_sigma=log_sigma, eps=eps)
     xp = array_module(dz, mu, log_sigma, eps)
     cast = mu.dtype.type
-    w = _validate_kl_weight(kl_weight, L, mu.dtype, xp)
+    w = check_kl_weight(kl_weight, L, mu.dtype, xp)
     dmu = dz + w * mu
     dlog_sigma = dz * xp.exp(log_sigma) * eps + w * xp.expm1(cast(2) * log_sigma)
     return dmu, dlog_sigma

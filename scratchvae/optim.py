@@ -45,8 +45,9 @@ from typing import NamedTuple
 
 import numpy
 
-from .backend import array_module
-from .layers.base import flat_views
+from .backend import array_module, flat_views
+from .fused import kernels as fused_kernels
+from .validation import check_adam_arrays
 
 __all__ = ["Adam", "AdamState", "adam_update", "adam_coefficients", "check_adam_arrays", "geometric_lr"]
 
@@ -90,23 +91,6 @@ def adam_coefficients(dtype, *, lr, beta1, beta2, eps, weight_decay, step):
     grad_floor = 2.0 * max(math.sqrt(tiny / (1.0 - beta2)), tiny / (1.0 - beta1))
     return (cast(lr), cast(beta1), cast(1.0 - beta1), cast(beta2), cast(1.0 - beta2), cast(math.sqrt(bc2) / bc1),
             cast(eps * math.sqrt(bc2)), cast(weight_decay), cast(grad_floor), cast(moment_floor))
-
-
-def check_adam_arrays(param, grad, m, v, step) -> None:
-    """One floating dtype, one shape, and a 1-based step; raises naming what is wrong."""
-    for name, a in (("param", param), ("grad", grad), ("m", m), ("v", v)):
-        if not hasattr(a, "dtype") or not hasattr(a, "shape"):
-            raise TypeError(f"adam_update: {name} must be an array, got {type(a).__name__}")
-        if a.dtype.kind != "f":
-            raise TypeError(f"adam_update: {name} has dtype {a.dtype}; expected a floating dtype (float32 or float64)")
-        if a.dtype != param.dtype:
-            raise TypeError(f"adam_update: {name} has dtype {a.dtype} but param has dtype {param.dtype}; "
-                            "pass all arrays in one dtype (cast with .astype)")
-        if tuple(a.shape) != tuple(param.shape):
-            raise ValueError(f"adam_update: {name} has shape {tuple(a.shape)} but param has shape "
-                             f"{tuple(param.shape)}")
-    if int(step) != step or step < 1:
-        raise ValueError(f"adam_update: step is the 1-based step count t (>= 1), got {step!r}")
 
 
 def adam_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
@@ -224,8 +208,7 @@ class Adam:
         hyper = dict(lr=lr, beta1=b1, beta2=b2, eps=self.eps, weight_decay=self.weight_decay, step=t)
         names = list(params)
         if self.fused:  # every parameter in one kernel call
-            from . import kernels  # imported here: the kernels use adam_coefficients from this module
-            kernels.adam_update_many([params[k] for k in names], [grads[k] for k in names],
+            fused_kernels().adam_update_many([params[k] for k in names], [grads[k] for k in names],
                                      [state.m[k] for k in names], [state.v[k] for k in names], **hyper)
         else:
             for k in names:

@@ -42,9 +42,8 @@ import numpy
 from . import backend as backend_mod
 from . import checkpoint, datasets, distributed
 from .atomic import to_jsonable, write_json
-from .backend import contiguous_run
+from .backend import contiguous_run, flat_views
 from .config import TrainConfig
-from .layers.base import flat_views
 from .optim import Adam, AdamState, geometric_lr
 from .runfolder import RunFolder, new_run_id
 from .vae import NonFiniteLoss, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae

@@ -33,7 +33,8 @@ import math
 import numpy
 
 from . import losses
-from .backend import resolve
+from .backend import flat_views, resolve
+from .fused import kernels as fused_kernels
 from .layers import (
     Conv2d,
     ConvTranspose2d,
@@ -49,7 +50,7 @@ from .layers import (
     ToCHWB,
     Upsample2d,
 )
-from .layers.base import flat_views, float_dtype, gather_params, walk
+from .layers.base import float_dtype, gather_params, walk
 
 __all__ = ["VAE", "Autoencoder", "NonFiniteLoss", "mlp_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder",
            "LIKELIHOODS"]
@@ -57,24 +58,6 @@ __all__ = ["VAE", "Autoencoder", "NonFiniteLoss", "mlp_vae", "conv_vae", "mlp_au
 LIKELIHOODS = ("bernoulli", "gaussian")
 ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al. (2015): a latent dimension is active when Var_x(E_q[z_j]) > 0.01
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def fused_ops():
-    """:mod:`scratchvae.kernels`, the fused Numba kernels, imported on first use.
-
-    The kernels live in the top-level ``kernels/`` folder and are installed as
-    ``scratchvae.kernels``; the plain path (``fused=False``) needs neither them
-    nor Numba.
-    """
-    try:
-        from . import kernels
-    except ImportError as err:
-        raise ImportError(
-            f"the fused kernels (scratchvae.kernels) cannot be imported: {err}. They live in the top-level "
-            "kernels/ folder, which is installed as scratchvae.kernels: from a source checkout run "
-            "`pip install -e .` first (and make sure numba is installed), or build the model with "
-            "fused=False for the plain array code") from err
-    return kernels
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -97,7 +80,7 @@ class _Model:
         self.input_dim = math.prod(self.input_shape)
         self.latent_dim = int(latent_dim)
         self.fused = bool(fused)
-        self.ops = fused_ops() if fused else losses
+        self.ops = fused_kernels() if fused else losses
         self.parts = parts
         self.params, self.grads = gather_params(parts.items(), "model part", self.backend, self.dtype)
         # The Gaussian likelihood's per-pixel log standard deviation: learned

@@ -172,7 +172,7 @@ def check_streams():
 def check_flat_adam():
     """Parameters, gradients and moments laid out back to back (a model's flat buffers, Adam.init's
     moments) are updated in ONE launch, with the numbers of one update per parameter."""
-    from scratchvae.layers.base import flat_views
+    from scratchvae.backend import flat_views
     launches = []
     original = ck.adam_kernel
 

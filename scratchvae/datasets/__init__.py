@@ -300,14 +300,14 @@ def binarize_static(x, rng=None):
     return out
 
 
-def _binarize_splits(splits, binarize, rng):
+def binarize_splits(splits, binarize, rng):
     if binarize == "static":
         rng = init_rng(rng)  # one generator for all splits, in order train, valid, test
         return tuple(None if x is None else binarize_static(x, rng) for x in splits)
     return tuple(splits)
 
 
-def _all_binary(splits):
+def all_binary(splits):
     return all(bool(((x == 0) | (x == 1)).all()) for x in splits if x is not None)
 
 
@@ -466,7 +466,7 @@ def load(name="binarized-mnist", data_dir=None, binarize=None, rng=None, log=Non
         if data_dir is not None and log:
             log("binarized-mnist: ships with scratchvae; data_dir is not used")
         splits, test_labels = _load_binarized_mnist(log)
-        splits = _binarize_splits(splits, binarize, rng)  # a no-op on 0/1 pixels
+        splits = binarize_splits(splits, binarize, rng)  # a no-op on 0/1 pixels
         return Dataset(name=key, train=splits[0], valid=splits[1], test=splits[2],
                        test_labels=test_labels, image_shape=(1, 28, 28), binary=True,  # unpacked bits
                        dynamic_binarization=binarize == "dynamic")

@@ -15,7 +15,7 @@ import zlib
 
 import numpy
 
-from . import Dataset, DatasetUnavailable, _all_binary, _binarize_splits
+from . import Dataset, DatasetUnavailable, all_binary, binarize_splits
 
 __all__ = ["read_idx", "IDXFormatError", "MNIST_FILES", "find_idx_files", "load_idx_files"]
 
@@ -173,12 +173,12 @@ def load_idx_files(name, paths, n_valid, binarize, rng):
     valid_x = train_x[cut:] if n_valid else None
     valid_y = train_y[cut:] if n_valid else None
     train_x, train_y = train_x[:cut], train_y[:cut]
-    splits = _binarize_splits((train_x, valid_x, test_x), binarize, rng)
+    splits = binarize_splits((train_x, valid_x, test_x), binarize, rng)
     return Dataset(
         name=name, train=splits[0], valid=splits[1], test=splits[2],
         train_labels=train_y.copy(), valid_labels=None if valid_y is None else valid_y.copy(),
         test_labels=test_y, image_shape=(1,) + tuple(int(s) for s in train_hw),
-        binary=_all_binary(splits), dynamic_binarization=binarize == "dynamic")
+        binary=all_binary(splits), dynamic_binarization=binarize == "dynamic")
 
 
 def find_idx_files(folder):

@@ -29,6 +29,7 @@ import warnings
 import numpy
 
 from ..atomic import atomic_write, remove_stale_temporaries, write_json
+from . import Dataset, DatasetUnavailable
 
 __all__ = ["IMAGE_EXTENSIONS", "COLORS", "CELEBA_CROP", "MAX_IMAGE_PIXELS", "ImageFolderError", "load_folder",
            "load_celeba", "decode_image"]
@@ -270,8 +271,6 @@ def load_folder(data_dir, *, color="rgb", image_size=64, seed=0, cache_dir=None,
     header ``file,<name>,...`` and one row per image (its path relative to
     ``data_dir``, then 1 / 0 / -1 per attribute).
     """
-    from . import Dataset, DatasetUnavailable
-
     _check_options(color, image_size)
     folder = pathlib.Path(data_dir).expanduser()
     if not folder.is_dir():
@@ -393,8 +392,6 @@ def load_celeba(data_dir, *, color="rgb", image_size=64, cache_dir=None, log=Non
     ``list_eval_partition.txt`` (the official 0/1/2 = train/valid/test splits)
     in ``data_dir``; the 40 attributes as ``attributes`` (+1/-1) with the
     usual aligned-face crop (:data:`CELEBA_CROP`) before the resize."""
-    from . import Dataset, DatasetUnavailable
-
     _check_options(color, image_size)
     folder = pathlib.Path(data_dir).expanduser() if data_dir is not None else None
     if folder is None or not folder.is_dir():

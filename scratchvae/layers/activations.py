@@ -4,6 +4,7 @@ All of them accept any input shape; the output has the same shape.
 """
 from __future__ import annotations
 
+from ..fused import kernels as fused_kernels
 from ..losses import sigmoid, softplus  # the one definition of each (re-exported here)
 from .base import Layer
 
@@ -42,8 +43,7 @@ class ReLU(_Elementwise):
         super().__init__(**kw)
         self._kernels = None
         if fused and self.backend.name == "numpy":
-            from ..vae import fused_ops
-            self._kernels = fused_ops()
+            self._kernels = fused_kernels()
 
     def _forward(self, x):
         if self._kernels is not None:

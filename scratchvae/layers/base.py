@@ -15,8 +15,7 @@ import numpy
 
 from ..backend import resolve
 
-__all__ = ["Layer", "init_rng", "as_pair", "float_dtype", "gather_params", "zero_grads", "flat_views",
-           "walk"]
+__all__ = ["Layer", "init_rng", "float_dtype", "gather_params", "zero_grads", "walk"]
 
 
 def float_dtype(dtype) -> numpy.dtype:
@@ -61,32 +60,6 @@ def gather_params(children, owner: str, backend, dtype) -> tuple[dict, dict]:
     return params, grads
 
 
-def flat_views(xp, like: dict, *, copy: bool = True):
-    """One 1-D buffer and, per entry of ``like``, a view of it with that entry's shape.
-
-    The views tile the buffer back to back in the order of ``like`` (so that
-    :func:`scratchvae.backend.contiguous_run` finds them), in the dtype of the
-    first entry. ``copy=True`` copies each entry's values into its view;
-    ``copy=False`` (for gradients and moments) zeroes the buffer instead.
-
-    Returns
-    -------
-    flat : array, shape (sum of the sizes,)
-    views : dict, the keys of ``like``, each an array shaped like its entry
-    """
-    arrays = list(like.values())
-    dtype = arrays[0].dtype if arrays else numpy.float32
-    total = sum(int(a.size) for a in arrays)
-    flat = xp.empty(total, dtype=dtype) if copy else xp.zeros(total, dtype=dtype)
-    views, offset = {}, 0
-    for key, a in like.items():
-        views[key] = flat[offset:offset + a.size].reshape(a.shape)
-        if copy:
-            views[key][...] = a
-        offset += int(a.size)
-    return flat, views
-
-
 def walk(layer):
     """``layer`` and, for a container, every layer inside it (depth first, in order)."""
     yield layer
@@ -98,20 +71,6 @@ def zero_grads(grads: dict) -> None:
     """Reset every gradient array in ``grads`` to zero, in place (the optimizer holds these arrays)."""
     for g in grads.values():
         g.fill(0)
-
-
-def as_pair(value, name: str) -> tuple[int, int]:
-    """Accept an int or a pair of ints (for kernel_size, stride, padding)."""
-    if isinstance(value, (int, numpy.integer)):
-        pair = (int(value), int(value))
-    else:
-        try:
-            pair = tuple(int(v) for v in value)
-        except TypeError as err:
-            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from err
-        if len(pair) != 2:
-            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
 
 
 class Layer:

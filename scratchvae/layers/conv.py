@@ -52,46 +52,13 @@ from __future__ import annotations
 import math
 
 from ..backend import array_module
-from .base import Layer, as_pair, init_rng
+from ..conv_utils import LAYOUTS, as_pair, check_layout, conv_output_size, conv_transpose_output_size
+from ..fused import kernels as fused_kernels
+from .base import Layer, init_rng
 
 __all__ = ["Conv2d", "ConvTranspose2d", "Workspace", "LAYOUTS", "conv_output_size", "conv_transpose_output_size",
            "im2col", "col2im", "conv2d_forward", "conv2d_backward",
            "conv_transpose2d_forward", "conv_transpose2d_backward"]
-
-
-# -- shape arithmetic (Python ints only) ----------------------------------------
-
-def conv_output_size(in_size, kernel_size, stride=1, padding=0) -> tuple[int, int]:
-    """Spatial output size of a convolution (PyTorch's formula, no dilation).
-
-    ``H_out = (H + 2*p - kh) // s + 1`` and likewise for the width.  The
-    result may be < 1 when the padded input is smaller than the kernel;
-    callers check.
-
-    Parameters
-    ----------
-    in_size : int or pair (H, W)
-    kernel_size, stride, padding : int or pair
-
-    Returns
-    -------
-    (H_out, W_out) : tuple of int
-    """
-    (h, w), (kh, kw) = as_pair(in_size, "in_size"), as_pair(kernel_size, "kernel_size")
-    (sh, sw), (ph, pw) = as_pair(stride, "stride"), as_pair(padding, "padding")
-    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-
-
-def conv_transpose_output_size(in_size, kernel_size, stride=1, padding=0, output_padding=0) -> tuple[int, int]:
-    """Spatial output size of a transposed convolution (PyTorch's formula).
-
-    ``H_out = (H - 1)*s - 2*p + kh + output_padding`` and likewise for the
-    width.  May be < 1 for a large padding; callers check.
-    """
-    (h, w), (kh, kw) = as_pair(in_size, "in_size"), as_pair(kernel_size, "kernel_size")
-    (sh, sw), (ph, pw) = as_pair(stride, "stride"), as_pair(padding, "padding")
-    oph, opw = as_pair(output_padding, "output_padding")
-    return (h - 1) * sh - 2 * ph + kh + oph, (w - 1) * sw - 2 * pw + kw + opw
 
 
 # -- scratch buffers --------------------------------------------------------------
@@ -142,15 +109,6 @@ def _buffer(workspace, key, shape, dtype, xp, zero=False):
     return workspace.get(key, shape, dtype, xp, zero)
 
 
-LAYOUTS = ("NCHW", "CHWB")
-
-
-def _check_layout(layout):
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return layout
-
-
 def _nchw_shape(x, layout):
     """(B, C, H, W) of an image array in ``layout``."""
     if layout == "CHWB":
@@ -197,7 +155,7 @@ def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW"
     kh, kw = as_pair(kernel_size, "kernel_size")
     sh, sw = as_pair(stride, "stride")
     ph, pw = as_pair(padding, "padding")
-    B, C, H, W = _nchw_shape(x, _check_layout(layout))
+    B, C, H, W = _nchw_shape(x, check_layout(layout))
     Ho, Wo = conv_output_size((H, W), (kh, kw), (sh, sw), (ph, pw))
     if Ho < 1 or Wo < 1:
         raise ValueError(f"im2col: input size {(H, W)} with padding {(ph, pw)} is smaller than the kernel {(kh, kw)}")
@@ -270,7 +228,7 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, *, workspace=None, l
             v_end = v + sw * (Wo - 1) + 1
             x_t[:, u:u_end:sh, v:v_end:sw, :] += cols6[:, u, v]  # (C, Ho, Wo, B)
     crop = x_t[:, ph:ph + H, pw:pw + W, :]  # (C, H, W, B)
-    if _check_layout(layout) == "CHWB":
+    if check_layout(layout) == "CHWB":
         return crop.copy() if workspace is not None or ph or pw else crop
     return xp.ascontiguousarray(crop.transpose(3, 0, 1, 2))  # (B, C, H, W)
 
@@ -303,7 +261,7 @@ def conv2d_forward(x, W, b, stride=1, padding=0, *, workspace=None, layout="NCHW
     """
     xp = array_module(x, W, b)
     stride, padding = as_pair(stride, "stride"), as_pair(padding, "padding")
-    x_shape = _nchw_shape(x, _check_layout(layout))
+    x_shape = _nchw_shape(x, check_layout(layout))
     B = x_shape[0]
     C_out, C_in, kh, kw = W.shape
     Ho, Wo = conv_output_size(x_shape[2:], (kh, kw), stride, padding)
@@ -390,7 +348,7 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0, output_padding=0, *, 
     """
     xp = array_module(x, W, b)
     stride, padding = as_pair(stride, "stride"), as_pair(padding, "padding")
-    B, _, H_in, W_in = _nchw_shape(x, _check_layout(layout))
+    B, _, H_in, W_in = _nchw_shape(x, check_layout(layout))
     C_in, C_out, kh, kw = W.shape
     Ho, Wo = conv_transpose_output_size((H_in, W_in), (kh, kw), stride, padding, output_padding)
     if Ho < 1 or Wo < 1:
@@ -446,12 +404,6 @@ def conv_transpose2d_backward(dout, cache, *, workspace=None):
 
 
 # -- layers ---------------------------------------------------------------------------
-
-def _fold_kernels():
-    """:mod:`scratchvae.kernels` for a fused layer (its im2col/col2im), with the model's message when missing."""
-    from ..vae import fused_ops
-    return fused_ops()
-
 
 def _check_geometry(name, in_channels, out_channels, kernel_size, stride, padding):
     if int(in_channels) < 1 or int(out_channels) < 1:
@@ -518,7 +470,7 @@ class Conv2d(Layer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, *,
                  layout="NCHW", backend=None, dtype="float32", rng=None, fused=False):
         super().__init__(backend=backend, dtype=dtype)
-        self.layout = _check_layout(layout)
+        self.layout = check_layout(layout)
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride = as_pair(stride, "stride")
         self.padding = as_pair(padding, "padding")
@@ -529,7 +481,7 @@ class Conv2d(Layer):
         k = 1.0 / math.sqrt(self.in_channels * kh * kw)
         self._add_param("W", gen.uniform(-k, k, size=(self.out_channels, self.in_channels, kh, kw)))
         self._add_param("b", gen.uniform(-k, k, size=(self.out_channels,)))
-        self._workspace = Workspace(_fold_kernels() if fused else None)
+        self._workspace = Workspace(fused_kernels() if fused else None)
 
     def output_size(self, in_size) -> tuple[int, int]:
         """(Ho, Wo) for an input of spatial size ``in_size`` (int or (H, W))."""
@@ -601,7 +553,7 @@ class ConvTranspose2d(Layer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  output_padding=0, *, layout="NCHW", backend=None, dtype="float32", rng=None, fused=False):
         super().__init__(backend=backend, dtype=dtype)
-        self.layout = _check_layout(layout)
+        self.layout = check_layout(layout)
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride = as_pair(stride, "stride")
         self.padding = as_pair(padding, "padding")
@@ -616,7 +568,7 @@ class ConvTranspose2d(Layer):
         k = 1.0 / math.sqrt(self.out_channels * kh * kw)
         self._add_param("W", gen.uniform(-k, k, size=(self.in_channels, self.out_channels, kh, kw)))
         self._add_param("b", gen.uniform(-k, k, size=(self.out_channels,)))
-        self._workspace = Workspace(_fold_kernels() if fused else None)
+        self._workspace = Workspace(fused_kernels() if fused else None)
 
     def output_size(self, in_size) -> tuple[int, int]:
         """(Ho, Wo) for an input of spatial size ``in_size`` (int or (H, W))."""

@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy
 
 from ..backend import array_module
-from .base import Layer, as_pair
-from .conv import _check_layout  # the layouts the conv stack uses: NCHW and CHWB
+from ..conv_utils import as_pair, check_layout
+from .base import Layer
 
 __all__ = ["MaxPool2d", "Upsample2d", "maxpool2d_forward", "maxpool2d_backward", "upsample2d_forward",
            "upsample2d_backward", "interpolation_matrix", "UPSAMPLE_MODES"]
@@ -113,7 +113,7 @@ class _ImageLayer(Layer):
 
     def __init__(self, layout="NCHW", **kw):
         super().__init__(**kw)
-        self.layout = _check_layout(layout)
+        self.layout = check_layout(layout)
 
     def forward(self, x):
         self._check_input(x, (None, None, None, None))

@@ -1,0 +1,83 @@
+"""The floors of the engine, checked on its source: lower floors never import upper ones.
+
+* nothing under ``scratchvae/layers/`` imports the model, its builders or the trainer;
+* the fused kernels (``scratchvae.kernels``) are imported in one place, ``scratchvae/fused.py``;
+* ``optim.py`` imports nothing from ``layers``;
+* no module imports another module's private (``_``) name;
+* imports inside functions are only the documented lazy ones (optional or heavy dependencies).
+"""
+import ast
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SOURCES = sorted([*(REPO / "scratchvae").rglob("*.py"), *(REPO / "kernels").rglob("*.py")])
+UPPER = ("scratchvae.vae", "scratchvae.models", "scratchvae.train", "scratchvae.cli", "scratchvae.distributed")
+# (module, imported name) of imports inside functions, each for an optional or heavy dependency
+LAZY = {("scratchvae/fused.py", "scratchvae.kernels"),                   # Numba: optional (fused=False)
+        ("kernels/__init__.py", "scratchvae.kernels.cuda"),             # numba-cuda: only for CuPy arrays
+        ("scratchvae/datasets/__init__.py", "scratchvae.datasets.download"),   # urllib: only to download
+        ("scratchvae/datasets/__init__.py", "scratchvae.datasets.images"),     # Pillow: only for images
+        ("scratchvae/datasets/images.py", "scratchvae.datasets.download"),
+        ("scratchvae/train.py", "scratchvae.figures")}                   # matplotlib: only at a run's end
+
+
+def module_name(path):
+    rel = path.relative_to(REPO)
+    parts = list(rel.with_suffix("").parts)
+    if parts[0] == "kernels":
+        parts = ["scratchvae", *parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts), path.name == "__init__.py"
+
+
+def imports(path):
+    """(absolute module, imported names, inside a function) of every scratchvae import in ``path``."""
+    name, is_package = module_name(path)
+    package = name if is_package else name.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text())
+    functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for n in ast.walk(f)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rsplit(".", 1)[0]
+            module = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
+            if not module.startswith("scratchvae"):
+                continue
+            for alias in node.names:
+                full = f"{module}.{alias.name}"
+                target = full if any(full == module_name(p)[0] for p in SOURCES) else module
+                yield target, alias.name, id(node) in functions
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("scratchvae"):
+                    yield alias.name, alias.name, id(node) in functions
+
+
+def test_layers_never_import_the_model_or_the_trainer():
+    for path in (REPO / "scratchvae" / "layers").rglob("*.py"):
+        for module, _, _ in imports(path):
+            assert not module.startswith(UPPER), (path.name, module)
+
+
+def test_the_kernels_are_imported_in_one_place():
+    importers = {str(p.relative_to(REPO)) for p in SOURCES for module, _, _ in imports(p)
+                 if module == "scratchvae.kernels" and not str(p.relative_to(REPO)).startswith("kernels/")}
+    assert importers == {"scratchvae/fused.py"}
+
+
+def test_optim_imports_nothing_from_layers():
+    assert not [m for m, _, _ in imports(REPO / "scratchvae" / "optim.py") if m.startswith("scratchvae.layers")]
+
+
+def test_no_module_imports_another_modules_private_name():
+    private = [(str(p.relative_to(REPO)), m, n) for p in SOURCES for m, n, _ in imports(p)
+               if n.startswith("_") and not n.startswith("__")]
+    assert private == []
+
+
+def test_imports_inside_functions_are_only_the_documented_lazy_ones():
+    lazy = {(str(p.relative_to(REPO)), m) for p in SOURCES for m, _, inside in imports(p) if inside}
+    assert lazy <= LAZY, sorted(lazy - LAZY)
