@@ -40,9 +40,9 @@ from mpi4py import MPI
 
 from scratchvae import distributed
 from scratchvae.backend import get as get_backend
+from scratchvae.models import mlp_vae
 from scratchvae.optim import Adam
 from scratchvae.train import train_step
-from scratchvae.vae import mlp_vae
 
 
 def main(argv=None) -> int:

@@ -46,8 +46,8 @@ def make_cases(seed):
     import numpy as np
 
     from scratchvae import kernels, losses, optim
+    from scratchvae.models import mlp_vae
     from scratchvae.optim import Adam
-    from scratchvae.vae import mlp_vae
 
     gen = np.random.default_rng(seed)
     X = C.mnist("train")

@@ -41,7 +41,7 @@ def _layers(batch):
     """[(name, layer, input shape in the layer's layout, needs dx)] of the conv VAE, in step order."""
     import numpy as np  # noqa: F401 - the model is NumPy
 
-    from scratchvae.vae import conv_vae
+    from scratchvae.models import conv_vae
 
     model = conv_vae(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, seed=0)
     x = np.zeros((batch, 784), np.float32)

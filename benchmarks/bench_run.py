@@ -46,7 +46,7 @@ def torch_worker(epochs: int, out: str, seed: int = 0, limit: int | None = None)
     import numpy as np
     import torch
 
-    from scratchvae.vae import mlp_vae
+    from scratchvae.models import mlp_vae
 
     torch.manual_seed(seed)
     x_train = torch.from_numpy(np.ascontiguousarray(C.mnist("train")[:limit], dtype=np.float32))

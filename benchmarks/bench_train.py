@@ -89,7 +89,7 @@ def build_parser():
 # -- the scratchvae side -------------------------------------------------------------------
 
 def build_model(kind, backend, seed, dtype="float32"):
-    from scratchvae.vae import conv_vae, mlp_vae
+    from scratchvae.models import conv_vae, mlp_vae
     if kind == "mlp":
         return mlp_vae(784, hidden=(400,), latent_dim=20, activation="relu", backend=backend, seed=seed, dtype=dtype)
     if kind == "conv":

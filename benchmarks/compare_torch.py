@@ -80,8 +80,8 @@ def main(argv=None, log=print) -> dict:
     torch, torch_reason = C.import_torch(args.no_torch)
     import numpy as np
 
+    from scratchvae.models import mlp_vae
     from scratchvae.optim import Adam
-    from scratchvae.vae import mlp_vae
 
     X = C.mnist("train")
     x_test = C.mnist("test")

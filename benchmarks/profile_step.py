@@ -207,8 +207,8 @@ def instrumented(T):
 
 
 def build(kind, seed):
+    from scratchvae.models import conv_vae, mlp_vae
     from scratchvae.optim import Adam
-    from scratchvae.vae import conv_vae, mlp_vae
     model = mlp_vae(seed=seed) if kind == "mlp" else conv_vae(seed=seed)
     opt = Adam(lr=1e-3)
     return model, opt, opt.init(model.params)

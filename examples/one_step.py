@@ -9,8 +9,8 @@ gradient (scratchvae/vae.py), one Adam update (scratchvae/optim.py).
 import numpy as np
 
 from scratchvae import datasets
+from scratchvae.models import mlp_vae
 from scratchvae.optim import Adam
-from scratchvae.vae import mlp_vae
 
 data = datasets.load("binarized-mnist")                   # shipped with the package, no download
 x_train = data.train[:20_000]                             # (N, 784) pixels in {0, 1}

@@ -11,8 +11,8 @@ import numpy as np
 
 from scratchvae import distributed
 from scratchvae.backend import get as get_backend
+from scratchvae.models import mlp_vae
 from scratchvae.optim import Adam
-from scratchvae.vae import mlp_vae
 
 
 def _model(seed=3):

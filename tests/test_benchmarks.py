@@ -70,7 +70,7 @@ def test_bench_train_without_torch(scripts, tmp_path):
 
 def test_matmul_floor_shapes_match_the_step(scripts):
     """The floor's product list has the FLOPs of the step's Dense layers."""
-    from scratchvae.vae import mlp_vae
+    from scratchvae.models import mlp_vae
     bt = scripts["bench_train"]
     products = bt.matmul_products(mlp_vae(), 4)
     flops = sum(2 * (a[1] if not ta else a[0]) * (a[0] if not ta else a[1]) * (b[1] if not tb else b[0])

@@ -593,7 +593,7 @@ def test_fused_unfold_is_bit_identical_to_the_array_code(B, C, H, W, kh, kw, sh,
 
 @pytest.mark.parametrize("downsample", ["stride", "pool"])
 def test_fused_conv_layers_give_the_plain_gradients_bit_for_bit(downsample):
-    from scratchvae.vae import conv_vae
+    from scratchvae.models import conv_vae
     plain = conv_vae(input_shape=(1, 12, 12), channels=(3, 4), hidden=8, latent_dim=2, dtype="float64",
                      fused=False, downsample=downsample)
     fused = conv_vae(input_shape=(1, 12, 12), channels=(3, 4), hidden=8, latent_dim=2, dtype="float64",

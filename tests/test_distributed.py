@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from scratchvae import checkpoint, distributed
+from scratchvae.models import mlp_autoencoder, mlp_vae
 from scratchvae.train import _check_shards
-from scratchvae.vae import mlp_autoencoder, mlp_vae
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "examples" / "train_mnist.py")

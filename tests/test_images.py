@@ -357,7 +357,7 @@ def test_a_conv_vae_trains_on_a_folder_of_colour_images(tmp_path, capsys, monkey
 
 
 def test_four_stride_stages_take_64_pixels_to_4():
-    from scratchvae.vae import conv_vae
+    from scratchvae.models import conv_vae
     model = conv_vae(input_shape=(3, 64, 64), channels=(4, 4, 4, 4), latent_dim=2, hidden=None, dtype="float64",
                      likelihood="gaussian", fused=False)
     x = np.random.default_rng(0).random((2, 3 * 64 * 64))

@@ -87,7 +87,7 @@ PLAIN_WITHOUT_NUMBA = textwrap.dedent("""
     sys.modules["scratchvae.kernels"] = None  # as in a checkout that was never installed
     import numpy as np
     import scratchvae.train
-    from scratchvae.vae import mlp_vae
+    from scratchvae.models import mlp_vae
     model = mlp_vae(input_dim=6, hidden=(4,), latent_dim=2, fused=False)
     x = (np.arange(12).reshape(2, 6) % 2).astype(np.float32)
     loss, _ = model.loss_and_grad(x, eps=np.zeros((2, 2), np.float32))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from scratchvae import gradcheck
-from scratchvae.vae import NonFiniteLoss, conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
+from scratchvae.models import conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
+from scratchvae.vae import NonFiniteLoss
 
 TOL = 1e-6
 FUSED = [pytest.param(False, id="plain"), pytest.param(True, id="fused")]
@@ -428,3 +429,12 @@ def test_contiguous_run_finds_only_arrays_that_tile_one_buffer_in_order():
     assert contiguous_run(state.m.values()) is not None and contiguous_run(state.v.values()) is not None
     mixed = Adam().init({"a": a, "b": b.astype(np.float32)})   # two dtypes: one array each
     assert mixed.m["b"].dtype == np.float32 and contiguous_run(mixed.m.values()) is None
+
+
+def test_the_builders_stay_importable_from_their_old_home():
+    import scratchvae.models as models
+    from scratchvae.vae import conv_autoencoder as ca
+    from scratchvae.vae import conv_vae as cv
+    from scratchvae.vae import mlp_autoencoder as ma
+    from scratchvae.vae import mlp_vae as mv
+    assert (mv, cv, ma, ca) == (models.mlp_vae, models.conv_vae, models.mlp_autoencoder, models.conv_autoencoder)

@@ -1,10 +1,13 @@
-"""Datasets: the shipped binarized MNIST, grayscale MNIST, any IDX folder.
+"""Datasets: the shipped binarized MNIST, grayscale MNIST, Fashion-MNIST, any IDX folder, a folder of
+your images, and CelebA.
 
-Every loader returns a :class:`Dataset` whose splits are ``(N, D)`` float32
-arrays of pixel intensities in ``[0, 1]``, one flattened image per row
-(row-major, ``D = prod(image_shape)``).
+Every loader returns a :class:`Dataset` whose splits hold one flattened image
+per row, ``(N, D)`` with ``D = prod(image_shape)`` (row-major): float32 pixel
+intensities in ``[0, 1]`` for the MNIST-like datasets, uint8 pixel levels
+(``levels = 256``) for the image datasets, which the trainer turns into
+intensities batch by batch.
 
-Three datasets are known (see :data:`DATASETS`):
+Six datasets are known (see :data:`DATASETS`; :data:`LOADERS` maps each name to its loader):
 
 ``"binarized-mnist"`` (the default)
     The static binarization of Larochelle & Murray (2011), the standard
@@ -26,6 +29,9 @@ Three datasets are known (see :data:`DATASETS`):
 ``"idx"``
     Any dataset in MNIST's IDX format (Fashion-MNIST, KMNIST, ...) found in
     ``data_dir`` under MNIST's four file names, validated by its headers.
+``"folder"`` and ``"celeba"``
+    Every image file under ``data_dir``, or CelebA as distributed, decoded
+    once with Pillow and cached (:mod:`scratchvae.datasets.images`).
 
 Pixels of the grayscale datasets are probabilities (``byte / 255``); pass
 ``binarize="static"`` to sample them to 0/1 once with a fixed seed, or
@@ -459,63 +465,96 @@ def load(name="binarized-mnist", data_dir=None, binarize=None, rng=None, log=Non
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(map(repr, DATASETS))}")
     if binarize not in BINARIZATIONS:
         raise ValueError(f"unknown binarize={binarize!r}; choose one of None, 'static', 'dynamic'")
+    options = _LoadOptions(key, data_dir, binarize, rng, log, mirrors, timeout, n_valid, color, image_size,
+                           cache_dir, progress, max_image_pixels)
+    return LOADERS[key](options)
 
-    if key == "binarized-mnist":
-        if n_valid is not None:
-            raise ValueError("binarized-mnist has a fixed 50,000/10,000 train/valid split; leave n_valid=None")
-        if data_dir is not None and log:
-            log("binarized-mnist: ships with scratchvae; data_dir is not used")
-        splits, test_labels = _load_binarized_mnist(log)
-        splits = binarize_splits(splits, binarize, rng)  # a no-op on 0/1 pixels
-        return Dataset(name=key, train=splits[0], valid=splits[1], test=splits[2],
-                       test_labels=test_labels, image_shape=(1, 28, 28), binary=True,  # unpacked bits
-                       dynamic_binarization=binarize == "dynamic")
 
-    if key == "mnist":
-        folder = _download().download_mnist(data_dir, mirrors=mirrors, timeout=timeout, log=log)
-        # Read exactly the verified .gz files (not an unverified uncompressed copy beside them).
-        paths = {role: folder / filename for role, filename in MNIST_FILES.items()}
-        return load_idx_files(key, paths, n_valid, binarize, rng)
+@dataclasses.dataclass(frozen=True)
+class _LoadOptions:
+    """The arguments of :func:`load`, as every loader of :data:`LOADERS` receives them."""
 
-    if key in IMAGE_DATASETS:
-        from . import images
-        if binarize is not None:
-            raise ValueError(f"dataset {key!r} holds 8-bit images: --binarize is not supported for it (grey levels "
-                             "are Bernoulli probabilities, or dequantized for the Gaussian likelihood)")
-        common = dict(color=color, image_size=image_size, cache_dir=cache_dir, log=log, progress=progress,
-                      max_pixels=images.MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels)
-        if key == "celeba":
-            return images.load_celeba(data_dir, **common)
-        if data_dir is None:
-            raise ValueError("dataset 'folder' needs --data-dir, the folder of images")
-        return images.load_folder(data_dir, seed=0 if rng is None else rng, **common)
+    name: str
+    data_dir: object
+    binarize: str | None
+    rng: object
+    log: object
+    mirrors: object
+    timeout: float
+    n_valid: int | None
+    color: str
+    image_size: int
+    cache_dir: object
+    progress: object
+    max_image_pixels: int | None
 
-    if key == "fashion-mnist":
-        folder = pathlib.Path(data_dir).expanduser() if data_dir is not None else FASHION_MNIST_DIR
-        if not folder.is_dir():
-            raise DatasetUnavailable(
-                f"dataset 'fashion-mnist': {folder} is not a folder; install the files with "
-                "`apt-get install dataset-fashion-mnist` (Debian, Ubuntu) or download the four IDX files "
-                "from https://github.com/zalandoresearch/fashion-mnist and pass their folder as --data-dir",
-                folder=folder)
-        paths = find_idx_files(folder)
-        if log:
-            log(f"fashion-mnist: reading the IDX files in {folder}")
-        ds = load_idx_files(key, paths, n_valid, binarize, rng)
-        ds.class_names = FASHION_MNIST_CLASSES
-        return ds
 
-    # key == "idx"
-    if data_dir is None:
+def _binarized_mnist(o: _LoadOptions) -> Dataset:
+    if o.n_valid is not None:
+        raise ValueError("binarized-mnist has a fixed 50,000/10,000 train/valid split; leave n_valid=None")
+    if o.data_dir is not None and o.log:
+        o.log("binarized-mnist: ships with scratchvae; data_dir is not used")
+    splits, test_labels = _load_binarized_mnist(o.log)
+    splits = binarize_splits(splits, o.binarize, o.rng)  # a no-op on 0/1 pixels
+    return Dataset(name=o.name, train=splits[0], valid=splits[1], test=splits[2],
+                   test_labels=test_labels, image_shape=(1, 28, 28), binary=True,  # unpacked bits
+                   dynamic_binarization=o.binarize == "dynamic")
+
+
+def _mnist(o: _LoadOptions) -> Dataset:
+    folder = _download().download_mnist(o.data_dir, mirrors=o.mirrors, timeout=o.timeout, log=o.log)
+    # Read exactly the verified .gz files (not an unverified uncompressed copy beside them).
+    paths = {role: folder / filename for role, filename in MNIST_FILES.items()}
+    return load_idx_files(o.name, paths, o.n_valid, o.binarize, o.rng)
+
+
+def _fashion_mnist(o: _LoadOptions) -> Dataset:
+    folder = pathlib.Path(o.data_dir).expanduser() if o.data_dir is not None else FASHION_MNIST_DIR
+    if not folder.is_dir():
+        raise DatasetUnavailable(
+            f"dataset 'fashion-mnist': {folder} is not a folder; install the files with "
+            "`apt-get install dataset-fashion-mnist` (Debian, Ubuntu) or download the four IDX files "
+            "from https://github.com/zalandoresearch/fashion-mnist and pass their folder as --data-dir",
+            folder=folder)
+    paths = find_idx_files(folder)
+    if o.log:
+        o.log(f"fashion-mnist: reading the IDX files in {folder}")
+    ds = load_idx_files(o.name, paths, o.n_valid, o.binarize, o.rng)
+    ds.class_names = FASHION_MNIST_CLASSES
+    return ds
+
+
+def _idx(o: _LoadOptions) -> Dataset:
+    if o.data_dir is None:
         raise ValueError("dataset 'idx' needs data_dir=, the folder holding the four IDX files "
                          f"({', '.join(n[:-3] for n in MNIST_FILES.values())}, .gz or not)")
-    folder = pathlib.Path(data_dir).expanduser()
+    folder = pathlib.Path(o.data_dir).expanduser()
     if not folder.is_dir():
         raise DatasetUnavailable(f"dataset 'idx': data_dir {folder} is not a folder", folder=folder)
     paths = find_idx_files(folder)
-    if log:
-        log("idx: reading " + ", ".join(p.name for p in paths.values()) + f" in {folder}")
-    return load_idx_files(key, paths, n_valid, binarize, rng)
+    if o.log:
+        o.log("idx: reading " + ", ".join(p.name for p in paths.values()) + f" in {folder}")
+    return load_idx_files(o.name, paths, o.n_valid, o.binarize, o.rng)
+
+
+def _images(o: _LoadOptions) -> Dataset:
+    """``folder`` and ``celeba``: 8-bit images decoded with Pillow (imported only for them)."""
+    from . import images
+    if o.binarize is not None:
+        raise ValueError(f"dataset {o.name!r} holds 8-bit images: --binarize is not supported for it (grey levels "
+                         "are Bernoulli probabilities, or dequantized for the Gaussian likelihood)")
+    common = dict(color=o.color, image_size=o.image_size, cache_dir=o.cache_dir, log=o.log, progress=o.progress,
+                  max_pixels=images.MAX_IMAGE_PIXELS if o.max_image_pixels is None else o.max_image_pixels)
+    if o.name == "celeba":
+        return images.load_celeba(o.data_dir, **common)
+    if o.data_dir is None:
+        raise ValueError("dataset 'folder' needs --data-dir, the folder of images")
+    return images.load_folder(o.data_dir, seed=0 if o.rng is None else o.rng, **common)
+
+
+#: Dataset name -> its loader (each takes :func:`load`'s arguments as a :class:`_LoadOptions`).
+LOADERS = {"binarized-mnist": _binarized_mnist, "mnist": _mnist, "fashion-mnist": _fashion_mnist, "idx": _idx,
+           "folder": _images, "celeba": _images}
 
 
 def _download():

@@ -1,0 +1,230 @@
+"""The builders: an MLP or convolutional VAE (and the plain-autoencoder twins) from a few numbers.
+
+``mlp_vae(input_dim=784, hidden=(400,), latent_dim=20)`` is Kingma & Welling's
+model; ``conv_vae`` stacks stride-2 convolutions (or 3x3 convolutions and
+max-pooling) down to a Dense bottleneck and transposed convolutions back up.
+Each returns a :class:`scratchvae.vae.VAE` (or :class:`~scratchvae.vae.Autoencoder`)
+whose parts are :mod:`scratchvae.layers` layers.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from .backend import resolve
+from .layers import (
+    Conv2d,
+    ConvTranspose2d,
+    Dense,
+    FromCHWB,
+    LeakyReLU,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Softplus,
+    Tanh,
+    ToCHWB,
+    Upsample2d,
+)
+from .layers.base import float_dtype
+from .vae import VAE, Autoencoder
+
+__all__ = ["mlp_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder", "DOWNSAMPLING"]
+
+
+_ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh, "softplus": Softplus, "sigmoid": Sigmoid}
+
+
+def _activation(name, fused=False, **kw):
+    """The activation layer ``name``; ``fused`` reaches the one with Numba loops (ReLU)."""
+    try:
+        return _ACTIVATIONS[name](fused=fused, **kw) if name == "relu" else _ACTIVATIONS[name](**kw)
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
+
+
+def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused=False):
+    be, dt = resolve(backend), float_dtype(dtype)
+    gen = numpy.random.default_rng(seed)
+    kw = dict(backend=be, dtype=dt)
+    akw = dict(kw, fused=fused)   # the activations: Numba loops when fused
+    hidden = tuple(int(h) for h in hidden)
+    if not hidden:
+        raise ValueError("hidden must name at least one layer width")
+    enc, width = [], int(input_dim)
+    for h in hidden:
+        enc += [Dense(width, h, rng=gen, **kw), _activation(activation, **akw)]
+        width = h
+    heads = Dense(width, latent_dim, rng=gen, **kw), Dense(width, latent_dim, rng=gen, **kw)
+    dec, width = [], int(latent_dim)
+    for h in reversed(hidden):
+        dec += [Dense(width, h, rng=gen, **kw), _activation(activation, **akw)]
+        width = h
+    dec.append(Dense(width, int(input_dim), rng=gen, **kw))
+    enc[0].input_grad = False   # its input is data: skip dL/dx
+    return Sequential(*enc), heads, Sequential(*dec)
+
+
+def mlp_vae(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",
+            backend=None, dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None) -> VAE:
+    """An MLP VAE: input_dim -> hidden... -> (mu, log_sigma) of latent_dim; the decoder mirrors it.
+
+    With the defaults, the 784-400-20 ReLU model of Kingma & Welling.
+    Weights are initialized from ``seed`` (PyTorch's default scheme).
+    ``input_shape`` (e.g. (1, 28, 28)) only tells the model, and the figures,
+    how a flat row of ``input_dim`` pixels is an image; default (input_dim,).
+    """
+    encoder, (mu, log_sigma), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused)
+    return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
+               gaussian_log_sigma=gaussian_log_sigma, fused=fused)
+
+
+def mlp_autoencoder(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",
+                    backend=None, dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None) -> Autoencoder:
+    """The plain-autoencoder twin of :func:`mlp_vae` (same layers, no log_sigma head)."""
+    encoder, (code, _), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused)
+    return Autoencoder(encoder, code, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
+                       gaussian_log_sigma=gaussian_log_sigma, fused=fused)
+
+
+def _flat_shape(input_dim, input_shape):
+    if input_shape is None:
+        return (int(input_dim),)
+    if math.prod(input_shape) != int(input_dim):
+        raise ValueError(f"input_shape {tuple(input_shape)} does not hold input_dim={input_dim} pixels")
+    return tuple(int(s) for s in input_shape)
+
+
+DOWNSAMPLING = ("stride", "pool")
+
+
+def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, dtype, seed, downsample="stride",
+                fused=False):
+    be, dt = resolve(backend), float_dtype(dtype)
+    gen = numpy.random.default_rng(seed)
+    kw = dict(backend=be, dtype=dt)
+    ckw = dict(kw, fused=fused)   # the convolutions: im2col/col2im as Numba loops when fused
+    c_in, height, width = (int(s) for s in input_shape)
+    channels = tuple(int(c) for c in channels)
+    if downsample not in DOWNSAMPLING:
+        raise ValueError(f"downsample must be one of {DOWNSAMPLING}, got {downsample!r}")
+    if downsample == "pool":
+        return _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, gen, kw, ckw)
+    sizes = [(height, width)]          # spatial size after each stride-2 4x4 convolution (padding 1)
+    for _ in channels:
+        h, w = sizes[-1]
+        sizes.append(((h - 2) // 2 + 1, (w - 2) // 2 + 1))
+    if min(sizes[-1]) < 1:
+        raise ValueError(f"input_shape {input_shape} is too small for {len(channels)} stride-2 convolutions")
+    # the convolutions work in the batch-innermost layout (C, H, W, B) between ToCHWB and FromCHWB
+    enc = [ToCHWB((c_in, height, width), **kw)]
+    prev = c_in
+    for c in channels:
+        enc += [Conv2d(prev, c, 4, stride=2, padding=1, layout="CHWB", rng=gen, **ckw), _activation(activation, **ckw)]
+        prev = c
+    enc.append(FromCHWB(**kw))
+    tail, heads, dec = _bottleneck(prev * sizes[-1][0] * sizes[-1][1], hidden, latent_dim, activation, gen, kw,
+                                   ckw)
+    enc += tail
+    dec.append(ToCHWB((prev, *sizes[-1]), **kw))
+
+    def up(i, c_from, c_to):
+        small, big = sizes[len(channels) - i], sizes[len(channels) - i - 1]
+        # (s - 1) * 2 - 2 + 4 + output_padding = big  =>  output_padding = big - 2 s
+        out_pad = (big[0] - 2 * small[0], big[1] - 2 * small[1])
+        return [ConvTranspose2d(c_from, c_to, 4, stride=2, padding=1, output_padding=out_pad, layout="CHWB",
+                                rng=gen, **ckw)]
+    return _assemble(enc, heads, dec, channels, c_in, up, activation, kw, ckw)
+
+
+def _assemble(enc, heads, dec, channels, c_in, up, activation, kw, ckw):
+    """Finish the conv parts: the decoder's up stages, ``up(i, c_from, c_to)`` -> layers, one per
+    encoder stage in reverse order back to ``c_in`` channels, the activation between them (none after
+    the last: its output is the likelihood's parameter), then FromCHWB; the first convolution skips
+    dL/dx (its input is data). Returns (encoder, heads, decoder)."""
+    prev = channels[-1]
+    ups = list(reversed(channels[:-1])) + [c_in]
+    for i, c in enumerate(ups):
+        dec += up(i, prev, c)
+        if i < len(ups) - 1:
+            dec.append(_activation(activation, **ckw))
+        prev = c
+    dec.append(FromCHWB(**kw))
+    enc[1].input_grad = False
+    return Sequential(*enc), heads, Sequential(*dec)
+
+
+def _bottleneck(flat, hidden, latent_dim, activation, gen, kw, ckw):
+    """The Dense layers between the conv stacks: (encoder tail, heads, decoder head).
+
+    The decoder's last Dense stores its output batch-fastest (``order="F"``), and the
+    encoder's first reads FromCHWB's transposed view, so that no transposing copy
+    stands between the Dense layers and the CHWB convolutions, forward or backward."""
+    enc, width_in = [], flat
+    if hidden:
+        enc += [Dense(flat, hidden, rng=gen, **kw), _activation(activation, **ckw)]
+        width_in = hidden
+    heads = Dense(width_in, latent_dim, rng=gen, **kw), Dense(width_in, latent_dim, rng=gen, **kw)
+    if hidden:
+        dec = [Dense(latent_dim, hidden, rng=gen, **kw), _activation(activation, **ckw),
+               Dense(hidden, flat, order="F", rng=gen, **kw), _activation(activation, **ckw)]
+    else:
+        dec = [Dense(latent_dim, flat, order="F", rng=gen, **kw), _activation(activation, **ckw)]
+    return enc, heads, dec
+
+
+def _pool_parts(c_in, height, width, channels, latent_dim, hidden, activation, gen, kw, ckw):
+    """The encoder that compresses with max-pooling and the decoder that up-samples, as the VAE
+    explainers describe them: per stage a 3x3 convolution (padding 1), the activation and a 2x2
+    max-pooling; back up, a nearest up-sampling by 2 and a 3x3 convolution. In the CHWB layout."""
+    stages = len(channels)
+    if height % 2 ** stages or width % 2 ** stages:
+        raise ValueError(f"downsample='pool': the image size {height}x{width} must be divisible by 2**{stages} "
+                         f"(one halving per entry of channels {channels})")
+    small = (height // 2 ** stages, width // 2 ** stages)
+    enc, prev = [ToCHWB((c_in, height, width), **kw)], c_in
+    for c in channels:
+        enc += [Conv2d(prev, c, 3, padding=1, layout="CHWB", rng=gen, **ckw), _activation(activation, **ckw),
+                MaxPool2d(2, layout="CHWB", **kw)]
+        prev = c
+    enc.append(FromCHWB(**kw))
+    tail, heads, dec = _bottleneck(prev * small[0] * small[1], hidden, latent_dim, activation, gen, kw, ckw)
+    enc += tail
+    dec.append(ToCHWB((prev, *small), **kw))
+
+    def up(i, c_from, c_to):
+        return [Upsample2d(2, layout="CHWB", **kw), Conv2d(c_from, c_to, 3, padding=1, layout="CHWB", rng=gen, **ckw)]
+    return _assemble(enc, heads, dec, channels, c_in, up, activation, kw, ckw)
+
+
+def conv_vae(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, likelihood="bernoulli", backend=None,
+             dtype="float32", seed=0, hidden=256, activation="relu", gaussian_log_sigma="learned",
+             fused=True, downsample="stride") -> VAE:
+    """A convolutional VAE.
+
+    Encoder: stride-2 4x4 convolutions (padding 1) with ``channels``, a
+    Dense bottleneck of ``hidden`` units (None: none), Dense heads for mu and
+    log_sigma.  Decoder: the mirror image, with ConvTranspose2d back up to
+    ``input_shape`` (output_padding chosen so odd sizes come back exactly).
+    With ``downsample="pool"``: 3x3 convolutions each followed by a 2x2
+    max-pooling, and back up through nearest up-sampling and 3x3 convolutions
+    (H and W divisible by 2 per stage). Takes and returns flat (B, C*H*W)
+    arrays like the MLP model. ``fused`` also runs the convolutions'
+    im2col/col2im as Numba loops (bit-identical to the array code).
+    """
+    encoder, (mu, log_sigma), decoder = _conv_parts(input_shape, channels, latent_dim, hidden, activation,
+                                                    backend, dtype, seed, downsample, fused)
+    return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=tuple(input_shape),
+               gaussian_log_sigma=gaussian_log_sigma, fused=fused)
+
+
+def conv_autoencoder(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, likelihood="bernoulli",
+                     backend=None, dtype="float32", seed=0, hidden=256, activation="relu",
+                     gaussian_log_sigma="learned", fused=True, downsample="stride") -> Autoencoder:
+    """The plain-autoencoder twin of :func:`conv_vae`."""
+    encoder, (code, _), decoder = _conv_parts(input_shape, channels, latent_dim, hidden, activation,
+                                              backend, dtype, seed, downsample, fused)
+    return Autoencoder(encoder, code, decoder, likelihood=likelihood, input_shape=tuple(input_shape),
+                       gaussian_log_sigma=gaussian_log_sigma, fused=fused)
