@@ -16,12 +16,17 @@ into ``config.out``:
   failure, when a run fails);
 * the figures of :mod:`scratchvae.figures`.
 
-Each of them records the run's identity (``run_id``).
+Each of them records the run's identity (``run_id``), and the checkpoint
+records the SHA-256 of the data (``data_sha256``): a run never resumes into
+another run's folder or on other data.
 
-All randomness (shuffling, noise eps, dynamic binarization) comes from one
-host NumPy generator seeded by ``config.seed`` and saved in every checkpoint,
-so a resumed run ends bit-identical to an uninterrupted one on NumPy.
-The command line is :mod:`scratchvae.cli`.
+The randomness of every epoch (the shuffle, the noise eps, dynamic
+binarization, the denoising corruption) comes from generators seeded by
+``(config.seed, epoch, stream)`` (:func:`_seeds`) and drawn on the device;
+nothing random is saved, so a resumed run regenerates what an uninterrupted
+one drew and ends bit-identical to it. A step reads nothing back from the
+device: the loss sums and a finiteness flag are read every
+:data:`CHECK_EVERY` steps. The command line is :mod:`scratchvae.cli`.
 """
 from __future__ import annotations
 

@@ -270,6 +270,16 @@ class VAE(_Model):
                       x_in=None, batch_total=None, reduce=None):
         """Negative ELBO in nats per example; accumulates its gradient into ``grads``.
 
+        A plain call, ``loss_and_grad(x, eps=eps)`` (and ``beta``,
+        ``free_bits``), runs exactly the forward and backward lines of the
+        module docstring. The other arguments are for the trainer, and the
+        lines marked ``# trainer:`` are theirs: ``check_data=False`` skips
+        the data check (the trainer validated the data set once),
+        ``sync=False`` keeps the results on the device (no host read in a
+        step), ``x_in`` feeds a denoising model's encoder, and
+        ``batch_total`` and ``reduce`` make ``x`` one shard of a data-parallel
+        batch.
+
         Parameters
         ----------
         x : array (B, D) or (B, C, H, W)
@@ -317,11 +327,11 @@ class VAE(_Model):
             KL as it enters the loss, after free bits), ``kl_per_dim`` (L,)
             (a host float64 array, or the device array with ``sync=False``).
         """
-        x = self._checked_input(x) if check_data else self._as_input(x)
-        x_in = x if x_in is None else self._encoder_input(x_in, x, check_data)
+        x = self._checked_input(x) if check_data else self._as_input(x)           # trainer: check_data
+        x_in = x if x_in is None else self._encoder_input(x_in, x, check_data)   # trainer: denoising input
         _check_loss_weights(beta, free_bits)
         B = x.shape[0]
-        n = _batch_total(B, batch_total)                   # the examples the means are over
+        n = _batch_total(B, batch_total)                   # the examples the means are over (trainer: a shard's batch)
         eps = self._noise(B, rng, eps)                     # (B, L)
 
         # forward
@@ -333,13 +343,13 @@ class VAE(_Model):
         nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / n)   # (B,), (B, D), (D,) or None
         kl_per_dim = kl.sum(axis=0) / n                    # (L,)
         recon, kl_mean = nll.sum() / n, kl_per_dim.sum()   # 0-d, on the backend
-        if sync:
+        if sync:                                           # trainer: sync=False reads nothing back here
             recon, kl_mean = float(recon), float(kl_mean)
             self._raise_if_not_finite(recon, kl_mean, mu, log_sigma)
-        # free bits decide a dimension's activity from the whole batch's KL
+        # free bits decide a dimension's activity from the whole batch's KL (trainer: summed over the shards)
         batch_kl = reduce(kl_per_dim) if (reduce is not None and free_bits > 0) else kl_per_dim   # (L,)
         kl_term, kl_weight = self._kl_term_and_weight(batch_kl, beta, free_bits, n)   # 0-d, (L,)
-        if sync:
+        if sync:                                           # trainer
             kl_term = float(kl_term)
 
         # backward
@@ -352,7 +362,7 @@ class VAE(_Model):
         self.encoder.backward(dh)
 
         loss = recon + beta * kl_term
-        per_dim = self.backend.asnumpy(kl_per_dim).astype(numpy.float64) if sync else kl_per_dim
+        per_dim = self.backend.asnumpy(kl_per_dim).astype(numpy.float64) if sync else kl_per_dim   # trainer
         return loss, {"loss": loss, "recon": recon, "kl": kl_mean, "kl_term": kl_term, "kl_per_dim": per_dim}
 
     def _noise(self, B, rng, eps):
