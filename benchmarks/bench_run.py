@@ -13,7 +13,7 @@ its epoch times are likewise the training loop alone, and it evaluates the
 test negative ELBO after every epoch as the trainer does.
 
 Each run is its own process, one after the other, ``--settle`` seconds apart
-(this VM slows down under sustained load and recovers when idle), in ABBA
+(a virtual machine may slow down under sustained load and recover when idle), in ABBA
 order over ``--rounds`` rounds; the report gives every run's epoch times,
 the per-epoch medians side by side and the whole-run totals.
 
