@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 
 import matplotlib
 import numpy as np
@@ -50,6 +49,23 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 from matplotlib.ticker import MaxNLocator
 
+from .analysis import (
+    BATCH,
+    as_images,
+    attribute_blocks,
+    attribute_vector,
+    decode_all,
+    encode_all,
+    flatten_input,
+    host,
+    image_shape,
+    interpolation_paths,
+    latent_projection,
+    manifold_lattice,
+    posterior_means,
+    reconstruct_all,
+    take,
+)
 from .atomic import atomic_write, to_jsonable
 
 __all__ = [
@@ -67,15 +83,9 @@ __all__ = [
     "save_all",
 ]
 
-#: Rows sent to the model per call (bounds host and device memory).
-BATCH = 500
 #: Resolution of every saved PNG.
 DPI = 100
 
-# Radius of the circle holding 99% of a standard normal in 2-D (chi with 2
-# degrees of freedom: sqrt(-2 ln 0.01)) and of the interval in 1-D.
-_PRIOR_R99_2D = math.sqrt(-2.0 * math.log(0.01))
-_PRIOR_R99_1D = statistics.NormalDist().inv_cdf(0.995)
 
 
 # ---------------------------------------------------------------------------
@@ -150,105 +160,6 @@ def _save(fig, path, run_id=None):
     return path
 
 
-def _image_shape(model):
-    """``model.input_shape`` as ``(C, H, W)``.
-
-    ``(H, W)`` means one channel; a flat ``(D,)`` (an MLP built without an
-    image shape) is shown as a square grayscale ``(1, s, s)`` when
-    ``D = s * s``.
-    """
-    shape = tuple(int(s) for s in model.input_shape)
-    if len(shape) == 1:
-        side = math.isqrt(shape[0])
-        if side * side != shape[0]:
-            raise ValueError(f"cannot draw flat inputs of {shape[0]} values as images: build the "
-                             f"model with input_shape=(C, H, W)")
-        shape = (1, side, side)
-    if len(shape) == 2:
-        shape = (1,) + shape
-    if len(shape) != 3:
-        raise ValueError(f"model.input_shape must be (C, H, W), got {model.input_shape}")
-    return shape
-
-
-def _flat_dim(model):
-    return int(np.prod(_image_shape(model)))
-
-
-def _as_images(model, flat):
-    """Host array ``(N, D)`` -> ``(N, C, H, W)``."""
-    flat = np.asarray(flat)
-    return flat.reshape((flat.shape[0],) + _image_shape(model))
-
-
-def _flatten_input(model, x):
-    """Reshape a host or backend array of ``N`` images to ``(N, D)``."""
-    d = _flat_dim(model)
-    n = int(x.shape[0])
-    if int(np.prod(x.shape[1:])) != d:
-        raise ValueError(f"x has shape {tuple(x.shape)}, which does not match the model's "
-                         f"input_shape {tuple(model.input_shape)} (D = {d})")
-    return x.reshape(n, d)
-
-
-def _take(model, x, idx):
-    """``x[idx]`` for a host or backend ``x`` and host integer ``idx``."""
-    idx = np.asarray(idx, dtype=np.int64)
-    if isinstance(x, np.ndarray):
-        return x[idx]
-    return x[model.backend.asarray(idx)]
-
-
-def _host(model, a):
-    return np.asarray(model.backend.asnumpy(a))
-
-
-def _encode_all(model, x, batch=BATCH):
-    """Encode ``(N, D)`` ``x`` in batches; host ``mu`` and ``log_sigma`` (or None)."""
-    mus, logs = [], []
-    has_sigma = True
-    for s in range(0, int(x.shape[0]), batch):
-        xb = model.backend.asarray(x[s:s + batch], dtype=model.dtype)
-        mu, log_sigma = model.encode(xb)
-        mus.append(_host(model, mu).reshape(xb.shape[0], -1))
-        if log_sigma is None:
-            has_sigma = False
-        elif has_sigma:
-            logs.append(_host(model, log_sigma).reshape(xb.shape[0], -1))
-    if not mus:
-        raise ValueError("cannot encode an empty batch")
-    mu = np.concatenate(mus).astype(np.float64)
-    log_sigma = np.concatenate(logs).astype(np.float64) if has_sigma else None
-    return mu, log_sigma
-
-
-def _decode_all(model, z, batch=BATCH):
-    """Decode host latents ``(N, K)`` in batches; host images ``(N, D)``."""
-    z = np.asarray(z)
-    out = []
-    for s in range(0, z.shape[0], batch):
-        zb = model.backend.asarray(z[s:s + batch], dtype=model.dtype)
-        out.append(_host(model, model.decode(zb)).reshape(zb.shape[0], -1))
-    return np.concatenate(out).astype(np.float64)
-
-
-def _reconstruct_all(model, x, batch=BATCH):
-    out = []
-    for s in range(0, int(x.shape[0]), batch):
-        xb = model.backend.asarray(x[s:s + batch], dtype=model.dtype)
-        out.append(_host(model, model.reconstruct(xb)).reshape(xb.shape[0], -1))
-    return np.concatenate(out).astype(np.float64)
-
-
-def _check_labels(model, labels, n):
-    if labels is None:
-        return None
-    labels = np.asarray(model.backend.asnumpy(labels)).reshape(-1)
-    if labels.shape[0] != n:
-        raise ValueError(f"labels has {labels.shape[0]} entries but x_test has {n} images")
-    return labels
-
-
 def _grid_figure(grid, title, max_inches=10.0, min_inches=3.0):
     """A figure sized to an image grid (about 3 screen pixels per image pixel)."""
     h, w = grid.shape[:2]
@@ -307,11 +218,11 @@ def plot_samples(model, path, rng, n=64, run_id=None):
     chunks, left = [], n
     while left > 0:
         m = min(left, BATCH)
-        chunks.append(_host(model, model.sample(m, rng)).reshape(m, -1))
+        chunks.append(host(model, model.sample(m, rng)).reshape(m, -1))
         left -= m
     flat = np.concatenate(chunks).astype(np.float64)
     ncols = int(math.ceil(math.sqrt(n)))
-    grid = image_grid(_as_images(model, flat), ncols)
+    grid = image_grid(as_images(model, flat), ncols)
     if getattr(model, "code_head", None) is None:
         title = f"{n} samples decoded from z ~ N(0, I)  ({model.latent_dim}-D latent)"
     else:   # an autoencoder has no prior: these are decoded random codes, not samples of a model
@@ -351,15 +262,15 @@ def plot_reconstructions(model, x_test, path, n=16, run_id=None):
         (mean squared error per pixel of the shown reconstructions; the
         reconstruction loss in nats is the trainer's ``test_recon``).
     """
-    x = _flatten_input(model, x_test)
+    x = flatten_input(model, x_test)
     n = min(int(n), int(x.shape[0]))
     if n < 1:
         raise ValueError("plot_reconstructions needs at least one test image")
     # evenly spaced over the split, not its first n: MNIST's test split is ordered by class
     idx = np.linspace(0, x.shape[0] - 1, n).round().astype(np.int64)
-    shown = _take(model, x, idx)
-    inputs = _host(model, shown).reshape(n, -1).astype(np.float64)
-    recons = _reconstruct_all(model, shown)
+    shown = take(model, x, idx)
+    inputs = host(model, shown).reshape(n, -1).astype(np.float64)
+    recons = reconstruct_all(model, shown)
     per_row = min(16, n)
     nrows = -(-n // per_row)
     tiles, row_kind = [], []
@@ -369,10 +280,10 @@ def plot_reconstructions(model, x_test, path, n=16, run_id=None):
         fill = [blank] * (per_row - (b - a))
         tiles += [inputs[a:b]] + fill + [recons[a:b]] + fill
         row_kind += ["input", "recon"]
-    grid = image_grid(_as_images(model, np.concatenate(tiles)), per_row)
+    grid = image_grid(as_images(model, np.concatenate(tiles)), per_row)
     fig, ax = _grid_figure(grid, f"Test inputs (rows 'input') and reconstructions "
                                  f"(rows 'recon'), n = {n}", max_inches=9.0)
-    h = _image_shape(model)[1]
+    h = image_shape(model)[1]
     ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(len(row_kind))], row_kind, fontsize=8)
     ax.tick_params(axis="y", length=0)
     _save(fig, path, run_id)
@@ -474,27 +385,6 @@ def plot_curves(history, path, run_id=None):
     })
 
 
-def _radius_holding(norms, fraction=0.99):
-    """Smallest radius ``r`` among the norms with ``mean(norms <= r) >= fraction``."""
-    s = np.sort(np.asarray(norms, dtype=np.float64))
-    k = max(int(math.ceil(fraction * s.size - 1e-9)), 1)
-    return float(s[k - 1])
-
-
-def _pca_directions(mu, k=2):
-    """Top-``k`` principal directions (rows) of ``mu`` and their variance share."""
-    centred = mu - mu.mean(axis=0)
-    # fewer points than directions (a one-image test split): the full basis completes them (zero variance)
-    _, s, vt = np.linalg.svd(centred, full_matrices=centred.shape[0] < k)
-    var = s ** 2
-    total = var.sum()
-    share = float(var[:k].sum() / total) if total > 0 else 1.0
-    # fix the sign so the output is deterministic: largest |entry| positive
-    signs = np.sign(vt[np.arange(k), np.argmax(np.abs(vt[:k]), axis=1)])
-    signs[signs == 0] = 1.0
-    return vt[:k] * signs[:, None], share
-
-
 def plot_latent(model, x_test, path, labels=None, run_id=None):
     """Scatter of the test-set posterior means, coloured by class.
 
@@ -526,35 +416,14 @@ def plot_latent(model, x_test, path, labels=None, run_id=None):
         ``explained_variance`` (share of the means' variance in the plotted
         plane; 1.0 for identity), ``mean_norm``.
     """
-    x = _flatten_input(model, x_test)
-    mu, _ = _encode_all(model, x)
-    n, k = mu.shape
-    labels = _check_labels(model, labels, n)
-
-    if k == 1:
-        projection, pts, share = "identity", mu, 1.0
-        norms = np.abs(mu[:, 0])
-        prior_r = _PRIOR_R99_1D
-    elif k == 2:
-        projection, pts, share = "identity", mu, 1.0
-        norms = np.linalg.norm(pts, axis=1)
-        prior_r = _PRIOR_R99_2D
-    else:
-        directions, share = _pca_directions(mu)
-        projection, pts = "pca", mu @ directions.T
-        norms = np.linalg.norm(pts, axis=1)
-        prior_r = _PRIOR_R99_2D
-    radius99 = _radius_holding(norms, 0.99)
+    view = latent_projection(model, x_test, labels)
+    xs, ys, labels, kind = view["xs"], view["ys"], view["labels"], view["kind"]
+    n, k = view["mu"].shape
+    radius99, prior_r, share = view["radius99"], view["prior_radius99"], view["explained_variance"]
 
     fig = Figure(figsize=(7.2, 6.2), layout="constrained")
     ax = fig.add_subplot()
     size = 6 if n <= 2000 else 3
-    if k == 1:
-        xs = labels.astype(np.float64) if labels is not None else np.arange(n, dtype=np.float64)
-        ys = mu[:, 0]
-    else:
-        xs, ys = pts[:, 0], pts[:, 1]
-
     if labels is not None:
         classes = np.unique(labels)
         cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
@@ -571,7 +440,7 @@ def plot_latent(model, x_test, path, labels=None, run_id=None):
     else:
         ax.scatter(xs, ys, s=size, alpha=0.5, color="tab:blue", linewidths=0)
 
-    if k == 1:
+    if kind == "1d":
         for sign in (1, -1):
             ax.axhline(sign * radius99, color="black", lw=1.2)
             ax.axhline(sign * prior_r, color="gray", lw=1, ls="--")
@@ -583,15 +452,14 @@ def plot_latent(model, x_test, path, labels=None, run_id=None):
         ax.add_patch(Circle((0, 0), radius99, fill=False, color="black", lw=1.4))
         ax.add_patch(Circle((0, 0), prior_r, fill=False, color="gray", lw=1, ls="--"))
         ax.plot([0], [0], "+", color="black", ms=10)
-        lim = 1.05 * max(radius99, prior_r, float(np.abs(pts).max()) if n else 0.0)
+        lim = 1.05 * max(radius99, prior_r, float(np.abs(np.concatenate([xs, ys])).max()) if n else 0.0)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
-        if projection == "pca":
+        if kind == "pca":
             ax.set_xlabel("PC 1")
             ax.set_ylabel("PC 2")
-            what = (f"PCA projection of {k}-D means ({100 * share:.0f}% of their variance), "
-                    f"n = {n}")
+            what = f"PCA projection of {k}-D means ({100 * share:.0f}% of their variance), n = {n}"
         else:
             ax.set_xlabel("z[0]")
             ax.set_ylabel("z[1]")
@@ -603,18 +471,13 @@ def plot_latent(model, x_test, path, labels=None, run_id=None):
     _save(fig, path, run_id)
     return to_jsonable({
         "path": os.fspath(path),
-        "projection": projection,
+        "projection": "pca" if kind == "pca" else "identity",
         "radius99": radius99,
         "prior_radius99": prior_r,
         "n_points": n,
         "explained_variance": share,
-        "mean_norm": float(norms.mean()),
+        "mean_norm": float(view["norms"].mean()),
     })
-
-
-def _normal_quantiles(n, lo=0.05, hi=0.95):
-    inv = statistics.NormalDist().inv_cdf
-    return np.asarray([inv(p) for p in np.linspace(lo, hi, n)])
 
 
 def plot_manifold(model, path, x_test=None, n=20, run_id=None):
@@ -646,39 +509,10 @@ def plot_manifold(model, path, x_test=None, n=20, run_id=None):
         lattice coordinates) and ``n``.
     """
     k = int(model.latent_dim)
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    activity, mu, prior = None, None, True
-    if x_test is not None:
-        mu, log_sigma = _encode_all(model, _flatten_input(model, x_test))
-        activity, prior = mu.var(axis=0), log_sigma is not None   # a plain autoencoder has no prior
-    if k == 1:
-        dims = (0,)
-    elif k == 2:
-        dims = (0, 1)
-    else:
-        if activity is None:
-            raise ValueError(f"plot_manifold needs x_test for a {k}-D latent (to pick the two "
-                             f"most active dimensions)")
-        order = np.argsort(-activity, kind="stable")
-        dims = (int(order[0]), int(order[1]))
-    q = _normal_quantiles(n)
-    if not prior:   # no prior to take quantiles of: span the square inside the codes' 99% circle
-        radius = _radius_holding(np.linalg.norm(mu[:, list(dims)], axis=1))
-        q = np.linspace(-radius, radius, n) / math.sqrt(2) if k > 1 else np.linspace(-radius, radius, n)
-
-    if k == 1:
-        z = q[:, None].copy()
-        grid = image_grid(_as_images(model, _decode_all(model, z)), n)
-    else:
-        a, b = dims
-        z = np.zeros((n * n, k))
-        for r in range(n):                 # top row = largest value of dims[1]
-            for c in range(n):
-                z[r * n + c, a] = q[c]
-                z[r * n + c, b] = q[n - 1 - r]
-        grid = image_grid(_as_images(model, _decode_all(model, z)), n)
+    lattice = manifold_lattice(model, x_test, n)
+    n, dims, q, activity, prior, radius = (int(n), lattice["dims"], lattice["quantiles"], lattice["activity"],
+                                           lattice["prior"], lattice["radius"])
+    grid = image_grid(as_images(model, lattice["images"]), n)
 
     if not prior:
         title = (f"Decoded lattice inside the circle holding 99% of the test codes (r = {radius:.2f})"
@@ -691,7 +525,7 @@ def plot_manifold(model, path, x_test=None, n=20, run_id=None):
                  f"active of {k}\n(activity = Var[mu_j] over the test set: "
                  f"{activity[dims[0]]:.3g}, {activity[dims[1]]:.3g}); other dims fixed at 0")
     fig, ax = _grid_figure(grid, title, max_inches=8.5, min_inches=5.0)
-    h, w = _image_shape(model)[1:]
+    h, w = image_shape(model)[1:]
     ticks = sorted({0, n - 1} | ({(n - 1) // 2} if n % 2 else set()))
     ax.set_xticks([t * (w + 1) + (w - 1) / 2 for t in ticks], [f"{q[t]:.2f}" for t in ticks],
                   fontsize=8)
@@ -751,56 +585,17 @@ def plot_interpolation(model, x_test, path, rng, labels=None, n_pairs=6, steps=1
         ``attribute``: ``None`` or ``{"from_class", "to_class", "indices",
         "vector_norm"}``.
     """
-    x = _flatten_input(model, x_test)
-    n = int(x.shape[0])
-    steps = int(steps)
-    if n < 2:
-        raise ValueError("plot_interpolation needs at least two test images")
-    if steps < 2:
-        raise ValueError(f"steps must be >= 2, got {steps}")
-    labels = _check_labels(model, labels, n)
-    n_pairs = max(1, min(int(n_pairs), n // 2))
-    idx = rng.choice(n, size=2 * n_pairs, replace=False)
-    ia, ib = idx[:n_pairs], idx[n_pairs:]
-    mu_pair, _ = _encode_all(model, _take(model, x, idx))
-    mu_a, mu_b = mu_pair[:n_pairs], mu_pair[n_pairs:]
-    t = np.linspace(0.0, 1.0, steps)
-    z = (mu_a[:, None, :] + t[None, :, None] * (mu_b - mu_a)[:, None, :]).reshape(-1, mu_a.shape[1])
-    dec = _decode_all(model, z).reshape(n_pairs, steps, -1)
-    real = _host(model, _take(model, x, idx)).reshape(2 * n_pairs, -1).astype(np.float64)
-    rows = [np.concatenate([real[i:i + 1], dec[i], real[n_pairs + i:n_pairs + i + 1]])
-            for i in range(n_pairs)]
-    top = image_grid(_as_images(model, np.concatenate(rows)), steps + 2)
-
-    attribute, bottom, bottom_title = None, None, None
-    if labels is not None:
-        present = np.unique(labels)
-        if classes is None and len(present) >= 2:
-            a_cls, b_cls = rng.choice(present, size=2, replace=False)
-        elif classes is not None:
-            a_cls, b_cls = classes
-        else:
-            a_cls = b_cls = None
-        if a_cls is not None:
-            if not (np.any(labels == a_cls) and np.any(labels == b_cls)):
-                raise ValueError(f"classes {classes!r} are not both present in labels")
-            mu_all, _ = _encode_all(model, x)
-            vec = mu_all[labels == a_cls].mean(axis=0) - mu_all[labels == b_cls].mean(axis=0)
-            pool = np.flatnonzero(labels == b_cls)
-            pick = rng.choice(pool, size=min(int(n_attribute), pool.size), replace=False)
-            base = mu_all[pick]
-            za = (base[:, None, :] + t[None, :, None] * vec[None, None, :]).reshape(-1, base.shape[1])
-            dec_a = _decode_all(model, za).reshape(len(pick), steps, -1)
-            real_b = _host(model, _take(model, x, pick)).reshape(len(pick), -1).astype(np.float64)
-            target = _decode_all(model, mu_all[labels == a_cls].mean(axis=0, keepdims=True))  # decode(mean mu[a])
-            rows_a = [np.concatenate([real_b[i:i + 1], dec_a[i], target]) for i in range(len(pick))]
-            bottom = image_grid(_as_images(model, np.concatenate(rows_a)), steps + 2)
-            a_cls, b_cls = to_jsonable(a_cls), to_jsonable(b_cls)
-            bottom_title = (f"Attribute arithmetic: class-{b_cls} input (left), then "
-                            f"decode(mu + t (mean mu[{a_cls}] - mean mu[{b_cls}])), t = 0..1 | "
-                            f"decode(mean mu[{a_cls}])")
-            attribute = {"from_class": b_cls, "to_class": a_cls, "indices": pick,
-                         "vector_norm": float(np.linalg.norm(vec))}
+    paths = interpolation_paths(model, x_test, rng, labels, n_pairs, steps, classes, n_attribute)
+    n_pairs, steps, rows = paths["rows"].shape[0], paths["steps"], paths["rows"]
+    top = image_grid(as_images(model, rows.reshape(-1, rows.shape[-1])), steps + 2)
+    attribute, bottom, bottom_title = paths["attribute"], None, None
+    if attribute is not None:
+        rows_a = attribute.pop("rows")
+        bottom = image_grid(as_images(model, rows_a.reshape(-1, rows_a.shape[-1])), steps + 2)
+        a_cls, b_cls = to_jsonable(attribute["to_class"]), to_jsonable(attribute["from_class"])
+        bottom_title = (f"Attribute arithmetic: class-{b_cls} input (left), then "
+                        f"decode(mu + t (mean mu[{a_cls}] - mean mu[{b_cls}])), t = 0..1 | "
+                        f"decode(mean mu[{a_cls}])")
 
     h_top = top.shape[0]
     h_bot = 0 if bottom is None else bottom.shape[0]
@@ -819,13 +614,12 @@ def plot_interpolation(model, x_test, path, rng, labels=None, n_pairs=6, steps=1
     ax1.set_title(f"Interpolation between test encodings: x_a | decode(mu_a + t (mu_b - mu_a)), "
                   f"{steps} steps | x_b", fontsize=9)
     _save(fig, path, run_id)
-    endpoint_mse = float(np.mean((dec[:, 0] - dec[:, -1]) ** 2))
     return to_jsonable({
         "path": os.fspath(path),
         "n_pairs": n_pairs,
         "steps": steps,
-        "pairs": np.stack([ia, ib], axis=1),
-        "endpoint_mse": endpoint_mse,
+        "pairs": paths["pairs"],
+        "endpoint_mse": paths["endpoint_mse"],
         "attribute": attribute,
     })
 
@@ -898,68 +692,24 @@ def plot_denoising(model, x_clean, x_noisy, path, n=12, run_id=None):
     dict
         ``path``, ``n``, ``mse_noisy`` and ``mse_denoised`` (per pixel, against the clean images).
     """
-    clean = _flatten_input(model, x_clean)
-    noisy = _flatten_input(model, x_noisy)
+    clean = flatten_input(model, x_clean)
+    noisy = flatten_input(model, x_noisy)
     if clean.shape != noisy.shape:
         raise ValueError(f"plot_denoising: clean {tuple(clean.shape)} and noisy {tuple(noisy.shape)} differ")
     n = min(int(n), int(clean.shape[0]))
     idx = np.linspace(0, clean.shape[0] - 1, n).round().astype(np.int64)
-    c = _host(model, _take(model, clean, idx)).reshape(n, -1).astype(np.float64)
-    z = _host(model, _take(model, noisy, idx)).reshape(n, -1).astype(np.float64)
-    r = _reconstruct_all(model, _take(model, noisy, idx))
-    grid = image_grid(_as_images(model, np.concatenate([z, c, r])), n)
+    c = host(model, take(model, clean, idx)).reshape(n, -1).astype(np.float64)
+    z = host(model, take(model, noisy, idx)).reshape(n, -1).astype(np.float64)
+    r = reconstruct_all(model, take(model, noisy, idx))
+    grid = image_grid(as_images(model, np.concatenate([z, c, r])), n)
     fig, ax = _grid_figure(grid, "Denoising: corrupted input (top), clean image, reconstruction of the corrupted input",
                            max_inches=9.0)
-    h = _image_shape(model)[1]
+    h = image_shape(model)[1]
     ax.set_yticks([k * (h + 1) + (h - 1) / 2 for k in range(3)], ["input", "clean", "recon"], fontsize=8)
     ax.tick_params(axis="y", length=0)
     _save(fig, path, run_id)
     return to_jsonable({"path": os.fspath(path), "n": n, "mse_noisy": float(np.mean((z - c) ** 2)),
                         "mse_denoised": float(np.mean((r - c) ** 2))})
-
-
-def posterior_means(model, x) -> np.ndarray:
-    """The posterior means (a plain autoencoder's codes) of the images ``x`` (N, D), host (N, L)."""
-    return _encode_all(model, _flatten_input(model, x))[0]
-
-
-def attribute_vector(mu, has) -> np.ndarray:
-    """The latent direction of an attribute: ``mean mu[has] - mean mu[~has]``, (L,).
-
-    ``mu`` (N, L) posterior means (host), ``has`` (N,) bool: the images
-    with the attribute (or of the target class).
-    """
-    mu, has = np.asarray(mu, dtype=np.float64), np.asarray(has, dtype=bool)
-    if mu.ndim != 2 or has.shape != (mu.shape[0],):
-        raise ValueError(f"attribute_vector: mu {mu.shape} and has {has.shape} do not match")
-    if not has.any() or has.all():
-        raise ValueError(f"attribute_vector needs images with and without the attribute; {int(has.sum())} of "
-                         f"{has.size} have it")
-    return mu[has].mean(axis=0) - mu[~has].mean(axis=0)
-
-
-def attribute_blocks(model, x_train, attrs_train, x_test, attrs_test, names, chosen, rows=6) -> list:
-    """The blocks of :func:`plot_attribute_vectors` for attributes ``chosen`` (names from ``names``).
-
-    ``attrs_train`` (N, A) and ``attrs_test`` (N_test, A) hold 1 where an
-    image has an attribute. Each attribute's vector comes from the training
-    images' posterior means; its rows are test images without it; with
-    several attributes a last block adds all their vectors to images
-    lacking all of them.
-    """
-    mu = posterior_means(model, x_train)
-    blocks, vectors, lacking_all = [], [], np.ones(x_test.shape[0], dtype=bool)
-    for name in chosen:
-        j = list(names).index(name)
-        vectors.append(attribute_vector(mu, np.asarray(attrs_train)[:, j] == 1))
-        lacking = np.asarray(attrs_test)[:, j] != 1
-        lacking_all &= lacking
-        blocks.append((f"+ {name}", x_test[np.flatnonzero(lacking)[:rows]], vectors[-1]))
-    if len(vectors) > 1:
-        pick = np.flatnonzero(lacking_all)[:rows]
-        blocks.append((" + ".join(chosen), x_test[pick if pick.size else np.arange(min(rows, x_test.shape[0]))],
-                       np.sum(vectors, axis=0)))
-    return blocks
 
 
 def plot_attribute_vectors(model, blocks, multiples, path, run_id=None):
@@ -983,12 +733,12 @@ def plot_attribute_vectors(model, blocks, multiples, path, run_id=None):
     multiples = np.asarray(multiples, dtype=np.float64)
     rows, titles, out = [], [], []
     for title, x, vector in blocks:
-        mu = _encode_all(model, _flatten_input(model, x))[0]                       # (n, L)
+        mu = encode_all(model, flatten_input(model, x))[0]                       # (n, L)
         z = (mu[:, None, :] + multiples[None, :, None] * np.asarray(vector)[None, None, :]).reshape(-1, mu.shape[1])
-        rows.append(_decode_all(model, z).reshape(mu.shape[0] * multiples.size, -1))
+        rows.append(decode_all(model, z).reshape(mu.shape[0] * multiples.size, -1))
         titles.append(f"{title} ({mu.shape[0]} rows)")
         out.append({"title": title, "rows": int(mu.shape[0]), "vector_norm": float(np.linalg.norm(vector))})
-    grid = image_grid(_as_images(model, np.concatenate(rows)), multiples.size)
+    grid = image_grid(as_images(model, np.concatenate(rows)), multiples.size)
     fig, ax = _grid_figure(grid, "; ".join(titles) + "\ncolumns: code + m x vector, m = "
                            + ", ".join(f"{m:g}" for m in multiples), max_inches=8.0)
     _save(fig, path, run_id)

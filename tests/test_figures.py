@@ -376,3 +376,32 @@ def test_autoencoder_curves_say_reconstruction_loss_not_elbo(tmp_path, monkeypat
     titles.clear()
     figures.plot_curves(HISTORY, tmp_path / "vae.png")
     assert "Negative ELBO" in titles
+
+
+ANALYSIS_WITHOUT_MATPLOTLIB = """
+import sys
+sys.modules["matplotlib"] = None          # as if matplotlib were not installed
+import numpy as np
+from scratchvae import analysis
+from scratchvae.models import mlp_vae
+model = mlp_vae(input_dim=16, hidden=(8,), latent_dim=3, input_shape=(1, 4, 4), fused=False, dtype="float64")
+x = (np.random.default_rng(0).random((40, 16)) < 0.5).astype(np.float64)
+labels = np.arange(40) % 4
+view = analysis.latent_projection(model, x, labels)
+assert view["kind"] == "pca" and view["xs"].shape == (40,)
+assert np.isclose((view["norms"] <= view["radius99"]).mean(), 1.0)
+lattice = analysis.manifold_lattice(model, x, n=5)
+assert lattice["z"].shape == (25, 3) and lattice["images"].shape == (25, 16)
+paths = analysis.interpolation_paths(model, x, np.random.default_rng(1), labels, n_pairs=3, steps=4)
+assert paths["rows"].shape == (3, 6, 16) and paths["attribute"]["rows"].shape[1:] == (6, 16)
+print("ok", "matplotlib" not in [m for m in sys.modules if sys.modules[m] is not None])
+"""
+
+
+def test_what_the_figures_show_is_computed_without_matplotlib():
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", ANALYSIS_WITHOUT_MATPLOTLIB], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok True"
