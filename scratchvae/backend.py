@@ -4,7 +4,10 @@ A :class:`Backend` bundles the array module ``xp`` with the few operations
 that differ between the two libraries (random generators, host transfers,
 synchronization).  There is no global "current backend": every layer and
 model holds the backend it was built with, and pure functions pick ``xp``
-from their array arguments with :func:`array_module`, Chainer-style.
+from their array arguments with :func:`array_module`, Chainer-style. The
+flat buffers of a model's parameters, gradients and Adam moments
+(:func:`flat_views`, found again by :func:`contiguous_run`) live here too:
+they are about memory, not about layers.
 
 Examples
 --------

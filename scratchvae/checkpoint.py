@@ -5,15 +5,17 @@ A checkpoint is one ``.npz`` file of host arrays:
 * ``param/<name>``, ``adam_m/<name>``, ``adam_v/<name>`` for every parameter;
 * ``meta``: a JSON document (stored as a 0-d string array) with the format
   version, the run's identity, the training position (epoch, step, ...), the
-  random-generator state, the config, the metric history, and the dtype,
-  shape and SHA-256 of every array.
+  noise scheme, the config, the metric history, the SHA-256 of the data the
+  run trains on, and the dtype, shape and SHA-256 of every array.
 
 Writing goes to a temporary file in the same folder, which is flushed,
 fsync'ed and renamed over the target: a crash or a full disk leaves the
 previous checkpoint intact. Reading checks the zip structure, the format
 version, every array's header against the metadata and the file (before any
 array is read: a crafted header cannot make it allocate 373 GiB) and every
-array's checksum, and names the file in every error. Format 1 files (no
+array's checksum, and names the file in every error: any malformed archive
+(a bad zip, an unknown compression or version, a garbled ``.npy`` header)
+is a :class:`CheckpointError`. Format 1 files (no
 identity, no array list) still load.
 """
 from __future__ import annotations

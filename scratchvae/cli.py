@@ -1,9 +1,12 @@
-"""The command line of ``examples/train_mnist.py``: flags -> :class:`TrainConfig` -> :func:`train`.
+"""The training command line (``examples/train_mnist.py``, ``python -m scratchvae``, the ``scratchvae``
+command): flags -> :class:`TrainConfig` -> :func:`train`.
 
 Every failure the user can cause or meet (a bad flag value, a run folder in
 use, a corrupted checkpoint, missing data, a full disk, a NaN loss) ends with
 one ``error:`` line that says what happened and what was kept, and exit
-code 1; never a traceback. Ctrl-C saves a checkpoint and exits with 130.
+code 1; never a traceback. Ctrl-C or SIGTERM saves a checkpoint (or, before
+training, stops at once) and exits with 130. In an MPI job every rank first
+agrees on ``--distributed`` (:func:`scratchvae.distributed.init`).
 """
 from __future__ import annotations
 
