@@ -66,7 +66,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                                          f"pixels before decoding them (default {d.max_image_pixels:,})")
     a("--binarize", choices=("static", "dynamic"), help="turn grayscale pixels into 0/1: once (static) or every epoch "
                                                        "(dynamic); default: use them as probabilities")
-    a("--arch", choices=("mlp", "conv"), help=f"encoder/decoder architecture (default {d.arch})")
+    a("--arch", choices=("mlp", "gated", "conv"), help="encoder/decoder architecture: mlp (Dense and --activation), "
+      "gated (GatedDense layers and the log variance clamped to [-6, 2], the VampPrior paper's MLP) or conv "
+      f"(default {d.arch})")
     a("--hidden", type=_int_tuple, help="hidden widths, comma-separated (mlp: every layer; conv: the Dense "
                                         "bottleneck) (default 400)")
     a("--channels", type=_int_tuple, help="conv channels of the stride-2 convolutions (default 32,64)")

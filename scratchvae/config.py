@@ -61,7 +61,7 @@ class TrainConfig:
             _check_type(f.name, getattr(self, f.name), _TYPES[f.name])
         self.hidden = tuple(int(h) for h in self.hidden)
         self.channels = tuple(int(c) for c in self.channels)
-        choices = {"arch": ("mlp", "conv"), "model": ("vae", "ae"), "likelihood": ("bernoulli", "gaussian"),
+        choices = {"arch": ("mlp", "gated", "conv"), "model": ("vae", "ae"), "likelihood": ("bernoulli", "gaussian"),
                    "dtype": ("float32", "float64"), "backend": NAMES, "binarize": (None, "static", "dynamic"),
                    "activation": ("relu", "leaky_relu", "tanh", "softplus"), "downsample": ("stride", "pool"),
                    "color": ("rgb", "gray")}
@@ -97,12 +97,15 @@ class TrainConfig:
         if self.arch == "conv" and not self.channels:
             raise ValueError(f"channels (--channels) must name at least one convolution width for --arch conv, "
                              f"got {self.channels} (e.g. --channels 32,64)")
-        if self.arch == "mlp" and not self.hidden:
-            raise ValueError(f"hidden (--hidden) must name at least one layer width for --arch mlp, got "
+        if self.arch in ("mlp", "gated") and not self.hidden:
+            raise ValueError(f"hidden (--hidden) must name at least one layer width for --arch {self.arch}, got "
                              f"{self.hidden} (e.g. --hidden 400)")
-        if self.arch == "mlp" and self.downsample != "stride":
+        if self.arch in ("mlp", "gated") and self.downsample != "stride":
             raise ValueError(f"downsample (--downsample) {self.downsample!r} is for --arch conv; the MLP has no "
                              "convolutions to pool")
+        if self.arch == "gated" and (self.model != "vae" or self.activation != "relu"):
+            raise ValueError("--arch gated is the VampPrior paper's VAE: its gates are its nonlinearity, so it "
+                             f"takes no --activation, and it has no autoencoder twin (--model {self.model!r})")
         if self.patience > 0 and not self.keep_best:
             raise ValueError(f"patience (--patience) needs keep_best (--keep-best): it counts epochs without a "
                              f"better validation loss; got patience={self.patience}")

@@ -14,10 +14,12 @@ import numpy
 
 from .backend import resolve
 from .layers import (
+    Clamp,
     Conv2d,
     ConvTranspose2d,
     Dense,
     FromCHWB,
+    GatedDense,
     LeakyReLU,
     MaxPool2d,
     ReLU,
@@ -31,7 +33,8 @@ from .layers import (
 from .layers.base import float_dtype
 from .vae import VAE, Autoencoder
 
-__all__ = ["mlp_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder", "DOWNSAMPLING"]
+__all__ = ["mlp_vae", "gated_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder", "DOWNSAMPLING",
+           "GATED_LOG_SIGMA_RANGE"]
 
 
 _ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh, "softplus": Softplus, "sigmoid": Sigmoid}
@@ -65,6 +68,43 @@ def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, 
     dec.append(Dense(width, int(input_dim), rng=gen, **kw))
     enc[0].input_grad = False   # its input is data: skip dL/dx
     return Sequential(*enc), heads, Sequential(*dec)
+
+
+#: The VampPrior recipe's clamp of the encoder's log variance, [-6, 2], as log_sigma = log_var / 2.
+GATED_LOG_SIGMA_RANGE = (-3.0, 1.0)
+
+
+def _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed):
+    """Tomczak & Welling's MLP: GatedDense hidden layers (no other activation), a linear mu head, a
+    log_sigma head clamped to :data:`GATED_LOG_SIGMA_RANGE`, a linear output layer (logits or mean)."""
+    be, dt = resolve(backend), float_dtype(dtype)
+    gen = numpy.random.default_rng(seed)
+    kw = dict(backend=be, dtype=dt)
+    hidden = tuple(int(h) for h in hidden)
+    if not hidden:
+        raise ValueError("hidden must name at least one layer width")
+    enc, width = [], int(input_dim)
+    for h in hidden:
+        enc.append(GatedDense(width, h, rng=gen, **kw))
+        width = h
+    mu = Dense(width, latent_dim, rng=gen, **kw)
+    log_sigma = Sequential(Dense(width, latent_dim, rng=gen, **kw), Clamp(*GATED_LOG_SIGMA_RANGE, **kw))
+    dec, width = [], int(latent_dim)
+    for h in reversed(hidden):
+        dec.append(GatedDense(width, h, rng=gen, **kw))
+        width = h
+    dec.append(Dense(width, int(input_dim), rng=gen, **kw))
+    enc[0].input_grad = False   # its input is data: skip dL/dx
+    return Sequential(*enc), (mu, log_sigma), Sequential(*dec)
+
+
+def gated_vae(input_dim=784, hidden=(300, 300), latent_dim=40, likelihood="bernoulli", backend=None,
+              dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None) -> VAE:
+    """The VampPrior paper's MLP VAE: GatedDense layers ``input_dim -> hidden...``, the encoder's log
+    variance clamped to [-6, 2]; the decoder mirrors it. Weights from ``seed``."""
+    encoder, (mu, log_sigma), decoder = _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed)
+    return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
+               gaussian_log_sigma=gaussian_log_sigma, fused=fused)
 
 
 def mlp_vae(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",

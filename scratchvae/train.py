@@ -49,7 +49,7 @@ from . import checkpoint, datasets, distributed
 from .atomic import to_jsonable, write_json
 from .backend import contiguous_run, flat_views
 from .config import TrainConfig
-from .models import conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
+from .models import conv_autoencoder, conv_vae, gated_vae, mlp_autoencoder, mlp_vae
 from .optim import Adam, AdamState, geometric_lr
 from .runfolder import RunFolder, new_run_id
 from .vae import NonFiniteLoss
@@ -128,6 +128,9 @@ def build_model(cfg: TrainConfig, image_shape, be):
     if cfg.arch == "mlp":
         build = mlp_vae if cfg.model == "vae" else mlp_autoencoder
         return build(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape), **common)
+    if cfg.arch == "gated":
+        common.pop("activation")
+        return gated_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape), **common)
     build = conv_vae if cfg.model == "vae" else conv_autoencoder
     return build(input_shape=tuple(image_shape), channels=cfg.channels, hidden=cfg.hidden[0] if cfg.hidden else None,
                  downsample=cfg.downsample, **common)

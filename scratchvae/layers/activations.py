@@ -8,7 +8,7 @@ from ..fused import kernels as fused_kernels
 from ..losses import sigmoid, softplus  # the one definition of each (re-exported here)
 from .base import Layer
 
-__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softplus", "sigmoid", "softplus"]
+__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softplus", "Clamp", "sigmoid", "softplus"]
 
 
 class _Elementwise(Layer):
@@ -108,3 +108,29 @@ class Softplus(_Elementwise):
     def _backward(self, dy, cache):
         (x,) = cache
         return dy * sigmoid(x)
+
+
+class Clamp(_Elementwise):
+    """y = min(max(x, low), high): a hard clamp (Hardtanh).
+
+    dy/dx = 1 for low < x < high and 0 outside, where the output does not
+    move with x (at exactly ``low`` or ``high`` the gradient is taken as 0,
+    the one-sided derivative from outside). The VampPrior recipe clamps the
+    encoder's log variance to [-6, 2], that is log_sigma to [-3, 1].
+    """
+
+    def __init__(self, low: float, high: float, **kw):
+        super().__init__(**kw)
+        if not low < high:
+            raise ValueError(f"Clamp: low must be below high, got {low}, {high}")
+        self.low, self.high = float(low), float(high)
+
+    def _forward(self, x):
+        return self.xp.clip(x, self.low, self.high), (x,)
+
+    def _backward(self, dy, cache):
+        (x,) = cache
+        return dy * ((x > self.low) & (x < self.high))
+
+    def __repr__(self):
+        return f"Clamp({self.low:g}, {self.high:g})"

@@ -51,6 +51,14 @@ class Sequential(Layer):
                 return None
         return dy
 
+    @property
+    def out_features(self):
+        """The output width of the last layer that has one (a Dense head followed by a clamp, say)."""
+        for layer in reversed(self.layers):
+            if hasattr(layer, "out_features"):
+                return layer.out_features
+        raise AttributeError("Sequential: no layer has out_features")
+
     def __len__(self):
         return len(self.layers)
 

@@ -1,0 +1,81 @@
+"""Gated fully connected layer (Dauphin et al. 2017; the VampPrior paper's MLP layer).
+
+    a = x W + b            (B, D_out)   the signal
+    g = sigmoid(x V + c)   (B, D_out)   the gate
+    h = a * g              (B, D_out)
+
+Backward, for an upstream gradient dh (B, D_out):
+
+    dL/da = dh * g                          (the gate scales the signal's gradient)
+    dL/dg = dh * a
+    dL/ds = dL/dg * g * (1 - g)             s = x V + c, sigmoid'(s) = g (1 - g)
+    dW = x^T dL/da,   db = sum_b dL/da
+    dV = x^T dL/ds,   dc = sum_b dL/ds
+    dx = dL/da W^T + dL/ds V^T
+"""
+from __future__ import annotations
+
+import math
+
+from ..losses import sigmoid
+from .base import Layer, init_rng
+
+__all__ = ["GatedDense", "gated_forward", "gated_backward"]
+
+
+def gated_forward(x, W, b, V, c):
+    """``h = (x W + b) * sigmoid(x V + c)``: x (B, D_in) -> h (B, D_out), and the cache."""
+    a = x @ W + b                     # (B, D_out)
+    g = sigmoid(x @ V + c)            # (B, D_out)
+    return a * g, (x, W, V, a, g)
+
+
+def gated_backward(dh, cache, need_dx=True):
+    """Backward of :func:`gated_forward`: ``dx`` (None unless ``need_dx``), ``dW, db, dV, dc``."""
+    x, W, V, a, g = cache
+    da = dh * g                       # (B, D_out)
+    ds = dh * a * g * (1 - g)         # (B, D_out)  through the sigmoid
+    dx = da @ W.T + ds @ V.T if need_dx else None   # (B, D_in)
+    return dx, x.T @ da, da.sum(axis=0), x.T @ ds, ds.sum(axis=0)
+
+
+class GatedDense(Layer):
+    """``h = (x W + b) * sigmoid(x V + c)``: (B, in_features) -> (B, out_features).
+
+    W, b and V, c are initialized as two :class:`~scratchvae.layers.Dense`
+    layers are (PyTorch's ``nn.Linear`` default: U(-k, k), k = 1/sqrt(in_features)).
+    ``input_grad = False`` skips dL/dx (a layer whose input is data).
+    """
+
+    input_grad = True
+
+    def __init__(self, in_features: int, out_features: int, *, backend=None, dtype="float32", rng=None):
+        super().__init__(backend=backend, dtype=dtype)
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"GatedDense: in_features and out_features must be >= 1, got {in_features}, "
+                             f"{out_features}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        gen = init_rng(rng)
+        k = 1.0 / math.sqrt(self.in_features)
+        for name, shape in (("W", (self.in_features, self.out_features)), ("b", (self.out_features,)),
+                            ("V", (self.in_features, self.out_features)), ("c", (self.out_features,))):
+            self._add_param(name, gen.uniform(-k, k, size=shape))
+
+    def forward(self, x):
+        """x: (B, in_features) -> (B, out_features)."""
+        self._check_input(x, (None, self.in_features))
+        p = self.params
+        h, self._cache = gated_forward(x, p["W"], p["b"], p["V"], p["c"])
+        return h
+
+    def backward(self, dh):
+        """dh: (B, out_features) -> dx (None if not ``input_grad``); accumulates dW, db, dV, dc."""
+        cache = self._get_cache()
+        self._check_dy(dh, (cache[0].shape[0], self.out_features))
+        dx, dW, db, dV, dc = gated_backward(dh, cache, need_dx=self.input_grad)
+        for name, grad in (("W", dW), ("b", db), ("V", dV), ("c", dc)):
+            self.grads[name] += grad
+        return dx
+
+    def __repr__(self):
+        return f"GatedDense({self.in_features}, {self.out_features})"
