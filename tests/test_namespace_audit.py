@@ -19,7 +19,7 @@ import scratchvae
 
 cupy = pytest.importorskip("cupy", reason="the audit needs CuPy's namespace (pip install cupy-cuda12x)")
 
-HOST_ONLY = {"datasets.py", "figures.py", "checkpoint.py", "train.py", "cli.py"}
+HOST_ONLY = {"datasets.py", "figures.py", "analysis.py", "checkpoint.py", "train.py", "cli.py"}
 
 
 def engine_files():
