@@ -79,6 +79,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a("--activation", choices=("relu", "leaky_relu", "tanh", "softplus"), help="hidden activation (default relu)")
     a("--likelihood", choices=("bernoulli", "gaussian"), help="p(x|z): bernoulli (logits) or gaussian with a learned "
                                                               "per-pixel sigma (default bernoulli)")
+    a("--prior", choices=("standard", "vampprior"), help="p(z): standard N(0, I) (default), or vampprior, a "
+      "mixture of the encoder's posteriors at --pseudo-inputs learned pseudo-inputs (its KL is then the "
+      "one-sample estimate log q(z|x) - log p(z))")
+    a("--pseudo-inputs", type=int, metavar="K", help=f"the VampPrior's components (default {d.pseudo_inputs})")
+    a("--objective", choices=("elbo", "iwae"), help="elbo (default) or iwae, the importance-weighted bound of "
+      "--samples latents per image (Burda et al.)")
+    a("--samples", type=int, metavar="S", help="latents per image: 1 for the ELBO (default), S >= 2 for --objective iwae")
     a("--model", choices=("vae", "ae"), help="vae, or a plain autoencoder for comparison (default vae)")
     a("--epochs", type=int, help=f"total epochs; with --resume, train up to this many (default {d.epochs})")
     a("--batch-size", type=int, help=f"examples per step (default {d.batch_size})")

@@ -37,6 +37,10 @@ class TrainConfig:
     activation: str = "relu"
     likelihood: str = "bernoulli"
     model: str = "vae"
+    prior: str = "standard"         # p(z): "standard" N(0, I) or "vampprior" (scratchvae.priors)
+    pseudo_inputs: int = 500        # the VampPrior's K
+    objective: str = "elbo"         # "elbo" or "iwae" (scratchvae.objectives)
+    samples: int = 1                # latents per image: 1 for the ELBO, S >= 2 for the IWAE
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
@@ -64,11 +68,11 @@ class TrainConfig:
         choices = {"arch": ("mlp", "gated", "conv"), "model": ("vae", "ae"), "likelihood": ("bernoulli", "gaussian"),
                    "dtype": ("float32", "float64"), "backend": NAMES, "binarize": (None, "static", "dynamic"),
                    "activation": ("relu", "leaky_relu", "tanh", "softplus"), "downsample": ("stride", "pool"),
-                   "color": ("rgb", "gray")}
+                   "color": ("rgb", "gray"), "prior": ("standard", "vampprior"), "objective": ("elbo", "iwae")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{_name(key)} must be one of {allowed}, got {getattr(self, key)!r}")
-        for key in ("epochs", "batch_size", "latent_dim"):
+        for key in ("epochs", "batch_size", "latent_dim", "pseudo_inputs", "samples"):
             _check_number(key, getattr(self, key), low=1)
         for key in ("seed", "iwae_k", "patience"):
             _check_number(key, getattr(self, key), low=0)
@@ -103,6 +107,7 @@ class TrainConfig:
         if self.arch in ("mlp", "gated") and self.downsample != "stride":
             raise ValueError(f"downsample (--downsample) {self.downsample!r} is for --arch conv; the MLP has no "
                              "convolutions to pool")
+        self._check_prior_and_objective()
         if self.arch == "gated" and (self.model != "vae" or self.activation != "relu"):
             raise ValueError("--arch gated is the VampPrior paper's VAE: its gates are its nonlinearity, so it "
                              f"takes no --activation, and it has no autoencoder twin (--model {self.model!r})")
@@ -117,6 +122,27 @@ class TrainConfig:
                 raise ValueError(f"{', '.join(_name(k) for k in changed)}: a plain autoencoder (model 'ae') has "
                                  "no KL term and no importance-weighted bound, so this does nothing; drop it or "
                                  "train a VAE")
+
+    def _check_prior_and_objective(self):
+        if self.pseudo_inputs != _DEFAULTS["pseudo_inputs"] and self.prior != "vampprior":
+            raise ValueError(f"pseudo_inputs (--pseudo-inputs) is the VampPrior's number of components; the prior "
+                             f"is {self.prior!r} (add --prior vampprior)")
+        if self.objective == "elbo" and self.samples != 1:
+            raise ValueError(f"samples (--samples) {self.samples}: the ELBO draws one latent per image; pass "
+                             "--objective iwae for an importance-weighted bound")
+        if self.objective == "iwae" and self.samples < 2:
+            raise ValueError("objective (--objective) 'iwae' needs --samples S >= 2 (with one sample it is the "
+                             "ELBO: use --objective elbo)")
+        if self.model == "ae" and (self.prior != "standard" or self.objective != "elbo"):
+            raise ValueError(f"--prior {self.prior} / --objective {self.objective}: a plain autoencoder (--model ae) "
+                             "has no prior over codes and no bound to weight; train a VAE")
+        if self.free_bits > 0 and (self.prior != "standard" or self.objective != "elbo"):
+            raise ValueError("free_bits (--free-bits) floors the analytic KL of each latent dimension, which only "
+                             "the standard prior with the ELBO has; the VampPrior's KL and the IWAE's weights do "
+                             "not split by dimension. Drop --free-bits (the KL warm-up, --kl-warmup, works with both)")
+        if self.arch == "conv" and (self.prior != "standard" or self.objective != "elbo"):
+            raise ValueError(f"--prior {self.prior} / --objective {self.objective} are built for --arch mlp and "
+                             "--arch gated; the conv VAE trains the standard prior with the ELBO")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "the config") -> TrainConfig:
@@ -137,7 +163,7 @@ class TrainConfig:
 
 # The fields whose values make a run what it is: a resumed run must keep them.
 RUN_DEFINING = ("dataset", "binarize", "color", "image_size", "arch", "hidden", "channels", "downsample", "latent_dim", "activation", "likelihood",
-                "model", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "input_noise", "seed", "dtype",
+                "model", "prior", "pseudo_inputs", "objective", "samples", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "input_noise", "seed", "dtype",
                 "limit", "fused")
 # VAE-only settings: given to a plain autoencoder, they would silently do nothing.
 AE_UNUSED = ("beta", "kl_warmup", "free_bits", "iwae_k")
@@ -145,6 +171,7 @@ AE_UNUSED = ("beta", "kl_warmup", "free_bits", "iwae_k")
 _TYPES = {"backend": str, "dataset": str, "data_dir": (str, None), "binarize": (str, None), "color": str,
           "image_size": int, "max_image_pixels": int, "arch": str,
           "hidden": tuple, "channels": tuple, "downsample": str, "latent_dim": int, "activation": str, "likelihood": str, "model": str,
+          "prior": str, "pseudo_inputs": int, "objective": str, "samples": int,
           "epochs": int, "batch_size": int, "lr": float, "lr_final": (float, None), "beta": float,
           "kl_warmup": float, "free_bits": float, "input_noise": float, "seed": int, "dtype": str, "limit": (int, None),
           "test_limit": (int, None), "iwae_k": int, "keep_best": bool, "patience": int, "out": str, "fused": bool,

@@ -290,8 +290,8 @@ class DataParallel:
     def __init__(self, comm: Communicator, model):
         self.comm = comm
         L = model.latent_dim
-        # extras: recon, kl, non-finite count, then the (L,) KL per dimension
-        self.buffer = GradientBuffer(model.grads, 3 + L, model.xp, model.dtype)
+        # extras: recon, kl, the loss, a non-finite count, then the (L,) KL per dimension
+        self.buffer = GradientBuffer(model.grads, 4 + L, model.xp, model.dtype)
 
     def step(self, model, opt, opt_state, xb, eps, *, beta, free_bits, lr, sync=True, x_in=None):
         """Train on this rank's rows of the global batch ``xb`` (B, D) with its noise ``eps`` (B, L).
@@ -309,13 +309,13 @@ class DataParallel:
                                        sync=False, x_in=None if x_in is None else x_in[rows], batch_total=B,
                                        reduce=reduce)
         nonfinite = ~(xp.isfinite(local["recon"]) & xp.isfinite(local["kl"]))
-        buf.pack(model.grads, (local["recon"], local["kl"], nonfinite, local["kl_per_dim"]))
+        # the model's loss is this shard's share of the batch's (the loss is written once, in the model)
+        buf.pack(model.grads, (local["recon"], local["kl"], local["loss"], nonfinite, local["kl_per_dim"]))
         comm.allreduce_(buf.array)
-        extras = buf.unpack(model.grads)                            # (3 + L,) the whole batch's sums
-        recon, kl, nonfinite_count = extras[:3].copy()              # copies: the next step reuses the buffer
-        kl_per_dim = extras[3:].copy()                              # (L,)
+        extras = buf.unpack(model.grads)                            # (4 + L,) the whole batch's sums
+        recon, kl, loss, nonfinite_count = extras[:4].copy()        # copies: the next step reuses the buffer
+        kl_per_dim = extras[4:].copy()                              # (L,)
         kl_term = local["kl_term"] if free_bits > 0 else kl         # with free bits: already the batch's
-        loss = recon + beta * kl_term
         if sync:
             recon, kl, kl_term, loss = float(recon), float(kl), float(kl_term), float(loss)
             if float(nonfinite_count) > 0 or not numpy.isfinite(loss):

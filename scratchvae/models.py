@@ -31,6 +31,8 @@ from .layers import (
     Upsample2d,
 )
 from .layers.base import float_dtype
+from .objectives import make as make_objective
+from .priors import PRIORS, VampPrior
 from .vae import VAE, Autoencoder
 
 __all__ = ["mlp_vae", "gated_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder", "DOWNSAMPLING",
@@ -99,26 +101,45 @@ def _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed):
 
 
 def gated_vae(input_dim=784, hidden=(300, 300), latent_dim=40, likelihood="bernoulli", backend=None,
-              dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None) -> VAE:
+              dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None,
+              prior="standard", pseudo_inputs=500, objective="elbo", samples=1) -> VAE:
     """The VampPrior paper's MLP VAE: GatedDense layers ``input_dim -> hidden...``, the encoder's log
-    variance clamped to [-6, 2]; the decoder mirrors it. Weights from ``seed``."""
+    variance clamped to [-6, 2]; the decoder mirrors it. Weights from ``seed``; ``prior``, ``pseudo_inputs``,
+    ``objective`` and ``samples`` as for :func:`mlp_vae`."""
     encoder, (mu, log_sigma), decoder = _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed)
     return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
-               gaussian_log_sigma=gaussian_log_sigma, fused=fused)
+               gaussian_log_sigma=gaussian_log_sigma, fused=fused,
+               **_prior_and_objective(prior, pseudo_inputs, objective, samples, input_dim, encoder, seed))
+
+
+def _prior_and_objective(prior, pseudo_inputs, objective, samples, input_dim, encoder, seed):
+    """The ``prior`` and ``objective`` keywords of :class:`~scratchvae.vae.VAE` for their names."""
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}; choose one of {PRIORS}")
+    made = None
+    if prior == "vampprior":   # its own generator: the layers' initialization stays that of the standard model
+        made = VampPrior(pseudo_inputs, input_dim, backend=encoder.backend, dtype=encoder.dtype,
+                         rng=numpy.random.SeedSequence([seed, 1]))
+    return {"prior": made, "objective": make_objective(objective, samples)}
 
 
 def mlp_vae(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",
-            backend=None, dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None) -> VAE:
+            backend=None, dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None,
+            prior="standard", pseudo_inputs=500, objective="elbo", samples=1) -> VAE:
     """An MLP VAE: input_dim -> hidden... -> (mu, log_sigma) of latent_dim; the decoder mirrors it.
 
     With the defaults, the 784-400-20 ReLU model of Kingma & Welling.
     Weights are initialized from ``seed`` (PyTorch's default scheme).
     ``input_shape`` (e.g. (1, 28, 28)) only tells the model, and the figures,
     how a flat row of ``input_dim`` pixels is an image; default (input_dim,).
+    ``prior``: ``"standard"`` (N(0, I)) or ``"vampprior"`` with
+    ``pseudo_inputs`` components (:mod:`scratchvae.priors`); ``objective``:
+    ``"elbo"`` or ``"iwae"`` with ``samples`` >= 2 (:mod:`scratchvae.objectives`).
     """
     encoder, (mu, log_sigma), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused)
     return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
-               gaussian_log_sigma=gaussian_log_sigma, fused=fused)
+               gaussian_log_sigma=gaussian_log_sigma, fused=fused,
+               **_prior_and_objective(prior, pseudo_inputs, objective, samples, input_dim, encoder, seed))
 
 
 def mlp_autoencoder(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",

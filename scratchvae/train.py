@@ -125,12 +125,17 @@ def build_model(cfg: TrainConfig, image_shape, be):
     """The model ``cfg`` asks for, on backend ``be``."""
     common = dict(latent_dim=cfg.latent_dim, likelihood=cfg.likelihood, backend=be, dtype=cfg.dtype,
                   seed=cfg.seed, activation=cfg.activation, fused=cfg.fused)
+    probabilistic = dict(prior=cfg.prior, pseudo_inputs=cfg.pseudo_inputs, objective=cfg.objective, samples=cfg.samples)
+    if cfg.arch == "mlp" and cfg.model == "vae":
+        return mlp_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape), **common,
+                       **probabilistic)
     if cfg.arch == "mlp":
-        build = mlp_vae if cfg.model == "vae" else mlp_autoencoder
-        return build(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape), **common)
+        return mlp_autoencoder(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape),
+                               **common)
     if cfg.arch == "gated":
         common.pop("activation")
-        return gated_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape), **common)
+        return gated_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape),
+                         **common, **probabilistic)
     build = conv_vae if cfg.model == "vae" else conv_autoencoder
     return build(input_shape=tuple(image_shape), channels=cfg.channels, hidden=cfg.hidden[0] if cfg.hidden else None,
                  downsample=cfg.downsample, **common)
@@ -335,6 +340,10 @@ class _Run:
         self.log(f"{cfg.model} ({cfg.arch}) on {cfg.dataset}: {self.data.train.shape[0]} train / "
                  f"{self.data.test.shape[0]} test images, {self.model.num_params():,} parameters, backend "
                  f"{self.be.name} ({self.be.device}); initial test {loss_name} {state.initial_test['loss']:.2f}")
+        if cfg.prior != "standard" or cfg.objective != "elbo":
+            self.log(f"prior {cfg.prior}" + (f" ({cfg.pseudo_inputs} pseudo-inputs)" if cfg.prior == "vampprior" else "")
+                     + f", objective {cfg.objective}" + (f" with {cfg.samples} samples per image" if cfg.samples > 1 else "")
+                     + "; the KL is the one-sample estimate log q(z|x) - log p(z), not the analytic one")
         return state
 
     def _resume(self, path) -> RunState:
@@ -480,12 +489,14 @@ class _Run:
         raise err if self.comm is None else distributed.agreed(err)   # data-parallel: every rank replayed
 
     def _epoch_noise(self, epoch):
-        """The epoch's shuffle (a device index array) and eps for all its steps (steps, B, L), on the device."""
+        """The epoch's shuffle (a device index array) and eps for all its steps (steps, B, L), or
+        (steps, B, S, L) for an objective of S samples per image, on the device."""
         cfg, be = self.cfg, self.be
         n = self.data.train.shape[0]
         perm = numpy.random.default_rng(_seeds(cfg.seed, epoch, 0)).permutation(n)
         eps = be.rng(_seeds(cfg.seed, epoch, 1)).standard_normal(
-            (self.steps_per_epoch, cfg.batch_size, cfg.latent_dim), dtype=numpy.dtype(cfg.dtype))
+            (self.steps_per_epoch, cfg.batch_size, *((cfg.samples,) if cfg.samples > 1 else ()), cfg.latent_dim),
+            dtype=numpy.dtype(cfg.dtype))
         return {"perm": be.asarray(perm), "eps": eps, "epoch": epoch}
 
     def _batch(self, b):
@@ -527,7 +538,8 @@ class _Run:
         if self.data.levels and cfg.likelihood == "gaussian":   # a bound on the 8-bit images' NLL
             record["test_bits_per_dim"] = datasets.bits_per_dim(test["loss"], math.prod(self.data.image_shape))
         if "active_units" in test:   # a VAE: posterior collapse, made visible
-            record.update(active_units=test["active_units"], kl_per_dim=test["kl_per_dim"].tolist(),
+            record.update(active_units=test["active_units"],
+                          kl_per_dim=None if test["kl_per_dim"] is None else test["kl_per_dim"].tolist(),
                           latent_activity=test["activity"].tolist())
         if cfg.keep_best:
             record["valid_loss"] = self.model.evaluate(self.data.valid_dev,

@@ -36,6 +36,8 @@ from . import losses
 from .backend import flat_views
 from .fused import kernels as fused_kernels
 from .layers.base import gather_params, walk
+from .objectives import ELBO
+from .priors import StandardNormal
 
 __all__ = ["VAE", "Autoencoder", "NonFiniteLoss", "LIKELIHOODS"]
 
@@ -176,7 +178,9 @@ class _Model:
         backend, drawing one eps per example (a single-sample estimate).
         Returns host floats ``{"loss", "recon", "kl"}``; for a VAE also, per
         latent dimension (host float64 arrays (L,)), posterior collapse made
-        visible: ``kl_per_dim``, the analytic ``mean_x KL(q(z_j | x) || N(0, 1))``;
+        visible: ``kl_per_dim``, the analytic ``mean_x KL(q(z_j | x) || N(0, 1))``
+        (None for a prior without a per-dimension KL: the KL is then the
+        one-sample estimate ``log q(z|x) - log p(z)``);
         ``activity``, Burda et al.'s ``Cov_x(E_q[z_j | x]) = Var_x(mu_j)``; and
         ``active_units``, the dimensions whose activity exceeds 0.01.
         """
@@ -184,17 +188,19 @@ class _Model:
         if batch_size is None:   # sized for the device: a GPU wants large batches, a CPU its caches
             batch_size = 10_000 if self.backend.name == "cupy" else 1000
         totals, kl_dims, mus = numpy.zeros(2), numpy.zeros(self.latent_dim), []
+        comps = self._prior_components() if hasattr(self, "prior") else None   # once, for every chunk
         for start in range(0, x.shape[0], batch_size):
-            recon, kl, mu = self._eval_terms(x[start:start + batch_size], rng)   # (b,), (b, L), (b, L) or None
+            recon, kl, mu = self._eval_terms(x[start:start + batch_size], rng, comps=comps)   # (b,), (b, L) or (b, 1)
             totals += [float(recon.sum()), float(kl.sum(axis=1).sum()) if kl is not None else 0.0]
             if mu is not None:
-                kl_dims += self.backend.asnumpy(kl.sum(axis=0)).astype(numpy.float64)
+                if kl.shape[1] == self.latent_dim:
+                    kl_dims += self.backend.asnumpy(kl.sum(axis=0)).astype(numpy.float64)
                 mus.append(self.backend.asnumpy(mu).astype(numpy.float64))
         recon, kl = totals / x.shape[0]
         out = {"loss": recon + kl, "recon": recon, "kl": kl}
         if mus:
             activity = numpy.concatenate(mus).var(axis=0)                      # (L,)
-            out.update(kl_per_dim=kl_dims / x.shape[0], activity=activity,
+            out.update(kl_per_dim=kl_dims / x.shape[0] if self.prior.analytic else None, activity=activity,
                        active_units=int((activity > ACTIVE_UNIT_THRESHOLD).sum()))
         return out
 
@@ -253,13 +259,38 @@ class VAE(_Model):
     """
 
     def __init__(self, encoder, mu_head, log_sigma_head, decoder, *, likelihood="bernoulli", input_shape=(784,),
-                 gaussian_log_sigma="learned", fused=True):
+                 gaussian_log_sigma="learned", fused=True, prior=None, objective=None):
         if mu_head.out_features != log_sigma_head.out_features:
             raise ValueError("mu and log_sigma heads must have the same number of outputs")
-        super().__init__({"encoder": encoder, "mu": mu_head, "log_sigma": log_sigma_head, "decoder": decoder},
-                         likelihood=likelihood, input_shape=input_shape, latent_dim=mu_head.out_features,
+        parts = {"encoder": encoder, "mu": mu_head, "log_sigma": log_sigma_head, "decoder": decoder}
+        self.prior = StandardNormal() if prior is None else prior
+        self.objective = ELBO() if objective is None else objective
+        if self.prior.parametric:     # its parameters (the pseudo-inputs) train with the model's
+            parts["prior"] = self.prior
+            for layer in walk(encoder):
+                if hasattr(layer, "input_grad"):
+                    layer.input_grad = True   # the pseudo-inputs' gradient comes through the encoder's input
+                    break
+        super().__init__(parts, likelihood=likelihood, input_shape=input_shape, latent_dim=mu_head.out_features,
                          gaussian_log_sigma=gaussian_log_sigma, fused=fused)
         self.encoder, self.mu_head, self.log_sigma_head, self.decoder = encoder, mu_head, log_sigma_head, decoder
+
+    def sample(self, n: int, rng):
+        """Decode ``n`` draws from the prior (N(0, I), or the VampPrior's mixture): (n, D) mean images."""
+        z = self.prior.sample(n, rng, self._prior_components(), self.latent_dim, self.dtype)   # (n, L)
+        return self.decode(self.backend.asarray(z, dtype=self.dtype))
+
+    @property
+    def samples(self) -> int:
+        """Latents drawn per image by the objective (eps is (B, L), or (B, S, L) for S > 1)."""
+        return self.objective.samples
+
+    def _prior_components(self, h_pseudo=None):
+        """The prior's mixture components: the VampPrior's (mu_k, log_sigma_k) at the pseudo-inputs."""
+        if not self.prior.parametric:
+            return None
+        h = self.encoder.forward(self.prior.pseudo_inputs()) if h_pseudo is None else h_pseudo
+        return self.mu_head.forward(h), self.log_sigma_head.forward(h)
 
     def encode(self, x):
         """Posterior parameters: x (B, D) -> mu (B, L), log_sigma (B, L)."""
@@ -332,7 +363,11 @@ class VAE(_Model):
         _check_loss_weights(beta, free_bits)
         B = x.shape[0]
         n = _batch_total(B, batch_total)                   # the examples the means are over (trainer: a shard's batch)
-        eps = self._noise(B, rng, eps)                     # (B, L)
+        eps = self._noise(B, rng, eps)                     # (B, L), or (B, S, L)
+        if not (self.prior.analytic and self.samples == 1):   # a sampled KL: another prior, or the IWAE
+            if free_bits > 0:
+                raise ValueError("free bits need the analytic per-dimension KL of the standard prior and the ELBO")
+            return self._sampled_loss_and_grad(x, x_in, eps, beta, n, sync)
 
         # forward
         h = self.encoder.forward(x_in)                     # (B, H)
@@ -361,21 +396,88 @@ class VAE(_Model):
         dh += self.log_sigma_head.backward(dlog_sigma)
         self.encoder.backward(dh)
 
-        loss = recon + beta * kl_term
+        # this shard's share of the batch's loss (the whole loss for a whole batch): the ranks' shares sum to
+        # it; free bits summed over the shards make kl_term the whole batch's, so a shard takes B / n of it
+        whole_batch_kl = reduce is not None and free_bits > 0
+        loss = recon + beta * (kl_term * (B / n) if whole_batch_kl else kl_term)
         per_dim = self.backend.asnumpy(kl_per_dim).astype(numpy.float64) if sync else kl_per_dim   # trainer
         return loss, {"loss": loss, "recon": recon, "kl": kl_mean, "kl_term": kl_term, "kl_per_dim": per_dim}
 
     def _noise(self, B, rng, eps):
-        """eps (B, L): the given one (checked), or standard normal from ``rng``."""
-        L = self.latent_dim
+        """eps (B, L), or (B, S, L) for an objective of S > 1 samples: the given one (checked), or standard
+        normal from ``rng``."""
+        shape = (B, self.latent_dim) if self.samples == 1 else (B, self.samples, self.latent_dim)
         if eps is None:
             if rng is None:
                 raise ValueError("loss_and_grad needs rng (to draw eps) or eps")
-            return rng.standard_normal((B, L), dtype=self.dtype)
+            return rng.standard_normal(shape, dtype=self.dtype)
         eps = self.backend.asarray(eps, dtype=self.dtype)
-        if eps.shape != (B, L):
-            raise ValueError(f"eps has shape {tuple(eps.shape)}, expected ({B}, {L})")
+        if eps.shape != shape:
+            raise ValueError(f"eps has shape {tuple(eps.shape)}, expected {shape}")
         return eps
+
+    def _sampled_loss_and_grad(self, x, x_in, eps, beta, n, sync):
+        """The loss with a sampled KL, ``log q(z|x) - log p(z)``, for any prior and objective.
+
+        With S samples per image (eps (B, S, L), or (B, L) for S = 1) and the
+        per-sample terms ``c_bs = nll_bs + beta (log q(z_bs|x_b) - log p(z_bs))``,
+        the objective gives ``loss_b`` and ``v_bs = dloss_b/dc_bs``
+        (:mod:`scratchvae.objectives`). Backward, with ``c'_bs = v_bs / n``::
+
+            d out_bs    = c'_bs * dnll_bs/d out_bs                 the decoder, on all B*S rows at once
+            dz_bs       = decoder.backward(d out) + prior's  -beta c'_bs dlog p/dz_bs
+            log q(z_bs | x_b) = -0.5 |eps_bs|^2 - sum_j log_sigma_bj - 0.5 L log(2 pi)
+                        at z = mu + sigma eps: its total derivative is 0 in mu and -1 in each log_sigma_j
+            dmu_b       = sum_s dz_bs
+            dlog_sigma_b = sum_s dz_bs * sigma_b * eps_bs - beta sum_s c'_bs
+            the VampPrior's components (the encoder at the pseudo-inputs) get the prior's gradients, through
+            the same encoder pass as the batch, down to the pseudo-inputs.
+        """
+        xp, B, L, S = self.xp, x.shape[0], self.latent_dim, self.samples
+        eps3 = eps.reshape(B, S, L)
+        # forward: the encoder sees the batch and, for the VampPrior, the pseudo-inputs below it
+        pseudo = self.prior.pseudo_inputs() if self.prior.parametric else None
+        h = self.encoder.forward(x_in if pseudo is None else xp.concatenate([x_in, pseudo.astype(self.dtype)]))
+        mu_all, log_sigma_all = self.mu_head.forward(h), self.log_sigma_head.forward(h)     # (B [+ K], L)
+        mu, log_sigma = mu_all[:B], log_sigma_all[:B]
+        comps = None if pseudo is None else (mu_all[B:], log_sigma_all[B:])               # (K, L) each
+        sigma = xp.exp(log_sigma)                                                          # (B, L)
+        z = (mu[:, None, :] + sigma[:, None, :] * eps3).reshape(B * S, L)                  # (B*S, L)
+        out = self.decoder.forward(z)                                                      # (B*S, D)
+        x_rep = x if S == 1 else xp.broadcast_to(x[:, None, :], (B, S, x.shape[1])).reshape(B * S, x.shape[1])
+        nll, dout, dout_log_sigma = self._nll_and_grad(out, x_rep, 1.0)                    # (B*S,), (B*S, D)
+        log_q = (-0.5 * (eps3 * eps3).sum(axis=2) - log_sigma.sum(axis=1)[:, None]
+                 - 0.5 * L * _LOG_2PI)                                                     # (B, S)
+        log_p = self.prior.log_prob(z, comps).reshape(B, S)                                # (B, S)
+        kl = log_q - log_p                                                                 # (B, S)
+        loss_b, v = self.objective.reduce(nll.reshape(B, S) + beta * kl, xp)               # (B,), (B, S)
+        loss, recon, kl_mean = loss_b.sum() / n, nll.sum() / (n * S), kl.sum() / (n * S)
+        if sync:
+            loss, recon, kl_mean = float(loss), float(recon), float(kl_mean)
+            self._raise_if_not_finite(recon, kl_mean, mu, log_sigma)
+        # backward
+        c = (v / n).astype(self.dtype)                                                     # (B, S)
+        dout *= c.reshape(B * S, 1)
+        if self._learn_out_log_sigma:   # d sum_rows c_row nll_row / d out_log_sigma_d = sum c - sum c r^2 e^{-2 ls}
+            r = out - x_rep
+            self.grads["decoder.out_log_sigma"] += (c.sum() - (c.reshape(B * S, 1) * r * r).sum(axis=0)
+                                                    * xp.exp(-2 * self.out_log_sigma))
+        dz = self.decoder.backward(dout)                                                   # (B*S, L)
+        dz_prior, dcomps = self.prior.log_prob_backward(z, comps, -beta * c.reshape(B * S))
+        dz3 = (dz + dz_prior).reshape(B, S, L)
+        dmu = dz3.sum(axis=1)                                                              # (B, L)
+        dlog_sigma = (dz3 * eps3).sum(axis=1) * sigma - beta * c.sum(axis=1)[:, None]      # (B, L)
+        if dcomps is not None:
+            dmu, dlog_sigma = xp.concatenate([dmu, dcomps[0]]), xp.concatenate([dlog_sigma, dcomps[1]])
+        dh = self.mu_head.backward(dmu)
+        dh += self.log_sigma_head.backward(dlog_sigma)
+        dx = self.encoder.backward(dh)
+        if pseudo is not None:
+            self.prior.pseudo_inputs_backward(dx[B:])
+        kl_per_dim = xp.zeros(L, dtype=self.dtype)    # a sampled KL has no per-dimension split
+        stats = {"loss": loss, "recon": recon, "kl": kl_mean, "kl_term": kl_mean,
+                 "kl_per_dim": numpy.zeros(L) if sync else kl_per_dim}
+        return loss, stats
 
     def _raise_if_not_finite(self, recon, kl_mean, mu, log_sigma):
         """NonFiniteLoss naming the term (and, for the KL, the ranges of mu and log_sigma)."""
@@ -401,13 +503,18 @@ class VAE(_Model):
             return xp.maximum(kl_per_dim, free_bits).sum(), (beta / B) * active.astype(self.dtype)
         return kl_per_dim.sum(), xp.full((self.latent_dim,), beta / B, dtype=self.dtype)
 
-    def _eval_terms(self, x, rng, eps=None):
-        """-log p(x|z) (B,) for one z per example, the analytic KL per dimension (B, L) and mu (B, L);
-        no gradients."""
+    def _eval_terms(self, x, rng, eps=None, comps=None):
+        """-log p(x|z) (B,) for one z per example, the KL and mu (B, L); no gradients. The KL is the
+        analytic one per dimension (B, L) for the standard prior, else the one-sample estimate
+        ``log q(z|x) - log p(z)`` as (B, 1)."""
         mu, log_sigma = self.encode(x)
         if eps is None:
             eps = rng.standard_normal(mu.shape, dtype=self.dtype)
         z, kl = losses.reparameterize_kl(mu, log_sigma, self.backend.asarray(eps, dtype=self.dtype))
+        if not self.prior.analytic:
+            comps = self._prior_components() if comps is None else comps
+            log_q = -0.5 * (eps * eps).sum(axis=1) - log_sigma.sum(axis=1) - 0.5 * self.latent_dim * _LOG_2PI
+            kl = (log_q - self.prior.log_prob(z, comps))[:, None]
         return -self._log_px(self.decoder.forward(z), x), kl, mu
 
     def elbo(self, x, rng=None, eps=None):
@@ -446,6 +553,7 @@ class VAE(_Model):
         if max_elements is None:   # 64 MB of float32 decoder outputs on the CPU, 512 MB on a GPU
             max_elements = 2 ** 27 if self.backend.name == "cupy" else 2 ** 24
         B, L = x.shape[0], self.latent_dim
+        comps = self._prior_components()                    # the VampPrior's (mu_k, log_sigma_k), else None
         mu, log_sigma = self.encode(x)                      # (B, L)
         sigma = xp.exp(log_sigma)
         chunk = max(1, min(k, max_elements // max(1, B * self.input_dim)))
@@ -461,7 +569,7 @@ class VAE(_Model):
             if x_rep is None or x_rep.shape[0] != c * B:
                 x_rep = xp.broadcast_to(x, (c, B, self.input_dim)).reshape(c * B, self.input_dim)
             log_px = self._log_px(out, x_rep).reshape(c, B)                 # (c, B)
-            log_pz = -0.5 * (z * z).sum(axis=2) - 0.5 * L * _LOG_2PI        # (c, B)
+            log_pz = self.prior.log_prob(z.reshape(c * B, L), comps).reshape(c, B)   # (c, B)
             log_qz = -0.5 * (eps * eps).sum(axis=2) - log_sigma.sum(axis=1) - 0.5 * L * _LOG_2PI
             log_w = (log_px + log_pz - log_qz).astype(xp.float64)          # (c, B)
             new_max = xp.maximum(run_max, log_w.max(axis=0))
@@ -493,7 +601,7 @@ class Autoencoder(_Model):
         """x (B, D) -> (code (B, L), None)."""
         return self.code_head.forward(self.encoder.forward(self._as_input(x))), None
 
-    def _eval_terms(self, x, rng, eps=None):
+    def _eval_terms(self, x, rng, eps=None, comps=None):
         code, _ = self.encode(x)
         return -self._log_px(self.decoder.forward(code), x), None, None   # no KL, no posterior
 
