@@ -80,6 +80,7 @@ __all__ = [
     "plot_latent",
     "plot_manifold",
     "plot_interpolation",
+    "plot_pseudo_inputs",
     "save_all",
 ]
 
@@ -189,7 +190,7 @@ def _show(ax, grid):
 # ---------------------------------------------------------------------------
 
 def plot_samples(model, path, rng, n=64, run_id=None):
-    """Grid of images decoded from prior samples ``z ~ N(0, I)``.
+    """Grid of images decoded from prior samples ``z ~ p(z)`` (N(0, I), or the VampPrior's mixture).
 
     Parameters
     ----------
@@ -224,7 +225,8 @@ def plot_samples(model, path, rng, n=64, run_id=None):
     ncols = int(math.ceil(math.sqrt(n)))
     grid = image_grid(as_images(model, flat), ncols)
     if getattr(model, "code_head", None) is None:
-        title = f"{n} samples decoded from z ~ N(0, I)  ({model.latent_dim}-D latent)"
+        prior = "the VampPrior" if getattr(getattr(model, "prior", None), "parametric", False) else "N(0, I)"
+        title = f"{n} samples decoded from z ~ {prior}  ({model.latent_dim}-D latent)"
     else:   # an autoencoder has no prior: these are decoded random codes, not samples of a model
         title = (f"{n} random {model.latent_dim}-D codes from N(0, I), decoded by the autoencoder\n"
                  "(an autoencoder defines no prior over codes)")
@@ -745,10 +747,24 @@ def plot_attribute_vectors(model, blocks, multiples, path, run_id=None):
     return to_jsonable({"path": os.fspath(path), "multiples": multiples.tolist(), "blocks": out})
 
 
+def plot_pseudo_inputs(model, path, n=100, run_id=None):
+    """The VampPrior's learned pseudo-inputs ``u_k = clip(pseudo_k, 0, 1)`` as images (the first ``n``).
+
+    Returns ``path``, ``n`` (shown), ``K`` (all) and ``mean_intensity``.
+    """
+    u = host(model, model.prior.pseudo_inputs()).astype(np.float64)      # (K, D)
+    n = min(int(n), u.shape[0])
+    grid = image_grid(as_images(model, u[:n]), int(math.ceil(math.sqrt(n))))
+    fig, _ = _grid_figure(grid, f"VampPrior pseudo-inputs (the first {n} of K = {u.shape[0]}); the prior is "
+                                "the mixture of q(z | u_k)", max_inches=7.0)
+    _save(fig, path, run_id)
+    return to_jsonable({"path": os.fspath(path), "n": n, "K": int(u.shape[0]), "mean_intensity": float(u.mean())})
+
+
 def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None, noisy=None):
     """Write every figure into ``out_dir``.
 
-    Files: ``samples.png``, ``reconstructions.png``, ``curves.png`` (only
+    Files: ``samples.png``, ``reconstructions.png``, ``pseudo_inputs.png`` (a VampPrior's), ``curves.png`` (only
     when ``history`` is given), ``posterior.png`` (a VAE's history),
     ``latent.png``, ``manifold.png`` and ``interpolation.png``.
 
@@ -794,4 +810,6 @@ def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None
         results["interpolation"] = {"skipped": f"needs two test images; the test split has {len(x_test)}"}
     if noisy is not None:
         results["denoising"] = plot_denoising(model, x_test, noisy, p("denoising"), run_id=run_id)
+    if getattr(getattr(model, "prior", None), "parametric", False):
+        results["pseudo_inputs"] = plot_pseudo_inputs(model, p("pseudo_inputs"), run_id=run_id)
     return results

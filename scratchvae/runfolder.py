@@ -36,7 +36,7 @@ __all__ = ["RunFolder", "RunFolderError", "RUN_FILES", "new_run_id", "run_ids"]
 
 # Every file a training run writes into its folder (evaluate_run.py adds the last two).
 RUN_FILES = ("checkpoint.npz", "best.npz", "metrics.jsonl", "summary.json", "samples.png", "reconstructions.png",
-             "curves.png", "posterior.png", "latent.png", "manifold.png", "interpolation.png", "denoising.png", "evaluation-best.json",
+             "curves.png", "posterior.png", "latent.png", "manifold.png", "interpolation.png", "denoising.png", "pseudo_inputs.png", "evaluation-best.json",
              "evaluation-last.json")
 LOCK_NAME = ".lock"
 

@@ -1,0 +1,183 @@
+"""The VampPrior and the importance-weighted objective: densities, hand-derived gradients in float64
+against central finite differences, the whole loss of every combination, and the command line."""
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scratchvae import gradcheck
+from scratchvae.cli import main
+from scratchvae.models import gated_vae, mlp_vae
+from scratchvae.objectives import ELBO, IWAE
+from scratchvae.priors import StandardNormal, VampPrior
+
+TOL = 1e-6
+
+
+def brute_log_prob(z, mu_k, log_sigma_k):
+    """log (1/K) sum_k N(z; mu_k, diag exp(2 log_sigma_k)) with an (N, K, L) array, in float64."""
+    d = (z[:, None, :] - mu_k[None]) / np.exp(log_sigma_k)[None]
+    log_n = (-0.5 * d * d - log_sigma_k[None] - 0.5 * math.log(2 * math.pi)).sum(axis=2)
+    m = log_n.max(axis=1)
+    return m + np.log(np.exp(log_n - m[:, None]).sum(axis=1)) - math.log(mu_k.shape[0])
+
+
+def vamp(K, D=6, seed=0):
+    return VampPrior(K, D, dtype="float64", rng=seed)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), k=st.integers(1, 5), l=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_vampprior_density_and_its_gradients(n, k, l, seed):
+    rng = np.random.default_rng(seed)
+    z, mu_k, log_sigma_k = rng.standard_normal((n, l)), rng.standard_normal((k, l)), 0.5 * rng.standard_normal((k, l))
+    prior = vamp(k, seed=seed)
+    np.testing.assert_allclose(prior.log_prob(z, (mu_k, log_sigma_k)), brute_log_prob(z, mu_k, log_sigma_k),
+                               rtol=1e-12, atol=1e-12)
+    a = rng.standard_normal(n)                                    # a random upstream gradient
+    dz, (dmu, dls) = prior.log_prob_backward(z, (mu_k, log_sigma_k), a)
+    arrays = {"z": z, "mu_k": mu_k, "log_sigma_k": log_sigma_k}
+    report = gradcheck.check_scalar(lambda: float((a * prior.log_prob(z, (mu_k, log_sigma_k))).sum()), arrays,
+                                    {"z": dz, "mu_k": dmu, "log_sigma_k": dls})
+    assert report.max_error <= TOL, str(report)
+
+
+def test_vampprior_far_from_every_component_stays_finite():
+    prior = vamp(3)
+    z = np.full((2, 2), 40.0)                                    # exp(log N) underflows to 0 for every k
+    comps = (np.zeros((3, 2)), np.full((3, 2), -3.0))
+    assert np.all(np.isfinite(prior.log_prob(z, comps)))
+    dz, (dmu, dls) = prior.log_prob_backward(z, comps, np.ones(2))
+    assert all(np.all(np.isfinite(g)) for g in (dz, dmu, dls))
+
+
+def test_one_pseudo_input_mapped_to_zero_and_one_is_the_standard_normal():
+    model = mlp_vae(input_dim=6, hidden=(5,), latent_dim=3, dtype="float64", fused=False, prior="vampprior",
+                    pseudo_inputs=1)
+    for head in ("mu", "log_sigma"):                              # the encoder maps u_1 to mu = 0, log_sigma = 0
+        for name in ("W", "b"):
+            model.params[f"{head}.{name}"][...] = 0
+    z = np.random.default_rng(1).standard_normal((7, 3))
+    np.testing.assert_allclose(model.prior.log_prob(z, model._prior_components()),
+                               StandardNormal().log_prob(z), rtol=1e-14, atol=0)
+
+
+def test_pseudo_inputs_stay_in_zero_one_and_get_no_gradient_outside():
+    prior = vamp(2, D=3)
+    prior.params["pseudo"][...] = [[-0.5, 0.3, 1.5], [0.2, 0.9, 0.4]]
+    np.testing.assert_array_equal(prior.pseudo_inputs(), [[0.0, 0.3, 1.0], [0.2, 0.9, 0.4]])
+    prior.pseudo_inputs_backward(np.ones((2, 3)))
+    np.testing.assert_array_equal(prior.grads["pseudo"], [[0, 1, 0], [1, 1, 1]])
+
+
+# -- the objectives ------------------------------------------------------------------------------------
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 4), s=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_iwae_reduce_gradient_is_the_softmax_weights(b, s, seed):
+    rng = np.random.default_rng(seed)
+    c, r = 50 * rng.standard_normal((b, s)), rng.standard_normal(b)
+    loss, v = IWAE(s).reduce(c, np)
+    np.testing.assert_allclose(loss, -np.log(np.exp(-(c - c.min(axis=1, keepdims=True))).mean(axis=1))
+                               + c.min(axis=1), rtol=1e-12)
+    report = gradcheck.check_scalar(lambda: float((r * IWAE(s).reduce(c, np)[0]).sum()), {"c": c},
+                                    {"c": r[:, None] * v})
+    assert report.max_error <= TOL and np.allclose(v.sum(axis=1), 1.0)
+
+
+def test_the_iwae_formula_with_one_sample_is_the_elbo_bit_for_bit():
+    c = np.random.default_rng(0).standard_normal((5, 1)) * 100
+    one = IWAE.__new__(IWAE)
+    one.samples = 1                                             # refused by the constructor, allowed here
+    assert np.array_equal(one.reduce(c, np)[0], ELBO().reduce(c, np)[0])
+    for prior in ("standard", "vampprior"):                     # and the whole loss, through the model
+        kw = dict(input_dim=7, hidden=(6,), latent_dim=3, dtype="float64", seed=3, fused=False, prior=prior,
+                  pseudo_inputs=4)
+        elbo, iwae1 = mlp_vae(**kw), mlp_vae(**kw)
+        iwae1.objective = one
+        x = (np.random.default_rng(1).random((5, 7)) < 0.4).astype(np.float64)
+        eps = np.random.default_rng(2).standard_normal((5, 3))
+        # standard prior: one sample means the analytic-KL ELBO path; VampPrior: the same sampled path
+        assert iwae1.loss_and_grad(x, eps=eps)[0] == elbo.loss_and_grad(x, eps=eps)[0]
+    with pytest.raises(ValueError, match="samples >= 2"):
+        IWAE(1)
+
+
+# -- the whole loss of every combination ---------------------------------------------------------------
+
+def whole_loss_report(model, x, eps, beta):
+    model.zero_grad()
+    model.loss_and_grad(x, eps=eps, beta=beta)
+    analytic = {k: g.copy() for k, g in model.grads.items()}
+    return gradcheck.check_scalar(lambda: model.loss_and_grad(x, eps=eps, beta=beta)[0], model.params, analytic)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("prior, objective, samples", [("vampprior", "elbo", 1), ("standard", "iwae", 3),
+                                                       ("vampprior", "iwae", 4)])
+@pytest.mark.parametrize("arch", ["mlp", "gated"])
+def test_whole_loss_gradcheck(arch, prior, objective, samples, likelihood, fused):
+    build = mlp_vae if arch == "mlp" else gated_vae
+    extra = {"activation": "tanh"} if arch == "mlp" else {}
+    model = build(input_dim=7, hidden=(6, 5), latent_dim=3, likelihood=likelihood, dtype="float64", seed=3,
+                  fused=fused, prior=prior, pseudo_inputs=4, objective=objective, samples=samples, **extra)
+    if prior == "vampprior":   # pseudo-inputs inside (0, 1), away from the clamp's kinks
+        model.params["prior.pseudo"][...] = 0.1 + 0.8 * np.random.default_rng(9).random((4, 7))
+    x = (np.random.default_rng(0).random((5, 7)) < 0.4).astype(np.float64)
+    if likelihood == "gaussian":
+        x = 0.8 * x + 0.1 * np.random.default_rng(1).random(x.shape)
+    eps = np.random.default_rng(2).standard_normal((5, 3) if samples == 1 else (5, samples, 3))
+    report = whole_loss_report(model, x, eps, beta=0.6)       # beta < 1: a KL warm-up
+    assert set(report.errors) == set(model.params)
+    assert report.max_error <= TOL, str(report)
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+TINY = ["--arch", "gated", "--hidden", "16,12", "--latent-dim", "3", "--limit", "300", "--test-limit", "60",
+        "--batch-size", "50", "--iwae-k", "3"]
+
+
+@pytest.mark.parametrize("option", [["--prior", "vampprior", "--pseudo-inputs", "10"],
+                                    ["--objective", "iwae", "--samples", "5"]], ids=["vampprior", "iwae"])
+def test_new_options_run_write_every_figure_and_resume_bit_identically(tmp_path, capsys, option):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main([*TINY, *option, "--epochs", "2", "--out", str(whole)]) == 0
+    assert main([*TINY, *option, "--epochs", "1", "--out", str(split)]) == 0
+    assert main(["--resume", str(split), "--epochs", "2"]) == 0
+    runs = [[json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()] for f in (whole, split)]
+    keep = ("train_loss", "test_loss", "test_recon", "test_kl")
+    assert [{k: h[k] for k in keep} for h in runs[0]] == [{k: h[k] for k in keep} for h in runs[1]]
+    summary = json.loads((whole / "summary.json").read_text())
+    key = option[0][2:]                                            # "prior" or "objective"
+    assert math.isfinite(summary["test_nll_iwae"]) and summary["config"][key] == option[1]
+    figures = {p.name for p in whole.glob("*.png")}
+    assert {"samples.png", "reconstructions.png", "latent.png", "manifold.png", "interpolation.png",
+            "curves.png"} <= figures
+    assert ("pseudo_inputs.png" in figures) == (option[1] == "vampprior")
+    capsys.readouterr()
+    other = {"prior": "standard", "objective": "elbo"}[key]
+    assert main(["--resume", str(whole), "--epochs", "3", f"--{key}", other]) == 1
+    assert f"the run was trained with {key}={option[1]!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--samples", "0"], "samples (--samples) must be a finite number >= 1"),
+    (["--objective", "iwae", "--samples", "1"], "needs --samples S >= 2"),
+    (["--samples", "3"], "the ELBO draws one latent per image"),
+    (["--prior", "vampprior", "--pseudo-inputs", "0"], "pseudo_inputs (--pseudo-inputs) must be a finite number >= 1"),
+    (["--pseudo-inputs", "10"], "add --prior vampprior"),
+    (["--prior", "vampprior", "--model", "ae"], "a plain autoencoder"),
+    (["--objective", "iwae", "--samples", "5", "--free-bits", "0.5"], "Drop --free-bits"),
+    (["--prior", "vampprior", "--free-bits", "0.5"], "Drop --free-bits"),
+    (["--prior", "vampprior", "--arch", "conv"], "built for --arch mlp and --arch gated"),
+])
+def test_bad_combinations_are_one_error_line(tmp_path, capsys, argv, needle):
+    assert main([*argv, "--epochs", "1", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "run").exists()
