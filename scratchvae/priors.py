@@ -127,8 +127,9 @@ class VampPrior(Layer):
     def sample(self, n, rng, comps, latent_dim, dtype):
         """z ~ p(z): a component k uniformly, then z = mu_k + exp(log_sigma_k) eps: (n, L)."""
         mu_k, log_sigma_k = comps
-        k = rng.integers(0, self.n_pseudo, size=int(n))
-        eps = rng.standard_normal((int(n), mu_k.shape[1]), dtype=dtype)
+        # rng may be a host generator (the figures'): its draws go to the components' device
+        k = self.backend.asarray(rng.integers(0, self.n_pseudo, size=int(n)))
+        eps = self.backend.asarray(rng.standard_normal((int(n), mu_k.shape[1]), dtype=dtype))
         return mu_k[k] + self.xp.exp(log_sigma_k[k]) * eps
 
     def __repr__(self):

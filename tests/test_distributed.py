@@ -383,3 +383,21 @@ def test_a_rank_started_without_distributed_stops_every_rank_at_once(tmp_path, s
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "rank(s) [1] were started without --distributed" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@needs_mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("option", [["--arch", "gated", "--hidden", "24,16", "--prior", "vampprior",
+                                     "--pseudo-inputs", "12"],
+                                    ["--objective", "iwae", "--samples", "3"]], ids=["vampprior", "iwae"])
+def test_two_ranks_train_like_one_process_with_the_new_prior_and_objective(tmp_path, option):
+    """The VampPrior (its pseudo-inputs' pass and gradient on every rank) and the IWAE objective (its
+    per-image weights within a shard) give the one-process run at 2 ranks, up to the order of float sums."""
+    args = [*SMALL, *option, "--epochs", "2", "--kl-warmup", "1"]
+    single, two = tmp_path / "single", tmp_path / "two"
+    proc = python(TRAIN, *args, "--out", single)
+    assert proc.returncode == 0, proc.stderr
+    mpirun(TRAIN, *args, "--out", two, "--distributed")
+    for a, b in zip(history(single), history(two), strict=True):
+        for key in ("train_loss", "train_recon", "train_kl", "test_loss", "active_units"):
+            assert b[key] == pytest.approx(a[key], rel=1e-9), key

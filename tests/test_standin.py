@@ -206,3 +206,17 @@ def test_cupy_data_parallel_with_more_ranks_than_gpus_is_one_error_line(tmp_path
     assert "Traceback" not in proc.stderr and "NcclError" not in proc.stderr
     allocations = [log["allocations"] for log in _logs(tmp_path)]
     assert all(a == {} for a in allocations), allocations     # refused before anything was allocated
+
+
+@pytest.mark.parametrize("option", [["--arch", "gated", "--hidden", "16,12", "--prior", "vampprior",
+                                     "--pseudo-inputs", "10"],
+                                    ["--objective", "iwae", "--samples", "3"]], ids=["vampprior", "iwae"])
+def test_cupy_runs_the_new_prior_and_objective_like_numpy(cupy, tmp_path, option):
+    cupy.reset()
+    run = [*TINY, *option, "--iwae-k", "2"]
+    assert main([*run, "--backend", "cupy", "--no-fused", "--out", str(tmp_path / "gpu")]) == 0
+    assert step_syncs(cupy) == []
+    assert main([*run, "--no-fused", "--no-figures", "--out", str(tmp_path / "cpu")]) == 0
+    assert numbers(tmp_path / "gpu") == numbers(tmp_path / "cpu")
+    if "vampprior" in option:
+        assert (tmp_path / "gpu" / "pseudo_inputs.png").exists()
