@@ -10,26 +10,11 @@ import pathlib
 import shutil
 
 import pytest
+from test_runs import TINY, assert_one_error_line, run_cli
 
 from scratchvae import checkpoint
-from scratchvae.cli import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--limit", "300", "--test-limit", "200", "--batch-size", "64", "--hidden", "32", "--latent-dim", "3",
-        "--epochs", "1", "--no-figures"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def assert_one_error_line(err, *needles):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def snapshot(folder):
