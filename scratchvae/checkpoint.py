@@ -31,7 +31,7 @@ import numpy
 from .atomic import atomic_write
 from .config import TrainConfig
 
-__all__ = ["CheckpointError", "save", "load", "load_run", "FORMAT_VERSION"]
+__all__ = ["CheckpointError", "save", "load", "load_meta", "load_run", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -101,6 +101,22 @@ def load(path) -> tuple[dict, dict]:
         if _digest(a) != sums[name]:
             raise CheckpointError(f"checkpoint {path}: checksum mismatch in array {name!r} (the file is corrupted)")
     return arrays, meta
+
+
+def load_meta(path) -> dict:
+    """A checkpoint's metadata alone (its run identity, say), without reading or verifying the arrays;
+    a damaged file is a :class:`CheckpointError` naming it, as in :func:`load`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("meta.npy") as f:
+            meta = json.loads(str(numpy.lib.format.read_array(f, allow_pickle=False)))
+    except Exception as err:   # noqa: BLE001 - as in load(): any malformed archive is one error naming the file
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({type(err).__name__}: {err})") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: its meta record is not a JSON object")
+    return meta
 
 
 def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> tuple:

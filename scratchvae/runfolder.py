@@ -192,14 +192,14 @@ class RunFolder:
 def run_ids(folder) -> dict:
     """The run identity recorded in each run file of ``folder`` that records one: name -> run_id.
 
-    Checkpoints are read (and verified) through :mod:`scratchvae.checkpoint`;
+    Checkpoints' metadata is read through :mod:`scratchvae.checkpoint`;
     JSON files by their ``run_id`` field (``metrics.jsonl``: every line's).
     A file that cannot be read is reported as ``"unreadable"``.
     """
     folder, ids = pathlib.Path(folder), {}
     for name in ("checkpoint.npz", "best.npz"):
         if (folder / name).exists():
-            ids[name] = checkpoint.load(folder / name)[1].get("run_id")
+            ids[name] = checkpoint.load_meta(folder / name).get("run_id")
     for name in ("summary.json", "evaluation-best.json", "evaluation-last.json", "metrics.jsonl"):
         path = folder / name
         if not path.exists():

@@ -223,7 +223,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
     # a run folder belongs to one run: resuming (into the checkpoint's own folder or another) needs a folder
     # that is empty or holds only files of the checkpoint's run, which RunFolder checks
     mode = "resume" if ckpt is not None else ("overwrite" if overwrite else "new")
-    run_id = None if ckpt is None else checkpoint.load(ckpt)[1].get("run_id")
+    run_id = None if ckpt is None else checkpoint.load_meta(ckpt).get("run_id")   # verified in full by _resume
     if comm is not None:
         comm.use_backend(be)
         comm.check_same("config", dataclasses.asdict(cfg))
