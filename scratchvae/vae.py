@@ -474,9 +474,9 @@ class VAE(_Model):
         dx = self.encoder.backward(dh)
         if pseudo is not None:
             self.prior.pseudo_inputs_backward(dx[B:])
-        kl_per_dim = xp.zeros(L, dtype=self.dtype)    # a sampled KL has no per-dimension split
+        # a sampled KL has no per-dimension split: zeros (on the device for an unsynced step)
         stats = {"loss": loss, "recon": recon, "kl": kl_mean, "kl_term": kl_mean,
-                 "kl_per_dim": numpy.zeros(L) if sync else kl_per_dim}
+                 "kl_per_dim": numpy.zeros(L) if sync else xp.zeros(L, dtype=self.dtype)}
         return loss, stats
 
     def _raise_if_not_finite(self, recon, kl_mean, mu, log_sigma):
