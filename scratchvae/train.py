@@ -542,8 +542,7 @@ class _Run:
                           kl_per_dim=None if test["kl_per_dim"] is None else test["kl_per_dim"].tolist(),
                           latent_activity=test["activity"].tolist())
         if cfg.keep_best:
-            record["valid_loss"] = self.model.evaluate(self.data.valid_dev,
-                                                       self.be.rng(cfg.seed * 1_000_003 + 500_000 + st.epoch + 1))["loss"]
+            record["valid_loss"] = self._valid_loss(self.be.rng(cfg.seed * 1_000_003 + 500_000 + st.epoch + 1))
             if record["valid_loss"] < st.best["valid_loss"]:
                 st.best = {"epoch": st.epoch + 1, "valid_loss": record["valid_loss"]}
                 # written before the checkpoint that names it, so a crash in between cannot
@@ -686,6 +685,16 @@ class _Run:
         return err
 
     # -- helpers -------------------------------------------------------------------------
+    def _valid_loss(self, rng) -> float:
+        """The loss that early stopping and ``best.npz`` follow: the training objective at beta = 1.
+
+        The negative ELBO (one sample per image) for the ELBO; for the IWAE
+        objective its own bound, ``-mean log (1/S) sum_s w_s`` with the run's S.
+        """
+        if self.cfg.objective == "iwae":
+            return iwae_test_nll(self.model, self.data.valid_dev, self.cfg.samples, rng, progress=False)
+        return self.model.evaluate(self.data.valid_dev, rng)["loss"]
+
     def _test_metrics(self, tag):
         return self.model.evaluate(self.data.test_dev, self.be.rng(self.cfg.seed * 1_000_003 + tag))
 

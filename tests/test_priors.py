@@ -181,3 +181,19 @@ def test_bad_combinations_are_one_error_line(tmp_path, capsys, argv, needle):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_iwae_run_keeps_the_best_epoch_by_its_own_bound(tmp_path):
+    """Early stopping follows the training objective: an IWAE run's validation loss is its S-sample bound."""
+    from scratchvae.train import iwae_test_nll, load_trained
+
+    run = tmp_path / "run"
+    assert main([*TINY, "--objective", "iwae", "--samples", "5", "--keep-best", "--epochs", "1", "--no-figures",
+                 "--out", str(run)]) == 0
+    (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    model, data, cfg, meta, _ = load_trained(run, "best")
+    assert meta["params_epoch"] == 1
+    seed = cfg.seed * 1_000_003 + 500_000 + 1                      # the trainer's validation stream for epoch 1
+    expected = iwae_test_nll(model, data.valid_dev, 5, model.backend.rng(seed), progress=False)
+    assert record["valid_loss"] == expected
+    assert record["valid_loss"] != model.evaluate(data.valid_dev, model.backend.rng(seed))["loss"]
