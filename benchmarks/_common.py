@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pathlib
 import platform
@@ -314,6 +315,18 @@ def mnist(split="train"):
 
 # -- PyTorch twins -----------------------------------------------------------------------------
 
+GATED_MODELS = ("vampprior", "iwae")
+
+
+def gated_model(kind, backend=None, seed=0, dtype="float32"):
+    """The VampPrior paper's gated 2x300 VAE (z = 40) of the benchmarks: ``vampprior`` (K = 500
+    pseudo-inputs, the ELBO) or ``iwae`` (the standard prior, the IWAE objective with S = 5)."""
+    from scratchvae.models import gated_vae
+    options = {"vampprior": dict(prior="vampprior", pseudo_inputs=500), "iwae": dict(objective="iwae", samples=5)}
+    return gated_vae(784, hidden=(300, 300), latent_dim=40, backend=backend, seed=seed, dtype=dtype,
+                     **options[kind])
+
+
 def torch_twin(torch, model, device="cpu"):
     """A ``torch.nn.Module`` with the architecture, dtype and current weights of scratchvae ``model``.
 
@@ -328,11 +341,13 @@ def torch_twin(torch, model, device="cpu"):
     from torch import nn
 
     from scratchvae.layers import (
+        Clamp,
         Conv2d,
         ConvTranspose2d,
         Dense,
         Flatten,
         FromCHWB,
+        GatedDense,
         LeakyReLU,
         ReLU,
         Reshape,
@@ -358,6 +373,15 @@ def torch_twin(torch, model, device="cpu"):
                 lin.weight.copy_(t(layer.params["W"]).T)
                 lin.bias.copy_(t(layer.params["b"]))
             return lin
+        if isinstance(layer, GatedDense):
+            gated = GatedLinear(layer.in_features, layer.out_features, **fk)
+            with torch.no_grad():
+                for lin, w, b in ((gated.h, "W", "b"), (gated.g, "V", "c")):
+                    lin.weight.copy_(t(layer.params[w]).T)
+                    lin.bias.copy_(t(layer.params[b]))
+            return gated
+        if isinstance(layer, Clamp):
+            return nn.Hardtanh(layer.low, layer.high)   # its gradient, like Clamp's, is 0 at and beyond the ends
         if isinstance(layer, Conv2d):
             conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, **fk)
             with torch.no_grad():
@@ -387,8 +411,21 @@ def torch_twin(torch, model, device="cpu"):
             return nn.Flatten()
         raise TypeError(f"no PyTorch twin for {layer!r}")
 
+    class GatedLinear(nn.Module):
+        """h = (x W + b) * sigmoid(x V + c), as scratchvae.layers.GatedDense."""
+
+        def __init__(self, n_in, n_out, **kw):
+            super().__init__()
+            self.h, self.g = nn.Linear(n_in, n_out, **kw), nn.Linear(n_in, n_out, **kw)
+
+        def forward(self, x):
+            return self.h(x) * torch.sigmoid(self.g(x))
+
     if model.likelihood != "bernoulli":
         raise ValueError("the PyTorch twin implements the Bernoulli likelihood only")
+    prior, samples = getattr(model, "prior", None), getattr(model, "samples", 1)
+    vamp = prior is not None and prior.name == "vampprior"
+    log_2pi = math.log(2 * math.pi)
 
     class TorchVAE(nn.Module):
         def __init__(self):
@@ -398,6 +435,8 @@ def torch_twin(torch, model, device="cpu"):
             self.log_sigma = convert(model.log_sigma_head)
             self.decoder = convert(model.decoder)
             self.input_shape = model.input_shape
+            if vamp:   # the VampPrior's pseudo-inputs, read as clamp(pseudo, 0, 1)
+                self.pseudo = nn.Parameter(t(prior.params["pseudo"]).clone())
 
         def terms(self, x, eps):
             """Per-example recon NLL (B,) and KL (B,); x is flat (B, D)."""
@@ -411,7 +450,9 @@ def torch_twin(torch, model, device="cpu"):
             return recon, kl
 
         def loss(self, x, eps):
-            """The negative ELBO averaged over the batch (beta = 1), as scratchvae's loss_and_grad."""
+            """The loss averaged over the batch (beta = 1), as scratchvae's loss_and_grad."""
+            if vamp or samples > 1:
+                return self.sampled_loss(x, eps)
             F = torch.nn.functional
             B = x.shape[0]
             h = self.encoder(x)
@@ -421,6 +462,36 @@ def torch_twin(torch, model, device="cpu"):
             recon = F.binary_cross_entropy_with_logits(out, x, reduction="sum") / B
             kl = (0.5 * (mu * mu + torch.exp(2 * log_sigma) - 1) - log_sigma).sum() / B
             return recon + kl
+
+        def vamp_log_prior(self, z, mu_k, log_sigma_k):
+            """log (1/K) sum_k N(z; mu_k, sigma_k^2) (N,), the (N, K) log densities as three matrix products."""
+            iv = torch.exp(-2 * log_sigma_k)                                       # (K, L)
+            const = -0.5 * (mu_k * mu_k * iv).sum(1) - log_sigma_k.sum(1) - 0.5 * z.shape[1] * log_2pi
+            log_n = -0.5 * ((z * z) @ iv.T) + z @ (mu_k * iv).T + const           # (N, K)
+            return torch.logsumexp(log_n, dim=1) - math.log(mu_k.shape[0])
+
+        def sampled_loss(self, x, eps):
+            """The sampled-KL loss: c_bs = -log p(x|z_bs) + log q(z_bs|x) - log p(z_bs); the ELBO's mean c,
+            or the IWAE's -logsumexp_s(-c_bs) + log S; the VampPrior's components in the batch's encoder pass."""
+            F = torch.nn.functional
+            B, L = x.shape[0], eps.shape[-1]
+            S = samples
+            h = self.encoder(torch.cat([x, torch.clamp(self.pseudo, 0, 1)]) if vamp else x)
+            mu_all, log_sigma_all = self.mu(h), self.log_sigma(h)
+            mu, log_sigma = mu_all[:B], log_sigma_all[:B]
+            eps3 = eps.reshape(B, S, L)
+            z = (mu[:, None] + torch.exp(log_sigma)[:, None] * eps3).reshape(B * S, L)
+            out = self.decoder(z)
+            x_rep = x[:, None].expand(B, S, x.shape[1]).reshape(B * S, x.shape[1])
+            nll = F.binary_cross_entropy_with_logits(out, x_rep, reduction="none").sum(1).reshape(B, S)
+            log_q = -0.5 * (eps3 * eps3).sum(2) - log_sigma.sum(1)[:, None] - 0.5 * L * log_2pi
+            if vamp:
+                log_p = self.vamp_log_prior(z, mu_all[B:], log_sigma_all[B:]).reshape(B, S)
+            else:
+                log_p = (-0.5 * (z * z).sum(1) - 0.5 * L * log_2pi).reshape(B, S)
+            c = nll + log_q - log_p                                                # (B, S)
+            loss_b = c[:, 0] if S == 1 else -(torch.logsumexp(-c, dim=1) - math.log(S))
+            return loss_b.mean()
 
     net = TorchVAE().to(device)
     return net
@@ -436,10 +507,17 @@ def torch_grads_by_scratch_name(torch, model, net):
         mods = list(tpart) if isinstance(tpart, nn.Sequential) else [tpart]
         seq = isinstance(tpart, nn.Sequential)
         for i, m in enumerate(mods):
-            if not hasattr(m, "weight"):
+            if not hasattr(m, "weight") and not hasattr(m, "g"):
                 continue
             key = f"{prefix}.{i}." if seq else f"{prefix}."
+            if hasattr(m, "g"):   # GatedLinear: W, b from h; V, c from the gate g
+                for lin, w, b in ((m.h, "W", "b"), (m.g, "V", "c")):
+                    out[key + w] = lin.weight.grad.detach().cpu().numpy().T
+                    out[key + b] = lin.bias.grad.detach().cpu().numpy()
+                continue
             w = m.weight.grad.detach().cpu().numpy()
             out[key + "W"] = w.T if isinstance(m, nn.Linear) else w
             out[key + "b"] = m.bias.grad.detach().cpu().numpy()
+    if hasattr(net, "pseudo"):
+        out["prior.pseudo"] = net.pseudo.grad.detach().cpu().numpy()
     return out

@@ -62,7 +62,10 @@ except ImportError:  # run as a script: benchmarks/ is sys.path[0]
 
 TARGETS = {("mlp", 128): {"speedup_vs_torch": 1.5},
            ("mlp", 1024): {"speedup_vs_torch": 1.2},
-           ("conv", 128): {"speedup_vs_torch": 1.0}}
+           ("conv", 128): {"speedup_vs_torch": 1.0},
+           ("vampprior", 100): {"speedup_vs_torch": 1.0},
+           ("iwae", 100): {"speedup_vs_torch": 1.0}}
+MODELS = ("mlp", "conv", "vampprior", "iwae")
 
 
 def build_parser():
@@ -77,7 +80,9 @@ def build_parser():
                         "steps' worth of images; --quick 20)")
     p.add_argument("--settle-seconds", type=float, default=None,
                    help="pause before every block, so the other process's threads stop spinning (default 0.5)")
-    p.add_argument("--models", default="mlp,conv", help="comma list of mlp, conv")
+    p.add_argument("--models", default="mlp,conv", help="comma list of mlp, conv, vampprior (the gated 2x300 VAE, "
+                   "z = 40, with the VampPrior of 500 pseudo-inputs), iwae (the gated VAE, standard prior, the IWAE "
+                   "objective with 5 samples); the last two at --batches 100")
     p.add_argument("--batches", default="128,1024", help="comma list of batch sizes")
     p.add_argument("--no-gpu", action="store_true", help="skip the CuPy / torch CUDA comparison")
     p.add_argument("--gpu-only", action="store_true", help="only the CuPy / torch CUDA rows (benchmarks/gpu_check.sh)")
@@ -90,21 +95,25 @@ def build_parser():
 
 def build_model(kind, backend, seed, dtype="float32"):
     from scratchvae.models import conv_vae, mlp_vae
+    if kind in C.GATED_MODELS:
+        return C.gated_model(kind, backend, seed, dtype)
     if kind == "mlp":
         return mlp_vae(784, hidden=(400,), latent_dim=20, activation="relu", backend=backend, seed=seed, dtype=dtype)
     if kind == "conv":
         return conv_vae((1, 28, 28), channels=(32, 64), latent_dim=20, backend=backend, seed=seed, dtype=dtype)
-    raise ValueError(f"unknown model {kind!r}; choose mlp or conv")
+    raise ValueError(f"unknown model {kind!r}; choose one of {MODELS}")
 
 
 class Batches:
-    """``count`` fixed real batches and eps arrays, cycled through by both sides."""
+    """``count`` fixed real batches and eps arrays ((B, L), or (B, S, L) for S samples), cycled through by both
+    sides."""
 
-    def __init__(self, X, B, L, seed, count=8):
+    def __init__(self, X, B, L, seed, count=8, samples=1):
         import numpy as np
         gen = np.random.default_rng(seed)
+        shape = (B, L) if samples == 1 else (B, samples, L)
         self.x = [np.ascontiguousarray(X[gen.choice(X.shape[0], B, replace=False)]) for _ in range(count)]
-        self.eps = [gen.standard_normal((B, L), dtype=np.float32) for _ in range(count)]
+        self.eps = [gen.standard_normal(shape, dtype=np.float32) for _ in range(count)]
         self.count = count
 
 
@@ -151,12 +160,20 @@ def torch_stepper(torch, net, batches, device="cpu"):
 def matmul_products(model, B):
     """The (a_shape, b_shape, a_transposed, b_transposed, role, first_layer) products of one training step.
 
-    Mirrors scratchvae.layers.dense.affine_forward/affine_backward and the
-    products of scratchvae.layers.conv, in the order the step runs them.
+    Mirrors scratchvae.layers.dense.affine_forward/affine_backward, the two
+    of each of scratchvae.layers.gated, and the products of
+    scratchvae.layers.conv, in the order the step runs them. The encoder runs
+    on B rows, plus the K pseudo-inputs of a VampPrior (whose gradient needs
+    the first layer's input gradient); the decoder on B * S rows for S
+    samples per image. The VampPrior's density products ((B*S, L) by (L, K),
+    under 1% of the layers' here) are not counted.
     """
-    from scratchvae.layers import Conv2d, ConvTranspose2d, Dense, Sequential
+    from scratchvae.layers import Conv2d, ConvTranspose2d, Dense, GatedDense, Sequential
 
     layers = []
+    prior = getattr(model, "prior", None)
+    pseudo = prior.n_pseudo if prior is not None and prior.parametric else 0
+    rows_enc, rows_dec = B + pseudo, B * getattr(model, "samples", 1)
 
     def walk(layer, shape):
         """Collect (layer, input shape) along the forward pass; returns the output shape."""
@@ -164,7 +181,7 @@ def matmul_products(model, B):
             for child in layer.layers:
                 shape = walk(child, shape)
             return shape
-        if isinstance(layer, Dense):
+        if isinstance(layer, (Dense, GatedDense)):
             layers.append((layer, shape))
             return (shape[0], layer.out_features)
         if isinstance(layer, (Conv2d, ConvTranspose2d)):
@@ -177,20 +194,21 @@ def matmul_products(model, B):
             return (shape[0], math.prod(shape[1:]))
         return shape                     # elementwise
 
-    shape = walk(model.encoder, (B, model.input_dim))
+    shape = walk(model.encoder, (rows_enc, model.input_dim))
     walk(model.mu_head, shape)
     walk(model.log_sigma_head, shape)
-    walk(model.decoder, (B, model.latent_dim))
+    walk(model.decoder, (rows_dec, model.latent_dim))
 
     fwd, bwd = [], []
-    first = layers[0][0]
+    first = None if pseudo else layers[0][0]
     for layer, s in layers:
         is_first = layer is first
-        if isinstance(layer, Dense):
-            i, o = layer.in_features, layer.out_features
-            fwd.append(((B, i), (i, o), False, False, "forward", is_first))
-            bwd.append([((B, o), (i, o), False, True, "input_grad", is_first),       # dy @ W.T
-                        ((B, i), (B, o), True, False, "weight_grad", is_first)])     # x.T @ dy
+        if isinstance(layer, (Dense, GatedDense)):
+            i, o, R = layer.in_features, layer.out_features, s[0]
+            for _ in range(2 if isinstance(layer, GatedDense) else 1):   # GatedDense: x @ W and x @ V
+                fwd.append(((R, i), (i, o), False, False, "forward", is_first))
+                bwd.append([((R, o), (i, o), False, True, "input_grad", is_first),       # dy @ W.T
+                            ((R, i), (R, o), True, False, "weight_grad", is_first)])     # x.T @ dy
         elif isinstance(layer, Conv2d):
             kh, kw = layer.kernel_size
             Ho, Wo = layer.output_size(s[2:])
@@ -287,8 +305,9 @@ def check_equivalence(torch, kind, seed, model, net, batches, device="cpu"):
 # for a block of steps, and pauses between blocks so that the other process's BLAS/OpenMP
 # threads have stopped spinning before the next block starts.
 
-# warm-up: images trained on before timing (1500 MLP steps, 900 conv steps at B=128)
-WARMUP_IMAGES = {"mlp": 1500 * 128, "conv": 900 * 128}
+# warm-up: images trained on before timing (1500 MLP steps, 900 conv steps at B=128; 1500 steps at B=100,
+# three epochs, for the gated models)
+WARMUP_IMAGES = {"mlp": 1500 * 128, "conv": 900 * 128, "vampprior": 1500 * 100, "iwae": 1500 * 100}
 
 
 def worker_main(spec: dict) -> int:
@@ -305,7 +324,7 @@ def worker_main(spec: dict) -> int:
         backend = C.cupy_backend(False)[0] if device == "cuda" else None
         model = build_model(spec["kind"], backend, spec["seed"])
         batches = Batches(C.mnist("train"), spec["batch"], model.latent_dim, spec["seed"] + spec["batch"],
-                          count=spec["pool"])
+                          count=spec["pool"], samples=model.samples)
         fns, syncs, boxes = {}, {}, {}
         ready = {"threads": tinfo, "versions": C.versions(torch), "pid": os.getpid(),
                  "torch_imported": "torch" in sys.modules}
@@ -534,8 +553,8 @@ def main(argv=None, log=print) -> dict:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     for m in models:
-        if m not in ("mlp", "conv"):
-            raise SystemExit(f"unknown model {m!r}; choose from mlp, conv")
+        if m not in MODELS:
+            raise SystemExit(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
 
     # The parent only starts and times workers: it imports neither NumPy's BLAS work nor torch's.
     torch_ok, torch_reason = _probe("torch", args.no_torch)

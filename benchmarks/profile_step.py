@@ -32,6 +32,12 @@ and their gradients must be bit-identical (the copies are faithful).
 ``--cprofile`` adds cProfile's top functions by own time for the untouched
 model (where ``x @ W`` counts as time of the function that runs it).
 
+The gated models of bench_train.py (``vampprior:100``, ``iwae:100``) are
+timed by part instead (encoder, heads, decoder, the prior's density, the
+objective, the likelihood kernel, Adam), and for the VampPrior the
+pseudo-inputs' encoder pass is measured on its own: the encoder and heads,
+forward and backward, on B + K rows against B rows.
+
     python benchmarks/profile_step.py [--configs mlp:128,mlp:1024,conv:128] [--rounds R] [--threads N]
 """
 from __future__ import annotations
@@ -64,6 +70,14 @@ GROUPS = {
     "Adam: Numba kernel": "optimizer",
     "Adam: wrappers + loop": "optimizer",
     "Python & other": "Python overhead & other",
+    # the gated models (vampprior, iwae), timed by part
+    "encoder (B + K rows)": "encoder",
+    "heads (B + K rows)": "encoder",
+    "decoder (B * S rows)": "decoder",
+    "prior density": "prior & objective",
+    "objective": "prior & objective",
+    "likelihood (BCE kernel)": "loss kernels",
+    "Adam": "optimizer",
 }
 
 
@@ -206,10 +220,46 @@ def instrumented(T):
             setattr(owner, name, value)
 
 
+@contextlib.contextmanager
+def instrumented_parts(T, model):
+    """The gated models' timers: one per part of ``model`` (instance attributes, removed on exit)."""
+    from scratchvae.optim import Adam
+    from scratchvae.vae import _Model
+
+    parts = [(model.encoder, ("forward", "backward"), "encoder (B + K rows)"),
+             (model.mu_head, ("forward", "backward"), "heads (B + K rows)"),
+             (model.log_sigma_head, ("forward", "backward"), "heads (B + K rows)"),
+             (model.decoder, ("forward", "backward"), "decoder (B * S rows)"),
+             (model.prior, ("log_prob", "log_prob_backward"), "prior density"),
+             (model.objective, ("reduce",), "objective"),
+             (model, ("_nll_and_grad",), "likelihood (BCE kernel)")]
+    for obj, names, category in parts:
+        for name in names:
+            setattr(obj, name, T.wrap(category, getattr(obj, name)))
+    saved = [(Adam, "step", Adam.step), (_Model, "zero_grad", _Model.zero_grad)]
+    Adam.step = T.wrap("Adam", Adam.step)
+    _Model.zero_grad = T.wrap("zero_grad", _Model.zero_grad)
+    try:
+        yield
+    finally:
+        for obj, names, _ in parts:
+            for name in names:
+                delattr(obj, name)
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _instrument(T, model):
+    return instrumented_parts(T, model) if model.samples > 1 or not model.prior.analytic else instrumented(T)
+
+
 def build(kind, seed):
     from scratchvae.models import conv_vae, mlp_vae
     from scratchvae.optim import Adam
-    model = mlp_vae(seed=seed) if kind == "mlp" else conv_vae(seed=seed)
+    if kind in C.GATED_MODELS:
+        model = C.gated_model(kind, seed=seed)
+    else:
+        model = mlp_vae(seed=seed) if kind == "mlp" else conv_vae(seed=seed)
     opt = Adam(lr=1e-3)
     return model, opt, opt.init(model.params)
 
@@ -233,7 +283,7 @@ def verify_faithful(kind, seed, x, eps, T):
     results = []
     for inst in (False, True):
         model, opt, state = build(kind, seed)
-        ctx = instrumented(T) if inst else contextlib.nullcontext()
+        ctx = _instrument(T, model) if inst else contextlib.nullcontext()
         with ctx:
             model.zero_grad()
             loss, _ = model.loss_and_grad(x, eps=eps, check_data=False)
@@ -253,11 +303,12 @@ def profile_config(kind, B, X, args, log):
     import numpy as np
     gen = np.random.default_rng(args.seed + B)
     xs = [np.ascontiguousarray(X[gen.choice(X.shape[0], B, replace=False)]) for _ in range(4)]
-    es = [gen.standard_normal((B, 20), dtype=np.float32) for _ in range(4)]
+    model, opt, state = build(kind, args.seed)
+    shape = (B, model.latent_dim) if model.samples == 1 else (B, model.samples, model.latent_dim)
+    es = [gen.standard_normal(shape, dtype=np.float32) for _ in range(4)]
     T = Timers()
     verify_faithful(kind, args.seed, xs[0], es[0], T)
 
-    model, opt, state = build(kind, args.seed)
     box = [state]
     step = make_step(model, opt, box, xs, es)
     for _ in range(args.warmup):
@@ -272,7 +323,7 @@ def profile_config(kind, B, X, args, log):
             step()
         plain = (time.perf_counter() - t0) / n
         T.reset()
-        with instrumented(T):
+        with _instrument(T, model):
             t0 = time.perf_counter()
             for _ in range(n):
                 step()
@@ -297,6 +348,8 @@ def profile_config(kind, B, X, args, log):
                       "instrumented_step_s": C.median([r["instrumented_step_s"] for r in rounds]),
                       "categories_s": med, "categories_percent": pct,
                       "groups_percent": {k: C.median(v) for k, v in groups.items()}}}
+    if model.prior.parametric:
+        res["pseudo_inputs_pass"] = pseudo_inputs_pass(model, xs[0], args, res["median"]["plain_step_s"])
     if args.cprofile:
         prof = cProfile.Profile()
         k = max(1, n)
@@ -316,6 +369,35 @@ def profile_config(kind, B, X, args, log):
     return res
 
 
+def pseudo_inputs_pass(model, x, args, step_s):
+    """The VampPrior's new cost: the encoder and heads, forward and backward, on the B + K rows of a step
+    against the B rows of the batch alone (the standard prior's pass), alternating; the difference is
+    the pseudo-inputs' pass."""
+    import numpy as np
+    rows = {"batch": x, "batch + pseudo-inputs": np.concatenate([x, model.prior.pseudo_inputs()])}
+
+    def one_pass(xin):
+        h = model.encoder.forward(xin)
+        mu, log_sigma = model.mu_head.forward(h), model.log_sigma_head.forward(h)
+        dh = model.mu_head.backward(np.ones_like(mu))
+        dh += model.log_sigma_head.backward(np.ones_like(log_sigma))
+        model.encoder.backward(dh)
+
+    steps = {k: C.calibrate(lambda v=v: one_pass(v), args.block_seconds / 4, 10000)[0] for k, v in rows.items()}
+    times = {k: [] for k in rows}
+    for _ in range(args.rounds):
+        for k, v in rows.items():
+            t0 = time.perf_counter()
+            for _ in range(steps[k]):
+                one_pass(v)
+            times[k].append((time.perf_counter() - t0) / steps[k])
+    model.zero_grad()
+    med = {k: C.median(v) for k, v in times.items()}
+    extra = med["batch + pseudo-inputs"] - med["batch"]
+    return {"rows": {k: int(v.shape[0]) for k, v in rows.items()}, "per_round_s": times,
+            "encoder_pass_s": med, "pseudo_inputs_s": extra, "pseudo_inputs_percent_of_step": 100 * extra / step_s}
+
+
 def tables(results) -> str:
     out = []
     for r in results:
@@ -328,6 +410,12 @@ def tables(results) -> str:
         out.append(C.fmt_table(["category", "group", "ms/step", "% of step"], rows))
         g = sorted(m["groups_percent"].items(), key=lambda kv: -kv[1])
         out.append("groups: " + ", ".join(f"{k} {v:.1f}%" for k, v in g))
+        if "pseudo_inputs_pass" in r:
+            pp = r["pseudo_inputs_pass"]
+            out.append("the encoder and heads, forward and backward: "
+                       + ", ".join(f"{k} ({pp['rows'][k]} rows) {v * 1e3:.2f} ms" for k, v in pp["encoder_pass_s"].items())
+                       + f"; the pseudo-inputs' pass {pp['pseudo_inputs_s'] * 1e3:.2f} ms "
+                       f"= {pp['pseudo_inputs_percent_of_step']:.0f}% of the step")
         if "cprofile_top" in r:
             out.append("cProfile, top functions by own time (per step):")
             out.append(C.fmt_table(["function", "calls", "own ms", "cum ms"],
@@ -361,8 +449,8 @@ def main(argv=None, log=print) -> dict:
     configs = []
     for item in args.configs.split(","):
         kind, _, b = item.strip().partition(":")
-        if kind not in ("mlp", "conv") or not b.isdigit():
-            raise SystemExit(f"bad --configs item {item!r}; expected mlp:128 or conv:128")
+        if kind not in ("mlp", "conv", *C.GATED_MODELS) or not b.isdigit():
+            raise SystemExit(f"bad --configs item {item!r}; expected mlp:128, conv:128, vampprior:100 or iwae:100")
         configs.append((kind, int(b)))
     env_note = C.preset_thread_env(args.threads)
     import numpy  # noqa: F401

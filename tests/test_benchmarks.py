@@ -80,6 +80,28 @@ def test_matmul_floor_shapes_match_the_step(scripts):
     assert sum(1 for p in products if p[4] == "input_grad" and p[5]) == 1   # the first layer's unused dx
 
 
+def test_matmul_floor_of_the_gated_models(scripts):
+    """GatedDense has two products per Dense product; the encoder sees B + K rows under the VampPrior (and
+    needs its first layer's input gradient, for the pseudo-inputs), the decoder B * S rows under the IWAE."""
+    bt = scripts["bench_train"]
+
+    def flops(products):
+        return sum(2 * (a[1] if not ta else a[0]) * (a[0] if not ta else a[1]) * (b[1] if not tb else b[0])
+                   for a, b, ta, tb, *_ in products)
+    gated = [(784, 300), (300, 300)]
+    heads = [(300, 40), (300, 40)]
+    dec = [(40, 300), (300, 300)]
+    out = (300, 784)
+    B, K, S = 4, 500, 5
+    per_rows = {"enc": 3 * 2 * sum(2 * i * o for i, o in gated) + 3 * 2 * sum(i * o for i, o in heads),
+                "dec": 3 * 2 * sum(2 * i * o for i, o in dec) + 3 * 2 * out[0] * out[1]}
+    vamp = bt.matmul_products(bt.build_model("vampprior", None, 0), B)
+    iwae = bt.matmul_products(bt.build_model("iwae", None, 0), B)
+    assert flops(vamp) == (B + K) * per_rows["enc"] + B * per_rows["dec"]
+    assert flops(iwae) == B * per_rows["enc"] + B * S * per_rows["dec"]
+    assert not any(p[5] for p in vamp) and sum(1 for p in iwae if p[4] == "input_grad" and p[5]) == 2
+
+
 def test_bench_kernels(scripts, tmp_path):
     out = tmp_path / "kernels.json"
     scripts["bench_kernels"].main(["--quick", "--rounds", "1", "--block-seconds", "0.002", "--threads", "1",
@@ -106,10 +128,15 @@ def test_compare_torch_without_torch(scripts, tmp_path):
 def test_profile_step(scripts, tmp_path):
     out = tmp_path / "profile.json"
     scripts["profile_step"].main(["--quick", "--rounds", "1", "--warmup", "1", "--block-seconds", "0.005",
-                                  "--threads", "1", "--configs", "mlp:8,conv:4", "--json", str(out)], log=quiet)
+                                  "--threads", "1", "--configs", "mlp:8,conv:4,vampprior:4,iwae:4", "--json", str(out)],
+                                 log=quiet)
     data = load(out)
-    assert [(r["model"], r["batch"]) for r in data["results"]] == [("mlp", 8), ("conv", 4)]
-    mlp, conv = data["results"]
+    assert [(r["model"], r["batch"]) for r in data["results"]] == [("mlp", 8), ("conv", 4), ("vampprior", 4),
+                                                                    ("iwae", 4)]
+    mlp, conv, vamp, iwae = data["results"]
+    assert vamp["pseudo_inputs_pass"]["rows"] == {"batch": 4, "batch + pseudo-inputs": 504}
+    assert {"encoder (B + K rows)", "decoder (B * S rows)", "prior density"} <= set(vamp["median"]["categories_s"])
+    assert "pseudo_inputs_pass" not in iwae and "objective" in iwae["median"]["categories_s"]
     assert "matmul: Dense" in mlp["median"]["categories_s"]
     assert {"matmul: conv", "im2col", "col2im"} <= set(conv["median"]["categories_s"])
     assert "matrix products" in mlp["median"]["groups_percent"]
@@ -126,15 +153,17 @@ def test_torch_twin_is_the_same_model(scripts):
     import numpy as np
     bt = scripts["bench_train"]
     rng = np.random.default_rng(0)
-    for kind in ("mlp", "conv"):
+    for kind in ("mlp", "conv", "vampprior", "iwae"):
         model = bt.build_model(kind, None, 0)
         net = scripts["bench_train"].C.torch_twin(torch, model)
+        shape = (6, model.latent_dim) if model.samples == 1 else (6, model.samples, model.latent_dim)
 
         class Tiny:
             x = [(rng.random((6, 784)) < 0.5).astype(np.float32)]
-            eps = [rng.standard_normal((6, 20), dtype=np.float32)]
+            eps = [rng.standard_normal(shape, dtype=np.float32)]
         check = bt.check_equivalence(torch, kind, 0, model, net, Tiny)
         assert check["ok"], check
+        assert kind != "vampprior" or check["float64"]["worst_param"] is not None
 
 
 def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
