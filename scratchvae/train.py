@@ -299,8 +299,10 @@ class _Run:
                         "device": self.be.device, "versions": _versions(), "cpu_count": os.cpu_count(),
                         "world_size": self.state.world_size, "initial_test": self.state.initial_test}
         self._write_metrics()
+        # a resumed run that had already stopped early (cut off in its final stage) only finishes
+        stopped_early = ckpt is not None and self._early_stop()
         with _StopFlag() as stop:
-            while self.state.epoch < cfg.epochs:
+            while not stopped_early and self.state.epoch < cfg.epochs:
                 if not self._run_epoch(stop, on_step):
                     return self._interrupted(mid_epoch=True)
                 self._end_epoch()

@@ -1,6 +1,7 @@
 """The training program: outputs, determinism, resume, Ctrl-C, NaN, bad files and data."""
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import signal
@@ -311,6 +312,38 @@ def test_keep_best_selects_the_best_validation_epoch_and_patience_stops(tmp_path
     best, meta = checkpoint.load(tmp_path / "kb" / "best.npz")
     assert meta["epoch"] == 2
     assert_same_params(best, params_of(tmp_path / "two")[0])
+
+
+def test_a_run_cut_off_after_its_early_stop_only_finishes_on_resume(tmp_path, monkeypatch):
+    """Interrupted during the final IWAE bound after an early stop, a resumed run trains no further epoch."""
+    import scratchvae.train as train_mod
+    scripted = iter([5.0, 3.0, 4.0, 6.0, 7.0, 8.0])
+    build = train_mod.build_model
+
+    def build_with_scripted_validation(*args, **kw):
+        model = build(*args, **kw)
+        evaluate = model.evaluate
+
+        def scripted_evaluate(x, rng, **ekw):
+            real = evaluate(x, rng, **ekw)
+            if x.shape[0] == datasets.load("binarized-mnist").valid.shape[0]:   # the validation split
+                real = dict(real, loss=next(scripted))
+            return real
+        model.evaluate = scripted_evaluate
+        return model
+
+    def cut_off(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod, "build_model", build_with_scripted_validation)
+    monkeypatch.setattr(train_mod, "iwae_test_nll", cut_off)
+    cfg = small(tmp_path / "kb", epochs=6, keep_best=True, patience=2, iwae_k=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=quiet)
+    assert not (tmp_path / "kb" / "summary.json").exists()
+    monkeypatch.undo()
+    s = train(cfg, resume=tmp_path / "kb", log=quiet)
+    assert s["epochs"] == 4 and s["stopped_early"] and s["best_epoch"] == 2 and len(s["history"]) == 4
+    assert math.isfinite(s["test_nll_iwae"])
 
 
 def test_patience_needs_keep_best():
