@@ -32,7 +32,7 @@ from . import cpu
 
 __all__ = ["bce_with_logits", "gaussian_nll", "reparameterize_kl", "reparameterize_kl_backward",
            "adam_update", "adam_update_many", "im2col_chwb", "col2im_chwb", "relu_forward", "relu_backward",
-           "cuda_module"]
+           "gated_forward", "gated_backward", "cuda_module"]
 
 _DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
@@ -322,3 +322,40 @@ def relu_backward(dy, x):
     dx = numpy.empty_like(x, order=order)
     cpu.relu_backward_kernel(dy.ravel(order), x.ravel(order), dx.ravel(order))
     return dx
+
+
+# -- GatedDense (NumPy only, like ReLU: on CuPy the layer runs its array code) -------------------
+
+def _check_gated(fname, rows, **arrays):
+    first = next(iter(arrays.values()))
+    for name, arr in arrays.items():
+        if not isinstance(arr, numpy.ndarray):
+            raise TypeError(f"{fname}: {name} must be a NumPy array (the CPU kernel), got {type(arr).__name__}")
+        expected = first.shape if name in rows else first.shape[1:]
+        if arr.shape != expected or arr.dtype != first.dtype or first.ndim != 2:
+            raise ValueError(f"{fname}: {name} is {arr.dtype} {arr.shape}, expected {first.dtype} {expected} "
+                             f"(rows (B, D), biases (D,))")
+    _check_kernel_dtype(fname, first.dtype)
+
+
+def gated_forward(a, s, b, c):
+    """The elementwise part of :func:`scratchvae.layers.gated.gated_forward` in one pass, on the
+    products ``a = x W`` and ``s = x V`` (B, D), which it overwrites with ``a + b`` and the gate
+    ``g = sigmoid(s + c)``; returns ``h = a * g``. Agrees with the array code to rounding (the
+    exponential is Numba's, not NumPy's)."""
+    _check_gated("gated_forward", ("a", "s"), a=a, s=s, b=b, c=c)
+    if not (a.flags.c_contiguous and s.flags.c_contiguous):
+        raise ValueError("gated_forward: a and s are overwritten in place and must be C-contiguous")
+    h = numpy.empty_like(a)
+    cpu.gated_forward_kernel(a, s, b, c, h)
+    return h
+
+
+def gated_backward(dh, a, g):
+    """``da = dh * g``, ``ds = dh * a * g * (1 - g)`` in one pass (B, D) each, bit-identical to the
+    array code of :func:`scratchvae.layers.gated.gated_backward`."""
+    _check_gated("gated_backward", ("dh", "a", "g"), dh=dh, a=a, g=g)
+    dh, a, g = _contiguous(numpy, dh, a, g)
+    da, ds = numpy.empty_like(a), numpy.empty_like(a)
+    cpu.gated_backward_kernel(dh, a, g, da, ds)
+    return da, ds

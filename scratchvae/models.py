@@ -76,7 +76,7 @@ def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, 
 GATED_LOG_SIGMA_RANGE = (-3.0, 1.0)
 
 
-def _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed):
+def _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed, fused=False):
     """Tomczak & Welling's MLP: GatedDense hidden layers (no other activation), a linear mu head, a
     log_sigma head clamped to :data:`GATED_LOG_SIGMA_RANGE`, a linear output layer (logits or mean)."""
     be, dt = resolve(backend), float_dtype(dtype)
@@ -87,13 +87,13 @@ def _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed):
         raise ValueError("hidden must name at least one layer width")
     enc, width = [], int(input_dim)
     for h in hidden:
-        enc.append(GatedDense(width, h, rng=gen, **kw))
+        enc.append(GatedDense(width, h, rng=gen, fused=fused, **kw))
         width = h
     mu = Dense(width, latent_dim, rng=gen, **kw)
     log_sigma = Sequential(Dense(width, latent_dim, rng=gen, **kw), Clamp(*GATED_LOG_SIGMA_RANGE, **kw))
     dec, width = [], int(latent_dim)
     for h in reversed(hidden):
-        dec.append(GatedDense(width, h, rng=gen, **kw))
+        dec.append(GatedDense(width, h, rng=gen, fused=fused, **kw))
         width = h
     dec.append(Dense(width, int(input_dim), rng=gen, **kw))
     enc[0].input_grad = False   # its input is data: skip dL/dx
@@ -106,7 +106,7 @@ def gated_vae(input_dim=784, hidden=(300, 300), latent_dim=40, likelihood="berno
     """The VampPrior paper's MLP VAE: GatedDense layers ``input_dim -> hidden...``, the encoder's log
     variance clamped to [-6, 2]; the decoder mirrors it. Weights from ``seed``; ``prior``, ``pseudo_inputs``,
     ``objective`` and ``samples`` as for :func:`mlp_vae`."""
-    encoder, (mu, log_sigma), decoder = _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed)
+    encoder, (mu, log_sigma), decoder = _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed, fused)
     return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
                gaussian_log_sigma=gaussian_log_sigma, fused=fused,
                **_prior_and_objective(prior, pseudo_inputs, objective, samples, input_dim, encoder, seed))

@@ -33,6 +33,14 @@ class IWAE:
         dloss_b / dc_bs = exp(-c_bs) / sum_t exp(-c_bt) = softmax_s(-c_b)_s = v_bs
 
     computed with the row maximum subtracted (numerically stable for any c).
+
+    **Negligible samples get an exact zero.** A sample whose weight is below
+    ``eps**2`` of its dtype (1.4e-14 in float32) changes the image's gradient
+    by less than the type's rounding (unless its own gradient is 1/eps**2
+    times the others'), and its weight is set to 0. Left as it is, a weight
+    like exp(-100) scales its sample's rows of the backward pass into the
+    subnormal range, where x86 matrix products run 3 to 50 times slower (the
+    IWAE step ran 5x its matrix products' time; benchmarks/README.md).
     """
 
     name = "iwae"
@@ -49,7 +57,9 @@ class IWAE:
         e = xp.exp(lw - m)                                   # (B, S), the largest is 1
         total = e.sum(axis=1, keepdims=True)
         loss = -(m[:, 0] + xp.log(total[:, 0])) + math.log(self.samples)
-        return loss, e / total
+        v = e / total                                        # (B, S), each row sums to 1
+        v[v < xp.finfo(v.dtype).eps ** 2] = 0                # negligible samples: exact zeros, no subnormals
+        return loss, v
 
 
 OBJECTIVES = ("elbo", "iwae")

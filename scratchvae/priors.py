@@ -62,7 +62,11 @@ class VampPrior(Layer):
         log p(z)   = logsumexp_k log N_k(z) - log K
 
     (the second line is three matrix products: no (N, K, L) array). With the
-    responsibilities ``w_nk = softmax_k log N_k(z_n)`` and ``A_nk = a_n w_nk``::
+    responsibilities ``w_nk = softmax_k log N_k(z_n)`` and ``A_nk = a_n w_nk``
+    (a responsibility below ``eps**2`` of the dtype is set to 0: it changes the
+    gradient by less than the type's rounding, and left as it is it carries
+    subnormal numbers into the encoder's backward pass, as the IWAE's
+    sample weights do; see :class:`scratchvae.objectives.IWAE`)::
 
         dLoss/dz_n          = a_n sum_k w_nk (mu_k - z_n) iv_k
                             = a_n [ (w_n @ (mu iv)) - z_n (w_n @ iv) ]
@@ -116,6 +120,7 @@ class VampPrior(Layer):
         log_n, iv = self._log_components(z, comps)
         w = xp.exp(log_n - log_n.max(axis=1, keepdims=True))
         w /= w.sum(axis=1, keepdims=True)                           # (N, K) responsibilities
+        w[w < xp.finfo(w.dtype).eps ** 2] = 0                       # negligible ones: exact zeros (see below)
         dz = a[:, None] * (w @ (mu_k * iv) - z * (w @ iv))          # (N, L)
         A = a[:, None] * w                                          # (N, K)
         col = A.sum(axis=0)[:, None]                                # (K, 1)

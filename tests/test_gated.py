@@ -39,6 +39,49 @@ def test_gated_dense_without_input_gradient_and_bad_sizes():
         GatedDense(0, 2)
 
 
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 6), d_in=st.integers(1, 9), d_out=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_fused_gated_dense_gradcheck_and_agreement_with_the_array_code(batch, d_in, d_out, seed):
+    """fused=True: the elementwise lines as Numba passes; float64 gradients against finite differences, and
+    the same numbers as the array code (forward to rounding: Numba's exp; backward bit for bit)."""
+    rng = np.random.default_rng(seed)
+    x = 4 * rng.standard_normal((batch, d_in))                    # gates from near 0 to near 1
+    dh = rng.standard_normal((batch, d_out))
+    fused = GatedDense(d_in, d_out, rng=seed, fused=True, **F64)
+    report = gradcheck.check_layer(fused, x, seed=seed)
+    assert report.max_error <= TOL, str(report)
+    for dtype, rtol in (("float64", 1e-14), ("float32", 1e-6)):
+        layers = [GatedDense(d_in, d_out, rng=seed, fused=f, dtype=dtype) for f in (False, True)]
+        (h0, h1), grads = [lay.forward(x.astype(dtype)) for lay in layers], []
+        np.testing.assert_allclose(h1, h0, rtol=rtol, atol=rtol)
+        for lay in layers:
+            lay.backward(dh.astype(dtype))
+            grads.append(lay.grads)
+        for name in ("W", "b", "V", "c"):
+            np.testing.assert_allclose(grads[1][name], grads[0][name], rtol=10 * rtol, atol=10 * rtol)
+    # given the same cache, the backward pass is the array code's, bit for bit
+    from scratchvae import fused as fused_mod
+    from scratchvae.layers.gated import gated_backward
+    _, cache = gated_forward(x, *(fused.params[k] for k in ("W", "b", "V", "c")))
+    plain, kernel = gated_backward(dh, cache), gated_backward(dh, cache, kernels=fused_mod.kernels())
+    for p, k in zip(plain, kernel):
+        np.testing.assert_array_equal(k, p)
+
+
+def test_gated_kernels_refuse_bad_arrays():
+    from scratchvae import fused as fused_mod
+    k = fused_mod.kernels()
+    a, b = np.ones((2, 3)), np.ones(3)
+    with pytest.raises(ValueError, match=r"gated_forward: c is float64 \(4,\), expected float64 \(3,\)"):
+        k.gated_forward(a, a.copy(), b, np.ones(4))
+    with pytest.raises(ValueError, match="must be C-contiguous"):
+        k.gated_forward(np.ones((3, 2)).T, a.copy(), b, b)
+    with pytest.raises(ValueError, match="gated_backward: g is float32"):
+        k.gated_backward(a, a, a.astype(np.float32))
+    with pytest.raises(TypeError, match="must be a NumPy array"):
+        k.gated_backward([[1.0]], a, a)
+
+
 @settings(max_examples=15, deadline=None)
 @given(shape=st.lists(st.integers(1, 5), min_size=2, max_size=3), seed=st.integers(0, 2**16))
 def test_clamp_gradcheck_away_from_its_kinks(shape, seed):

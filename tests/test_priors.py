@@ -197,3 +197,21 @@ def test_an_iwae_run_keeps_the_best_epoch_by_its_own_bound(tmp_path):
     expected = iwae_test_nll(model, data.valid_dev, 5, model.backend.rng(seed), progress=False)
     assert record["valid_loss"] == expected
     assert record["valid_loss"] != model.evaluate(data.valid_dev, model.backend.rng(seed))["loss"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_negligible_sample_weights_and_responsibilities_are_exact_zeros(dtype):
+    """A weight under eps**2 of the dtype becomes 0 (no subnormal numbers in the backward pass); the
+    others are the softmax's, and a row still sums to 1 to rounding."""
+    eps2 = np.finfo(dtype).eps ** 2
+    c = np.array([[10.0, 10.5, 50.0], [3.0, 3.0, 3.0]], dtype=dtype)     # the third sample of row 0: e^-40
+    loss, v = IWAE(3).reduce(c, np)
+    expected = np.exp(-c[0] + c[0].min()) / np.exp(-c[0] + c[0].min()).sum()
+    assert (v[0, 2] == 0) == (expected[2] < eps2) and (dtype == "float32") == (v[0, 2] == 0)
+    np.testing.assert_allclose(v[0, :2], expected[:2], rtol=10 * np.finfo(dtype).eps)
+    np.testing.assert_allclose(v.sum(axis=1), 1, rtol=10 * np.finfo(dtype).eps)
+    prior = VampPrior(2, 4, dtype=dtype, rng=0)
+    comps = (np.array([[0.0, 0.0], [12.0, 12.0]], dtype=dtype), np.zeros((2, 2), dtype=dtype))
+    z = np.array([[0.1, -0.2]], dtype=dtype)                   # 144 nats closer to component 0
+    _, (dmu, dlog_sigma) = prior.log_prob_backward(z, comps, np.ones(1, dtype=dtype))
+    assert np.all(dmu[1] == 0) and np.all(dlog_sigma[1] == 0) and np.all(dmu[0] != 0)
