@@ -284,11 +284,11 @@ def test_lr_final_decays_per_step_and_resumes_exactly(tmp_path):
     assert_same_params(params_of(tmp_path / "whole")[0], params_of(tmp_path / "part")[0])
 
 
-def test_keep_best_selects_the_best_validation_epoch_and_patience_stops(tmp_path, monkeypatch):
-    """Validation losses are scripted (5, 3, 4, 6, ...): epoch 2 is the best and patience 2 stops after epoch 4;
-    the final figures are the test figures of epoch 2, computed with epoch 2's parameters."""
+def script_validation(monkeypatch, losses):
+    """Models built by train() report the validation losses ``losses``, one per evaluation of the
+    validation split (the test split's figures stay real)."""
     import scratchvae.train as train_mod
-    scripted = iter([5.0, 3.0, 4.0, 6.0, 7.0, 8.0])
+    scripted = iter(losses)
     build = train_mod.build_model
 
     def build_with_scripted_validation(*args, **kw):
@@ -303,6 +303,12 @@ def test_keep_best_selects_the_best_validation_epoch_and_patience_stops(tmp_path
         model.evaluate = scripted_evaluate
         return model
     monkeypatch.setattr(train_mod, "build_model", build_with_scripted_validation)
+
+
+def test_keep_best_selects_the_best_validation_epoch_and_patience_stops(tmp_path, monkeypatch):
+    """Validation losses are scripted (5, 3, 4, 6, ...): epoch 2 is the best and patience 2 stops after epoch 4;
+    the final figures are the test figures of epoch 2, computed with epoch 2's parameters."""
+    script_validation(monkeypatch, [5.0, 3.0, 4.0, 6.0, 7.0, 8.0])
     s = train(small(tmp_path / "kb", epochs=6, keep_best=True, patience=2), log=quiet)
     assert [h["valid_loss"] for h in s["history"]] == [5.0, 3.0, 4.0, 6.0]
     assert s["best_epoch"] == 2 and s["best_valid_loss"] == 3.0 and s["stopped_early"] and s["epochs"] == 4
@@ -317,24 +323,10 @@ def test_keep_best_selects_the_best_validation_epoch_and_patience_stops(tmp_path
 def test_a_run_cut_off_after_its_early_stop_only_finishes_on_resume(tmp_path, monkeypatch):
     """Interrupted during the final IWAE bound after an early stop, a resumed run trains no further epoch."""
     import scratchvae.train as train_mod
-    scripted = iter([5.0, 3.0, 4.0, 6.0, 7.0, 8.0])
-    build = train_mod.build_model
-
-    def build_with_scripted_validation(*args, **kw):
-        model = build(*args, **kw)
-        evaluate = model.evaluate
-
-        def scripted_evaluate(x, rng, **ekw):
-            real = evaluate(x, rng, **ekw)
-            if x.shape[0] == datasets.load("binarized-mnist").valid.shape[0]:   # the validation split
-                real = dict(real, loss=next(scripted))
-            return real
-        model.evaluate = scripted_evaluate
-        return model
 
     def cut_off(*args, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train_mod, "build_model", build_with_scripted_validation)
+    script_validation(monkeypatch, [5.0, 3.0, 4.0, 6.0, 7.0, 8.0])
     monkeypatch.setattr(train_mod, "iwae_test_nll", cut_off)
     cfg = small(tmp_path / "kb", epochs=6, keep_best=True, patience=2, iwae_k=2)
     with pytest.raises(KeyboardInterrupt):
