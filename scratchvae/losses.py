@@ -153,10 +153,7 @@ def sigmoid(x):
     xp = array_module(x)
     cast = x.dtype.type
     e = xp.exp(-xp.abs(x))
-    y = xp.where(x >= 0, cast(1), e)
-    e += cast(1)                     # in place: no temporary arrays beyond e and y
-    y /= e
-    return y
+    return xp.where(x >= 0, cast(1), e) / (cast(1) + e)
 
 
 def softplus(x):
