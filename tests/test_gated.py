@@ -45,10 +45,11 @@ def test_fused_gated_dense_gradcheck_and_agreement_with_the_array_code(batch, d_
     """fused=True: the elementwise lines as Numba passes; float64 gradients against finite differences, and
     the same numbers as the array code (forward to rounding: Numba's exp; backward bit for bit)."""
     rng = np.random.default_rng(seed)
-    x = 4 * rng.standard_normal((batch, d_in))                    # gates from near 0 to near 1
+    x = rng.standard_normal((batch, d_in))
     dh = rng.standard_normal((batch, d_out))
     fused = GatedDense(d_in, d_out, rng=seed, fused=True, **F64)
-    report = gradcheck.check_layer(fused, x, seed=seed)
+    report = gradcheck.check_layer(fused, x, seed=seed)   # the plain layer's gradcheck inputs
+    x = 4 * x                                             # the agreement below: gates from near 0 to near 1
     assert report.max_error <= TOL, str(report)
     for dtype, rtol in (("float64", 1e-14), ("float32", 1e-6)):
         layers = [GatedDense(d_in, d_out, rng=seed, fused=f, dtype=dtype) for f in (False, True)]
