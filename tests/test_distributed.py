@@ -220,12 +220,11 @@ def test_a_world_size_mismatch_on_resume_is_refused(reference_runs, tmp_path):
 
 @needs_mpi
 def test_an_error_on_one_rank_aborts_every_rank(tmp_path):
-    t0 = time.monotonic()
     proc = mpirun(WORKER, "cli_fault", "error", *SMALL, "--epochs", "1", "--out", tmp_path / "run", "--distributed",
-                  check=False, timeout=60)
+                  check=False, timeout=60)   # every rank ends (the job would hang if rank 0 waited on rank 1)
     assert proc.returncode != 0
     assert "error: (rank 1 of 2) bad data on this rank (injected by the test); stopping every rank" in proc.stderr
-    assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 50
+    assert "Traceback" not in proc.stderr
 
 
 @needs_mpi
@@ -276,9 +275,8 @@ def test_kill_9_of_one_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc, ranks = _start_long_run(out)
     os.kill(ranks[1], signal.SIGKILL)
-    t0 = time.monotonic()
-    proc.communicate(timeout=30)
-    assert proc.returncode != 0 and time.monotonic() - t0 < 15
+    proc.communicate(timeout=60)                           # the job ends: no rank waits forever on the dead one
+    assert proc.returncode != 0
     assert not _rank_pids(str(out))                        # rank 0 is gone too
     arrays, meta = checkpoint.load(out / "checkpoint.npz")   # intact: loads with every check
     assert meta["epoch"] >= 1 and meta["world_size"] == 2

@@ -272,7 +272,6 @@ def test_sigterm_while_decoding_is_one_line_and_leaves_no_temporary(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     from test_images import folder_of
     data, cache = folder_of(tmp_path / "data", n=6), tmp_path / "xdg" / "scratchvae" / "images"
@@ -289,9 +288,11 @@ def test_sigterm_while_decoding_is_one_line_and_leaves_no_temporary(tmp_path):
             f" '--out', {str(tmp_path / 'run')!r}]))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg")))
-    while proc.stdout.readline().strip() != "decoding":   # the log lines before it
-        pass
-    time.sleep(0.2)
+    for line in proc.stdout:                  # the log lines before it; the signal lands inside the decode's sleep
+        if line.strip() == "decoding":
+            break
+    else:
+        raise AssertionError(f"the run ended before decoding: {proc.communicate(timeout=60)}")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
