@@ -191,6 +191,9 @@ def restore(path, arrays: dict, model, opt_state, be) -> None:
                     f"the model needs {tuple(target.shape)} {target.dtype}")
             if not numpy.isfinite(a).all():
                 raise CheckpointError(f"checkpoint {path}: {key} holds NaN or Inf values; refusing to use it")
+            if prefix == "adam_v" and (a < 0).any():
+                raise CheckpointError(f"checkpoint {path}: {key} holds negative values, which Adam's second moment "
+                                      "(a running mean of squares) cannot; refusing to use it")
             target[...] = be.asarray(a)
     extra = {k.split("/", 1)[1] for k in arrays} - set(model.params)
     if extra:

@@ -62,8 +62,13 @@ __all__ = ["TrainConfig", "TrainingDiverged", "RunFailed", "RunState", "train", 
 # come from generators seeded by (seed, epoch), so a resumed run regenerates what an
 # uninterrupted one drew, on either backend, without saving a generator's state.
 NOISE_SCHEME = "seed-epoch-v1"
-# The loss sums and the finiteness flag stay on the device and are read every this many steps.
+# The loss sums and the finiteness flags (of the loss, the parameters and Adam's moments) stay on the
+# device and are read every this many steps.
 CHECK_EVERY = 50
+# A run whose mean loss over CHECK_EVERY steps exceeds this many times the untrained model's test loss
+# (at least RUNAWAY_FLOOR nats) has diverged, though it is still finite.
+RUNAWAY_FACTOR = 10.0
+RUNAWAY_FLOOR = 100.0
 # The generator stream of batch b's denoising corruption (streams 0, 1 and 2 + b are shuffle, eps, binarization).
 DENOISING_STREAM = 1 << 40
 # The stream (of epoch 0) of the fixed dequantization noise of 8-bit test and validation images.
@@ -72,6 +77,11 @@ EVAL_DEQUANTIZATION_STREAM = 1 << 41
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the message says when, which term, and what was kept."""
+
+
+class Diverged(ArithmeticError):
+    """Raised inside a run: its state went bad (non-finite parameters or Adam moments, a runaway loss);
+    :func:`train` turns it into :class:`TrainingDiverged` with what was kept."""
 
 
 class RunFailed(RuntimeError):
@@ -240,10 +250,13 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
             log(f"removed {len(removed)} temporary file(s) left by an interrupted write in {out}")
         run = _Run(cfg, be, out, log, progress, comm)
         try:
-            return run.execute(ckpt, on_step)
+            with numpy.errstate(all="ignore"):   # overflow is found and reported by the run's checks, in one line
+                return run.execute(ckpt, on_step)
         except NonFiniteLoss as err:
-            raise run.fail("diverged", f"training stopped: non-finite loss at {run.where}: {err}",
-                           TrainingDiverged, err) from err
+            raise run.fail("diverged", f"training stopped: non-finite loss at {run.where}: {err}; "
+                           f"lower --lr (now {cfg.lr:g})", TrainingDiverged, err) from err
+        except Diverged as err:
+            raise run.fail("diverged", f"training diverged at {run.where}: {err}", TrainingDiverged, err) from err
         except OSError as err:
             raise run.fail("failed", describe_os_error(err), RunFailed, err) from err
         except KeyboardInterrupt as err:   # a second Ctrl-C, or one before the training loop
@@ -447,13 +460,52 @@ class _Run:
         return loss, stats
 
     def _check(self, snapshot, b, pending, finite, sums, on_step):
-        """Read the device's sums and flag (one transfer); on a non-finite loss, replay from ``snapshot``."""
-        flag, values = self.be.asnumpy(finite), self.be.asnumpy(pending)
-        if not bool(flag):
+        """Read the device's sums and flags (one transfer): on a non-finite loss, replay from ``snapshot``;
+        on non-finite parameters or Adam moments, or a runaway loss, stop before anything is saved."""
+        xp = self.be.xp
+        read = self.be.asnumpy(xp.concatenate([pending, xp.stack([finite, self._state_finite()]).astype(xp.float64)]))
+        values, loss_ok, state_ok = read[:3].tolist(), bool(read[3]), bool(read[4])
+        if not loss_ok:
             self._replay(snapshot, b, on_step)      # raises NonFiniteLoss at the exact step and term
-        for key, value in zip(("loss", "recon", "kl"), values.tolist()):
+        steps = b + 1 - snapshot["batch"]
+        if not state_ok:
+            self._raise_bad_state(f"between steps {snapshot['step'] + 1} and {self.state.step}")
+        self._check_runaway(values[0] / steps * (self.comm.size if self.comm is not None else 1))
+        for key, value in zip(("loss", "recon", "kl"), values):
             sums[key] += value
-        sums["batches"] += b + 1 - snapshot["batch"]
+        sums["batches"] += steps
+
+    def _state_finite(self):
+        """A 0-d device bool: every parameter and Adam moment is finite (one reduction per flat buffer)."""
+        xp, st = self.be.xp, self.state
+        flags = []
+        for arrays in (self.model.params, st.opt_state.m, st.opt_state.v):
+            flat = contiguous_run(arrays.values())
+            flags += [xp.isfinite(flat).all()] if flat is not None else [xp.isfinite(a).all() for a in arrays.values()]
+        return xp.stack(flags).all()
+
+    def _raise_bad_state(self, when):
+        """Diverged, naming the first array of the parameters or Adam's moments that is not finite."""
+        st = self.state
+        for what, arrays in (("parameter", self.model.params), ("Adam first moment of", st.opt_state.m),
+                             ("Adam second moment of", st.opt_state.v)):
+            for name, a in arrays.items():
+                if not bool(self.be.xp.isfinite(a).all()):
+                    raise Diverged(f"the {what} {name} overflowed to NaN or Inf ({self.cfg.dtype}) {when}; "
+                                   f"lower --lr (now {self.cfg.lr:g})")
+
+    def _check_runaway(self, mean_loss):
+        """Diverged when the recent mean loss is RUNAWAY_FACTOR times the untrained model's test loss."""
+        initial = (self.state.initial_test or {}).get("loss")
+        if initial is None or not math.isfinite(initial):
+            return
+        limit = RUNAWAY_FACTOR * max(abs(initial), RUNAWAY_FLOOR)
+        runaway = mean_loss > limit
+        if self.comm is not None:
+            runaway = self.comm.any(runaway)
+        if runaway:
+            raise Diverged(f"the training loss ran away to {mean_loss:.4g} nats (over {RUNAWAY_FACTOR:g} times "
+                           f"the untrained model's {initial:.4g}); lower --lr (now {self.cfg.lr:g})")
 
     def _snapshot(self, batch) -> dict:
         """Copies (on the device, into buffers reused from one snapshot to the next) of what the
@@ -670,14 +722,24 @@ class _Run:
                     self.summary["last_finished"] = finished
         write_json(self.out / "summary.json", self.summary)
 
+    def _finished_summary_on_disk(self) -> bool:
+        """The folder's summary.json is this run's, and says finished (a failed continuation leaves it)."""
+        try:
+            previous = json.loads((self.out / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return (isinstance(previous, dict) and previous.get("status") == "finished"
+                and previous.get("run_id") == self.summary.get("run_id"))
+
     def fail(self, status: str, message: str, kind: type, cause: BaseException | None = None) -> Exception:
         """The exception to raise for a failed run, after recording it in summary.json (when possible;
-        in a data-parallel run, by rank 0). It is marked agreed when ``cause`` was raised on every rank."""
+        in a data-parallel run, by rank 0; a finished run's summary is left as it was: the error line
+        says what failed). It is marked agreed when ``cause`` was raised on every rank."""
         st = self.state
         message = f"{message}; {self.kept()}"
         self.summary.update(status=status, error=message, history=st.history if st else [])
-        if self.comm is None or self.comm.is_root:   # no collective here: other ranks may not be failing
-            try:
+        if (self.comm is None or self.comm.is_root) and not self._finished_summary_on_disk():
+            try:   # (no collective here: other ranks may not be failing)
                 self._write_summary()
             except OSError:
                 pass   # the disk that failed the run may fail this too; the message says what matters
@@ -701,6 +763,8 @@ class _Run:
         return self.model.evaluate(self.data.test_dev, self.be.rng(self.cfg.seed * 1_000_003 + tag))
 
     def _save(self) -> None:
+        if not bool(self.be.asnumpy(self._state_finite())):   # a checkpoint is written only of a good state
+            self._raise_bad_state("before the checkpoint of epoch " + str(self.state.epoch))
         self._on_root(lambda: checkpoint.save(self.ckpt_path, checkpoint.run_arrays(self.model, self.state.opt_state,
                                                                                     self.be), self.state.meta(self.cfg)))
         self.state.saved_epoch = self.state.epoch

@@ -129,9 +129,86 @@ def test_a_failed_resume_keeps_the_finished_summary(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(checkpoint, "save", full_disk)
     code, _, err = run_cli(capsys, "--resume", out, "--epochs", "2")
     assert code == 1 and "disk full" in err
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "failed"
-    assert summary["last_finished"] == finished
+    assert json.loads((out / "summary.json").read_text()) == finished      # as it was, final figures and all
+
+
+def test_a_resume_whose_metrics_file_cannot_be_written_keeps_the_finished_summary(tmp_path, capsys, monkeypatch):
+    from scratchvae import train as train_mod
+    out = tmp_path / "run"
+    assert run_cli(capsys, *TINY, "--out", out)[0] == 0
+    before = (out / "summary.json").read_bytes()
+    real = train_mod.write_json
+
+    def refuse_metrics(path, value):
+        if pathlib.Path(path).name == "metrics.jsonl":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, value)
+    monkeypatch.setattr(train_mod, "write_json", refuse_metrics)
+    code, _, err = run_cli(capsys, "--resume", out, "--epochs", "2")
+    assert code == 1
+    assert_one_error_line(err, "Permission denied", "metrics.jsonl")
+    assert (out / "summary.json").read_bytes() == before
+
+
+# -- 10. divergence: one line, before a bad checkpoint ------------------------------------------------
+
+DIVERGING = ["--limit", "3000", "--test-limit", "300", "--no-figures"]
+
+
+def test_an_iwae_run_whose_adam_state_overflows_stops_at_once(tmp_path, capsys):
+    code, _, err = run_cli(capsys, *DIVERGING, "--objective", "iwae", "--samples", "4", "--lr", "0.1", "--epochs", "4",
+                           "--out", tmp_path / "run")
+    assert code == 1
+    assert_one_error_line(err, "training ", "at epoch 1", "lower --lr (now 0.1)", "no checkpoint of this run")
+
+
+@pytest.mark.parametrize("array", ["v", "params"])
+def test_an_overflowed_state_with_a_finite_loss_is_found_before_it_is_saved(tmp_path, capsys, monkeypatch, array):
+    """Inf in Adam's second moment (float32 overflow; the loss stays finite for a while) or in a parameter,
+    in the middle of epoch 2: the run stops with one line, and the epoch-1 checkpoint is untouched and resumes."""
+    from scratchvae.optim import Adam
+    out = tmp_path / "run"
+    assert run_cli(capsys, *TINY, "--out", out)[0] == 0
+    good = (out / "checkpoint.npz").read_bytes()
+    real = Adam.step
+
+    def overflowing(self, params, grads, state, **kw):
+        state = real(self, params, grads, state, **kw)
+        if state.step == 7:                        # epoch 2 (5 steps an epoch)
+            (params if array == "params" else state.v)["decoder.0.W"][0, 0] = float("inf")
+        return state
+    monkeypatch.setattr(Adam, "step", overflowing)
+    code, _, err = run_cli(capsys, "--resume", out, "--epochs", "3")
+    assert code == 1
+    # Inf in v: the loss stays finite, the state check names the array; Inf in a weight: the next loss is not finite
+    what = ("training diverged at epoch 2", "the Adam second moment of decoder.0.W overflowed") if array == "v" else \
+        ("training stopped: non-finite loss at epoch 2, step 8",)
+    assert_one_error_line(err, *what, "lower --lr",
+                          f"the last good checkpoint {out / 'checkpoint.npz'} (epoch 1) is untouched")
+    assert (out / "checkpoint.npz").read_bytes() == good
+    monkeypatch.setattr(Adam, "step", real)
+    assert run_cli(capsys, "--resume", out, "--epochs", "2")[0] == 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--arch", "gated", "--lr", "10"], "the training loss ran away to"),
+    (["--lr", "10"], "non-finite loss"),
+])
+def test_a_diverging_run_is_one_line_without_numpy_warnings(tmp_path, capsys, argv, needle):
+    code, _, err = run_cli(capsys, *DIVERGING, "--epochs", "2", *argv, "--out", tmp_path / "run")
+    assert code == 1
+    assert_one_error_line(err, needle, "lower --lr (now 10)")     # no RuntimeWarning lines either
+
+
+def test_a_checkpoint_with_a_negative_second_moment_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, *TINY, "--out", out)[0] == 0
+    arrays, meta = checkpoint.load(out / "checkpoint.npz")
+    arrays["adam_v/mu.b"][0] = -1.0
+    checkpoint.save(out / "checkpoint.npz", arrays, meta)
+    code, _, err = run_cli(capsys, "--resume", out, "--epochs", "2")
+    assert code == 1
+    assert_one_error_line(err, "adam_v/mu.b holds negative values")
 
 
 # -- 9. what an interruption says --------------------------------------------------------------------
