@@ -20,10 +20,13 @@ import time
 from . import backend as backend_mod
 from . import checkpoint, datasets, distributed
 from .config import AE_UNUSED, RUN_DEFINING, TrainConfig
-from .runfolder import RunFolder, RunFolderError
+from .runfolder import RunFolder, RunFolderError, new_run_folder, point_latest
 from .train import RunFailed, TrainingDiverged, describe_os_error, train
 
-__all__ = ["build_parser", "config_from_args", "main", "USER_ERRORS", "describe_error"]
+__all__ = ["build_parser", "config_from_args", "main", "USER_ERRORS", "describe_error", "IWAE_DEFAULT_SAMPLES"]
+
+# The samples per image of --objective iwae without --samples (Burda et al.'s k = 5).
+IWAE_DEFAULT_SAMPLES = 5
 
 # What the command line turns into one "error:" line (and exit code 1).
 USER_ERRORS = (ValueError, TypeError, backend_mod.BackendUnavailable, checkpoint.CheckpointError,
@@ -85,7 +88,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a("--pseudo-inputs", type=int, metavar="K", help=f"the VampPrior's components (default {d.pseudo_inputs})")
     a("--objective", choices=("elbo", "iwae"), help="elbo (default) or iwae, the importance-weighted bound of "
       "--samples latents per image (Burda et al.)")
-    a("--samples", type=int, metavar="S", help="latents per image: 1 for the ELBO (default), S >= 2 for --objective iwae")
+    a("--samples", type=int, metavar="S", help="latents per image: 1 for the ELBO (default), S >= 2 for --objective "
+                                                "iwae (default 5 there)")
     a("--model", choices=("vae", "ae"), help="vae, or a plain autoencoder for comparison (default vae)")
     a("--epochs", type=int, help=f"total epochs; with --resume, train up to this many (default {d.epochs})")
     a("--batch-size", type=int, help=f"examples per step (default {d.batch_size})")
@@ -112,7 +116,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
            "the final test figures, IWAE bound and figures with them (model selection; needs a valid split)")
     a("--patience", type=int, metavar="EPOCHS", help="with --keep-best: stop after this many epochs without a "
                                                       "better validation loss (default 0: never)")
-    a("--out", help=f"output folder, one run per folder (default {d.out}; with --resume, the resumed folder)")
+    a("--out", help="output folder, one run per folder (default: a new folder runs/DATE_TIME, with runs/latest "
+                    "pointing at the newest; with --resume, the resumed folder)")
     a("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.npz")
     a("--overwrite", dest="overwrite", action="store_true",
       help="--out holds an earlier run: delete its files and start a new run there (without this, such a "
@@ -138,9 +143,14 @@ def config_from_args(args: dict) -> tuple[TrainConfig, str | None]:
                              "importance-weighted bound, so this does nothing; drop it or train a VAE")
     if args.get("data_dir"):   # recorded absolute, so evaluate_run.py finds the data from any folder
         args["data_dir"] = str(pathlib.Path(args["data_dir"]).expanduser().absolute())
+    if args.get("objective") == "iwae" and "samples" not in args and resume is None:
+        args["samples"] = IWAE_DEFAULT_SAMPLES
     if resume is None:
         return TrainConfig(**args), None
     path = pathlib.Path(resume)
+    if not path.exists():
+        raise ValueError(f"--resume {resume}: no such folder or file; pass a run folder (the --out of the run "
+                         "to continue) or its checkpoint.npz")
     ckpt = path / "checkpoint.npz" if path.is_dir() else path
     if path.is_dir() and not ckpt.exists() and RunFolder(path).run_files():
         raise ValueError(f"--resume {resume}: the run in {path} stopped before writing its first checkpoint "
@@ -174,13 +184,18 @@ def main(argv=None, prog: str | None = None) -> int:
         print("error: --overwrite and --resume contradict each other: --resume continues the run in its "
               "folder, --overwrite deletes it", file=sys.stderr)
         return 1
-    comm = None
+    comm, folder = None, None
     try:
         stack = contextlib.ExitStack()
         stack.enter_context(_sigterm_interrupts())
         # the ranks of an MPI job agree on --distributed first (a rank without it joins only to say so)
         comm = distributed.init(bool(args.get("distributed")))
+        if "out" not in args and "resume" not in args:   # a new run gets a new folder; runs/latest points at it
+            folder = str(new_run_folder()) if comm is None else comm.bcast_obj(str(new_run_folder()))
+            args["out"] = folder
         cfg, resume = config_from_args(args) if comm is None else comm.agree(lambda: config_from_args(args))
+        if folder is not None and (comm is None or comm.is_root):
+            print(f"run folder: {folder} (runs/latest points at it)", flush=True)
         summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress, comm=comm)
     except (*USER_ERRORS, OSError) as err:   # OSError: outside a run (reading a checkpoint to resume, say)
         return _error(describe_error(err), err, getattr(err, "communicator", comm))
@@ -191,6 +206,10 @@ def main(argv=None, prog: str | None = None) -> int:
         return 130
     finally:
         stack.close()
+        if folder is not None and pathlib.Path(folder).is_dir() and (comm is None or comm.is_root):
+            note = point_latest(folder)
+            if note:
+                print(note, file=sys.stderr)
     if summary.get("status") == "interrupted":
         return 130
     return 0

@@ -141,8 +141,10 @@ class TrainConfig:
                              "the standard prior with the ELBO has; the VampPrior's KL and the IWAE's weights do "
                              "not split by dimension. Drop --free-bits (the KL warm-up, --kl-warmup, works with both)")
         if self.arch == "conv" and (self.prior != "standard" or self.objective != "elbo"):
-            raise ValueError(f"--prior {self.prior} / --objective {self.objective} are built for --arch mlp and "
-                             "--arch gated; the conv VAE trains the standard prior with the ELBO")
+            chosen = " and ".join(f"--{key} {getattr(self, key)}" for key in ("prior", "objective")
+                                  if getattr(self, key) != _DEFAULTS[key])
+            raise ValueError(f"{chosen}: built for --arch mlp and --arch gated; the conv VAE trains the standard "
+                             "prior with the ELBO (drop it, or pass --arch gated)")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "the config") -> TrainConfig:

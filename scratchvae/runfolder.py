@@ -32,7 +32,7 @@ import uuid
 from . import checkpoint
 from .atomic import remove_stale_temporaries
 
-__all__ = ["RunFolder", "RunFolderError", "RUN_FILES", "new_run_id", "run_ids"]
+__all__ = ["RunFolder", "RunFolderError", "RUN_FILES", "new_run_id", "run_ids", "new_run_folder", "point_latest"]
 
 # Every file a training run writes into its folder (evaluate_run.py adds the last two).
 RUN_FILES = ("checkpoint.npz", "best.npz", "metrics.jsonl", "summary.json", "samples.png", "reconstructions.png",
@@ -48,6 +48,34 @@ class RunFolderError(RuntimeError):
 def new_run_id() -> str:
     """A fresh identity for a run (32 hex digits)."""
     return uuid.uuid4().hex
+
+
+def new_run_folder(root="runs", now=None) -> pathlib.Path:
+    """A folder name no run has taken yet: ``root/YYYY-MM-DD_HH-MM-SS``, then ``_2``, ``_3``, ... within one second
+    (the default ``--out``: each run gets its own folder, as TensorBoard's ``runs/<date>``)."""
+    import datetime
+    now = datetime.datetime.now() if now is None else now
+    base = pathlib.Path(root) / now.strftime("%Y-%m-%d_%H-%M-%S")
+    path, n = base, 1
+    while path.exists() or path.is_symlink():
+        n += 1
+        path = base.with_name(f"{base.name}_{n}")
+    return path
+
+
+def point_latest(folder) -> str | None:
+    """Make ``latest`` beside ``folder`` a symbolic link to it (replaced atomically); returns a note when a
+    ``latest`` that is not a link (an older scratchvae's default run folder) is left alone, else None."""
+    folder = pathlib.Path(folder)
+    link = folder.parent / "latest"
+    if link.exists() and not link.is_symlink():
+        return f"note: {link} is a folder, not a link, so it was left as it is; this run is in {folder}"
+    tmp = folder.parent / f".latest.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(folder.name, tmp)
+    os.replace(tmp, link)
+    return None
 
 
 class RunFolder:
@@ -153,6 +181,14 @@ class RunFolder:
                     "into a new folder with --out")
         elif self.mode == "resume":
             others = {name: rid for name, rid in run_ids(self.path).items() if rid != self.run_id}
+            damaged = [name for name, rid in others.items() if rid in ("unreadable", "several")]
+            if damaged:
+                name = damaged[0]
+                raise RunFolderError(
+                    f"{self.path / name} is damaged ({'not valid JSON' if others[name] == 'unreadable' else 'lines of several runs'}), "
+                    f"so it cannot be shown to belong to the run being resumed ({self.run_id}); the checkpoint "
+                    f"holds the run's whole history and the file is written anew from it: move {name} out of "
+                    f"{self.path} and resume again")
             if others:
                 name, rid = next(iter(others.items()))
                 raise RunFolderError(

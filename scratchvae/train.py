@@ -388,6 +388,10 @@ class _Run:
                          best=meta.get("best", {"epoch": 0, "valid_loss": math.inf}), saved_epoch=meta["epoch"],
                          world_size=world_size, data_sha256=self.data.sha256)
         self._share_params()
+        if self.cfg.keep_best and state.best["epoch"] > 0 and not self.best_path.exists():
+            self.log(f"note: {self.best_path} (the parameters of epoch {state.best['epoch']}, the best so far) is "
+                     "missing; the best epoch is chosen again among the epochs from here on")
+            state.best = {"epoch": 0, "valid_loss": math.inf}
         if self.cfg.keep_best and state.best["epoch"] > 0:
             _, best_meta = checkpoint.load(self.best_path)
             if best_meta.get("run_id") != state.run_id:

@@ -375,3 +375,46 @@ def test_sigterm_while_decoding_is_one_line_and_leaves_no_temporary(tmp_path):
     assert proc.returncode == 130, err
     assert_one_error_line(err, "interrupted", "no checkpoint of this run had been written yet")
     assert [p.name for p in cache.iterdir()] == []
+
+
+# -- 11. messages that name the real problem, each with a way forward ---------------------------------
+
+def test_resume_of_a_folder_that_does_not_exist_says_so(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--resume", tmp_path / "nowhere", "--epochs", "2")
+    assert code == 1
+    assert_one_error_line(err, "nowhere: no such folder or file", "the --out of the run")
+
+
+@pytest.mark.parametrize("name", ["summary.json", "metrics.jsonl"])
+def test_a_damaged_json_file_is_named_as_damaged_not_as_another_run(tmp_path, capsys, name):
+    out = tmp_path / "run"
+    assert run_cli(capsys, *TINY, "--out", out)[0] == 0
+    (out / name).write_text('{"run_id": "trunc')
+    code, _, err = run_cli(capsys, "--resume", out, "--epochs", "2")
+    assert code == 1
+    assert_one_error_line(err, f"{out / name} is damaged (not valid JSON)", f"move {name} out of")
+    assert "another run" not in err
+    (out / name).unlink()                                          # the way forward the line gives
+    assert run_cli(capsys, "--resume", out, "--epochs", "2")[0] == 0
+
+
+def test_a_missing_best_npz_does_not_block_the_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, *TINY, "--keep-best", "--out", out)[0] == 0
+    (out / "best.npz").unlink()
+    code, stdout, err = run_cli(capsys, "--resume", out, "--epochs", "2")
+    assert code == 0 and "best.npz (the parameters of epoch 1, the best so far) is missing" in stdout, err
+    assert (out / "best.npz").exists() and json.loads((out / "summary.json").read_text())["best_epoch"] == 2
+
+
+def test_the_conv_refusal_names_the_flag_given(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--prior", "vampprior", "--arch", "conv", "--out", tmp_path / "run")
+    assert code == 1
+    assert_one_error_line(err, "--prior vampprior: built for --arch mlp and --arch gated")
+    assert "--objective" not in err
+
+
+def test_objective_iwae_alone_takes_five_samples(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, *TINY, "--objective", "iwae", "--out", out)[0] == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["samples"] == 5

@@ -336,3 +336,20 @@ def test_evaluate_run_defaults_to_the_parameters_the_run_has(tmp_path, capsys):
     assert json.loads((out / "evaluation-last.json").read_text())["params"] == "last"
     assert evaluate_run.main([str(out), "--params", "best", "--iwae-k", "2"]) == 1
     assert_one_error_line(capsys.readouterr().err, "no best.npz", "--params last")
+
+
+def test_each_run_without_out_gets_a_folder_of_its_own_and_latest_points_at_the_newest(tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out1, _ = run_cli(capsys, *TINY)
+    code2, out2, _ = run_cli(capsys, *TINY, "--arch", "gated")       # the README's second command, after the first
+    assert code == code2 == 0
+    first, second = (line.split()[2] for out in (out1, out2) for line in out.splitlines()
+                     if line.startswith("run folder: "))
+    assert first != second and pathlib.Path(first).parent == pathlib.Path(second).parent == pathlib.Path("runs")
+    for folder in (first, second):
+        assert (tmp_path / folder / "checkpoint.npz").exists()
+    latest = tmp_path / "runs" / "latest"
+    assert latest.is_symlink() and latest.resolve() == (tmp_path / second).resolve()
+    assert run_cli(capsys, "--resume", "runs/latest", "--epochs", "2")[0] == 0   # --resume through the link
+    assert json.loads((tmp_path / second / "summary.json").read_text())["epochs"] == 2
