@@ -45,7 +45,7 @@ import time
 import numpy
 
 from . import backend as backend_mod
-from . import checkpoint, datasets, distributed
+from . import checkpoint, datasets, distributed, memory
 from .atomic import to_jsonable, write_json
 from .backend import contiguous_run, flat_views
 from .config import TrainConfig
@@ -300,6 +300,11 @@ class _Run:
         cfg, comm = self.cfg, self.comm
         # rank 0 first: a folder of images is decoded and cached once, then read by the others
         self.data = self._agree(lambda: prepare_data(cfg, self.be, self.log, self.progress), root_first=True)
+        if self.be.name == "numpy":   # refused in one line before the model is allocated, not killed by the kernel
+            d = self.data
+            n_eval = d.test.shape[0] + (0 if d.valid_dev is None else d.valid_dev.shape[0])
+            self._agree(lambda: memory.check_fits(cfg, d.train.shape[0], n_eval, math.prod(d.image_shape),
+                                                  d.train.dtype.itemsize))
         self.model = self._agree(lambda: build_model(cfg, self.data.image_shape, self.be))
         self.opt = Adam(lr=cfg.lr, fused=cfg.fused)
         self.steps_per_epoch = math.ceil(self.data.train.shape[0] / cfg.batch_size)

@@ -418,3 +418,37 @@ def test_objective_iwae_alone_takes_five_samples(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(capsys, *TINY, "--objective", "iwae", "--out", out)[0] == 0
     assert json.loads((out / "summary.json").read_text())["config"]["samples"] == 5
+
+
+# -- 12. memory: estimated before allocating ---------------------------------------------------------
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--prior", "vampprior", "--pseudo-inputs", "300000"], "--pseudo-inputs 300000"),
+    (["--objective", "iwae", "--samples", "40000"], "--samples 40000"),
+    (["--batch-size", "200000", "--limit", "60000"], "--batch-size 200000"),
+])
+def test_a_run_too_large_for_the_memory_is_refused_in_a_second_naming_the_flag(tmp_path, capsys, monkeypatch,
+                                                                               argv, flag):
+    from scratchvae import memory
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2 * 10 ** 9)      # a 2 GB machine
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *TINY, *argv, "--out", out)
+    assert code == 1
+    assert_one_error_line(err, "the machine has 2.0 GB available", f"{flag} accounts for", f"lower {flag.split()[0]}")
+    assert not out.exists()                                        # nothing left behind, not even the lock
+    assert run_cli(capsys, *TINY, "--out", out)[0] == 0             # the small run fits the same machine
+
+
+def test_the_memory_estimate_grows_with_each_flag_it_names():
+    from scratchvae import memory
+    from scratchvae.config import TrainConfig
+    base = dict(n_train=50_000, n_eval=10_000, D=784, data_itemsize=1)
+    small = memory.estimate(TrainConfig(), **base)["total"]
+    assert 1e7 < small < 1e9                                        # the default run: tens of MB
+    vamp = {"prior": "vampprior"}
+    for flag, before, after in (("--batch-size", {}, {"batch_size": 1024}), ("--hidden", {}, {"hidden": (4000,)}),
+                                ("--pseudo-inputs", vamp, dict(vamp, pseudo_inputs=5000)),
+                                ("--samples", {"objective": "iwae", "samples": 5},
+                                 {"objective": "iwae", "samples": 50})):
+        a, b = (memory.estimate(TrainConfig(**c), **base) for c in (before, after))
+        assert b["by_flag"][flag] > 5 * a["by_flag"][flag] and b["total"] > a["total"], flag
