@@ -9,28 +9,45 @@ parameters of ``best.npz`` (the best validation epoch, written with
 the importance-weighted bound on the test NLL (Burda et al., k samples per
 image). ``--params auto`` (the default) takes ``best`` for a run trained
 with ``--keep-best`` and ``last`` otherwise; a ``best.npz`` written by another
-run is refused. Writes ``RUN_DIR/evaluation-<params>.json``.
+run is refused, and so is a folder whose files belong to another run than
+its checkpoint. Writes ``RUN_DIR/evaluation-<params>.json``. Progress shows
+as a bar on a terminal and as a line at every tenth of the images (with the
+time left) otherwise; Ctrl-C or SIGTERM ends it with one ``error:`` line and
+writes nothing.
 """
 from __future__ import annotations
 
 import argparse
 import pathlib
+import signal
 import sys
 import time
 
 from scratchvae.atomic import write_json
 from scratchvae.cli import USER_ERRORS, describe_error
+from scratchvae.runfolder import run_ids
 from scratchvae.train import iwae_test_nll, load_trained
 
 
-def evaluate(run: pathlib.Path, params: str, iwae_k: int, seed: int, progress, data_dir=None) -> dict:
+def evaluate(run: pathlib.Path, params: str, iwae_k: int, seed: int, progress, data_dir=None, log=None) -> dict:
     model, data, cfg, meta, params = load_trained(run, params, data_dir=data_dir)
+    others = {name: rid for name, rid in run_ids(run).items() if rid != meta.get("run_id")}
+    if others:
+        name, rid = next(iter(others.items()))
+        raise ValueError(f"{run} holds files of another run ({name}: run {rid}; its checkpoint.npz: run "
+                         f"{meta.get('run_id')}), so results written there would be filed under the wrong run; "
+                         "evaluate the checkpoint in its own run folder")
     elbo = model.evaluate(data.test_dev, model.backend.rng(seed))
     t0 = time.perf_counter()
-    nll = iwae_test_nll(model, data.test_dev, iwae_k, model.backend.rng(seed + 1), progress=progress)
+    nll = iwae_test_nll(model, data.test_dev, iwae_k, model.backend.rng(seed + 1), progress=progress,
+                        log=None if progress else log)
     return {"run": str(run), "run_id": meta.get("run_id"), "params": params, "epoch": meta["params_epoch"],
             "test_neg_elbo": elbo["loss"], "test_nll_iwae": nll, "iwae_k": iwae_k,
             "iwae_seconds": time.perf_counter() - t0}
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM (a scheduler's stop) ends the evaluation as Ctrl-C does
 
 
 def main(argv=None) -> int:
@@ -50,11 +67,19 @@ def main(argv=None) -> int:
         print(f"error: --iwae-k must be >= 1, got {args.iwae_k}", file=sys.stderr)
         return 1
     run = pathlib.Path(args.run_dir)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        result = evaluate(run, args.params, args.iwae_k, args.seed, args.progress, args.data_dir)
+        result = evaluate(run, args.params, args.iwae_k, args.seed, progress, args.data_dir,
+                          log=lambda line: print(line, flush=True))
     except (*USER_ERRORS, OSError) as err:
         print(f"error: {describe_error(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; nothing was written into {run}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"{run} ({result['params']} parameters, epoch {result['epoch']}): test negative ELBO "
           f"{result['test_neg_elbo']:.3f}, test NLL (IWAE, k={args.iwae_k}) {result['test_nll_iwae']:.3f} nats")
     target = run / f"evaluation-{result['params']}.json"

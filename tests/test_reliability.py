@@ -452,3 +452,48 @@ def test_the_memory_estimate_grows_with_each_flag_it_names():
                                  {"objective": "iwae", "samples": 50})):
         a, b = (memory.estimate(TrainConfig(**c), **base) for c in (before, after))
         assert b["by_flag"][flag] > 5 * a["by_flag"][flag] and b["total"] > a["total"], flag
+
+
+# -- 13. evaluate_run.py: progress, signals, the run's own folder ----------------------------------
+
+def test_evaluate_run_prints_progress_with_time_left_off_a_terminal(tmp_path, capsys):
+    from test_runs import load_script
+    out = tmp_path / "run"
+    assert run_cli(capsys, *TINY, "--out", out)[0] == 0
+    assert load_script("evaluate_run").main([str(out), "--iwae-k", "3"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("IWAE k=3: ")]
+    assert len(lines) == 2 and lines[-1].startswith("IWAE k=3: 200/200 images") and "s left" in lines[0], lines
+
+
+def test_evaluate_run_refuses_a_folder_of_another_run(tmp_path, capsys):
+    from test_runs import load_script
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(capsys, *TINY, "--out", a)[0] == 0
+    assert run_cli(capsys, *TINY, "--seed", "1", "--out", b)[0] == 0
+    shutil.copy(a / "checkpoint.npz", b / "checkpoint.npz")        # run a's checkpoint among run b's files
+    before = snapshot(b)
+    assert load_script("evaluate_run").main([str(b), "--iwae-k", "2"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "holds files of another run", "in its own run folder")
+    assert snapshot(b) == before
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_evaluate_run_ends_on_a_signal_with_one_line(tmp_path, capsys, sig):
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    assert run_cli(capsys, *TINY, "--test-limit", "3000", "--out", out)[0] == 0   # 30 chunks of 100 images
+    before = snapshot(out)
+    proc = subprocess.Popen([sys.executable, str(REPO / "examples" / "evaluate_run.py"), str(out), "--iwae-k",
+                             "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:                                       # its first progress line: it is evaluating
+        if line.startswith("IWAE k="):
+            break
+    else:
+        raise AssertionError(f"no progress line: {proc.communicate(timeout=60)}")
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert_one_error_line(err, "interrupted; nothing was written")
+    assert snapshot(out) == before
