@@ -333,9 +333,13 @@ def plot_curves(history, path, run_id=None):
     epochs = np.asarray([h.get("epoch", i + 1) for i, h in enumerate(history)], dtype=np.float64)
     kls = [h.get(k) for h in history for k in ("train_kl", "test_kl") if h.get(k) is not None]
     autoencoder = bool(kls) and all(v == 0 for v in kls)    # a plain autoencoder records KL = 0
+    labels = history[-1].get("labels") or {}      # what each loss column is (recorded by the trainer)
+    names = {"train_loss": labels.get("train_loss", "train"), "test_loss": labels.get("test_loss", "test")}
+    same = names["train_loss"] == names["test_loss"]
     panels = [
         ("Reconstruction loss (no KL term)", "train_loss", "test_loss", "reconstruction NLL (nats)") if autoencoder
-        else ("Negative ELBO", "train_loss", "test_loss", "negative ELBO (nats)"),
+        else ("Negative ELBO" if same or not labels else "Training objective and test negative ELBO",
+              "train_loss", "test_loss", "nats"),
         ("Reconstruction", "train_recon", "test_recon", "reconstruction NLL (nats)"),
         ("KL(q(z|x) || p(z))", None if autoencoder else "train_kl", None if autoencoder else "test_kl", "KL (nats)"),
     ]
@@ -349,6 +353,8 @@ def plot_curves(history, path, run_id=None):
             if vals is None:
                 continue
             ok = ~np.isnan(vals)
+            if key in names and not same:      # the loss panel: each line says which bound it is
+                label = f"{label}: {names[key]}"
             ax.plot(epochs[ok], vals[ok], style, ms=ms, label=label)
             drawn = True
         if drawn:
@@ -384,6 +390,7 @@ def plot_curves(history, path, run_id=None):
         "last": last,
         "best_epoch": best_epoch,
         "best_test_loss": best,
+        "labels": names,
     })
 
 

@@ -151,6 +151,25 @@ def build_model(cfg: TrainConfig, image_shape, be):
                  downsample=cfg.downsample, **common)
 
 
+def loss_labels(cfg: TrainConfig) -> dict:
+    """What each loss column of a run is: ``train_loss``, ``test_loss``, ``valid_loss``, ``recon_kl`` (long
+    names, for metrics.jsonl, summary.json and curves.png) and ``train_short``, ``test_short`` (the console's)."""
+    if cfg.model == "ae":
+        name = "reconstruction NLL (no KL term)"
+        return {"train_loss": name, "test_loss": name, "valid_loss": name, "recon_kl": "reconstruction NLL; no KL",
+                "train_short": "recon", "test_short": "recon"}
+    elbo = "negative ELBO (one sample per image)"
+    bound = elbo if cfg.objective == "elbo" else f"negative IWAE bound (S={cfg.samples} samples per image)"
+    weighted = [what for what, on in (("the KL weighted by beta", cfg.kl_warmup > 0 or cfg.beta != 1),
+                                      ("free bits", cfg.free_bits > 0)) if on]
+    return {"train_loss": bound + (f", as trained: {' and '.join(weighted)}" if weighted else ""),
+            "test_loss": elbo, "valid_loss": bound.replace(" per image", " per image, beta = 1"),
+            "recon_kl": "per-sample means of -log p(x|z) and log q(z|x) - log p(z) (the analytic KL for the "
+                        "standard prior with the ELBO); recon + kl is the negative ELBO"
+                        + ("" if cfg.objective == "elbo" else ", not the IWAE loss"),
+            "train_short": "-ELBO" if cfg.objective == "elbo" else f"-IWAE{cfg.samples}", "test_short": "-ELBO"}
+
+
 def train_step(model, opt, opt_state, xb, eps, *, beta, free_bits, lr, sync=True, x_in=None):
     """One optimizer step on the batch ``xb`` (B, D) with the noise ``eps`` (B, L).
 
@@ -319,6 +338,7 @@ class _Run:
             self.parallel = distributed.DataParallel(comm, self.model)
         self.state = self._agree(lambda: self._resume(ckpt)) if ckpt is not None else self._start()
         self.summary = {"run_id": self.state.run_id, "config": dataclasses.asdict(cfg), "data_sha256": self.data.sha256,
+                        "labels": {k: v for k, v in loss_labels(cfg).items() if not k.endswith("_short")},
                         "backend": self.be.name,
                         "device": self.be.device, "versions": _versions(), "cpu_count": os.cpu_count(),
                         "world_size": self.state.world_size, "initial_test": self.state.initial_test}
@@ -606,6 +626,9 @@ class _Run:
                   "lr": geometric_lr(cfg.lr, cfg.lr_final, st.step - 1, cfg.epochs * self.steps_per_epoch)}
         if self.data.levels and cfg.likelihood == "gaussian":   # a bound on the 8-bit images' NLL
             record["test_bits_per_dim"] = datasets.bits_per_dim(test["loss"], math.prod(self.data.image_shape))
+        labels = loss_labels(cfg)
+        record["labels"] = {k: labels[k] for k in ("train_loss", "test_loss", "recon_kl")
+                            } | ({"valid_loss": labels["valid_loss"]} if cfg.keep_best else {})
         if "active_units" in test:   # a VAE: posterior collapse, made visible
             record.update(active_units=test["active_units"],
                           kl_per_dim=None if test["kl_per_dim"] is None else test["kl_per_dim"].tolist(),
@@ -624,9 +647,9 @@ class _Run:
         self._save()
         self._write_metrics()
         best_mark = "*" if st.best["epoch"] == st.epoch else " "
-        self.log(f"epoch {st.epoch:3d}/{cfg.epochs}  train {record['train_loss']:8.3f}  "
-                 + (f"valid {record['valid_loss']:8.3f}{best_mark} " if cfg.keep_best else "")
-                 + (f"test {record['test_loss']:8.3f} (recon {record['test_recon']:7.3f}, kl {record['test_kl']:6.3f}, "
+        self.log(f"epoch {st.epoch:3d}/{cfg.epochs}  train {labels['train_short']} {record['train_loss']:8.3f}  "
+                 + (f"valid {labels['train_short']} {record['valid_loss']:8.3f}{best_mark} " if cfg.keep_best else "")
+                 + (f"test -ELBO {record['test_loss']:8.3f} (recon {record['test_recon']:7.3f}, kl {record['test_kl']:6.3f}, "
                     f"active {record['active_units']}/{cfg.latent_dim})"
                     if cfg.model == "vae" else f"test reconstruction loss {record['test_loss']:8.3f}")
                  + (f" {record['test_bits_per_dim']:.3f} bits/dim" if "test_bits_per_dim" in record else "")

@@ -235,3 +235,19 @@ def test_negligible_sample_weights_and_responsibilities_are_exact_zeros(dtype):
     z = np.array([[0.1, -0.2]], dtype=dtype)                   # 144 nats closer to component 0
     _, (dmu, dlog_sigma) = prior.log_prob_backward(z, comps, np.ones(1, dtype=dtype))
     assert np.all(dmu[1] == 0) and np.all(dlog_sigma[1] == 0) and np.all(dmu[0] != 0)
+
+
+def test_an_iwae_run_names_each_loss_column_for_the_bound_it_is(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--objective", "iwae", "--samples", "3", "--kl-warmup", "2", "--epochs", "1",
+                 "--out", str(out)]) == 0
+    console = capsys.readouterr().out
+    assert "train -IWAE3 " in console and "test -ELBO " in console
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    labels = record["labels"]
+    assert labels["train_loss"].startswith("negative IWAE bound (S=3") and "beta" in labels["train_loss"]
+    assert labels["test_loss"].startswith("negative ELBO") and "not the IWAE loss" in labels["recon_kl"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labels"]["train_loss"] == labels["train_loss"]
+    assert summary["figures"]["curves"]["labels"] == {"train_loss": labels["train_loss"],
+                                                      "test_loss": labels["test_loss"]}
