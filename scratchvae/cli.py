@@ -79,6 +79,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                                       "(default), or with 3x3 convolutions and 2x2 max-pooling "
                                                       "(the decoder then up-samples)")
     a("--latent-dim", type=int, help=f"latent dimensions (default {d.latent_dim})")
+    a("--levels", type=int, metavar="T", help="stochastic levels of --latent-dim each (default 1); 2 with --arch "
+      "gated is the VampPrior paper's hierarchical VAE: q(z2|x), q(z1|x,z2), p(z1|z2), p(x|z1,z2), the prior on z2")
     a("--activation", choices=("relu", "leaky_relu", "tanh", "softplus"), help="hidden activation (default relu)")
     a("--likelihood", choices=("bernoulli", "gaussian"), help="p(x|z): bernoulli (logits) or gaussian with a learned "
                                                               "per-pixel sigma (default bernoulli)")
@@ -114,6 +116,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a("--keep-best", dest="keep_best", action="store_true",
       help="evaluate the validation split after every epoch, keep the best parameters in best.npz and report "
            "the final test figures, IWAE bound and figures with them (model selection; needs a valid split)")
+    a("--valid-k", type=int, metavar="K", help="with --keep-best: the validation loss is the negative IWAE bound "
+      "with K samples per image (less noisy than the one-sample ELBO, and the figure the test NLL reports; "
+      "default 0: the training objective at beta = 1)")
     a("--patience", type=int, metavar="EPOCHS", help="with --keep-best: stop after this many epochs without a "
                                                       "better validation loss (default 0: never)")
     a("--out", help="output folder, one run per folder (default: a new folder runs/DATE_TIME, with runs/latest "

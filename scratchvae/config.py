@@ -34,6 +34,7 @@ class TrainConfig:
     channels: tuple = (32, 64)
     downsample: str = "stride"
     latent_dim: int = 20
+    levels: int = 1                 # stochastic levels of latent_dim each (scratchvae.hvae for 2 and more)
     activation: str = "relu"
     likelihood: str = "bernoulli"
     model: str = "vae"
@@ -55,6 +56,7 @@ class TrainConfig:
     test_limit: int | None = None
     iwae_k: int = 0
     keep_best: bool = False
+    valid_k: int = 0                # > 0: early stopping and best.npz follow the IWAE bound with this many samples
     patience: int = 0
     out: str = "runs/latest"
     fused: bool = True
@@ -72,9 +74,9 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{_name(key)} must be one of {allowed}, got {getattr(self, key)!r}")
-        for key in ("epochs", "batch_size", "latent_dim", "pseudo_inputs", "samples"):
+        for key in ("epochs", "batch_size", "latent_dim", "levels", "pseudo_inputs", "samples"):
             _check_number(key, getattr(self, key), low=1)
-        for key in ("seed", "iwae_k", "patience"):
+        for key in ("seed", "iwae_k", "patience", "valid_k"):
             _check_number(key, getattr(self, key), low=0)
         for key in ("limit", "test_limit"):
             _check_number(key, getattr(self, key), low=1, optional=True)
@@ -108,9 +110,13 @@ class TrainConfig:
             raise ValueError(f"downsample (--downsample) {self.downsample!r} is for --arch conv; the MLP has no "
                              "convolutions to pool")
         self._check_prior_and_objective()
+        self._check_levels()
         if self.arch == "gated" and (self.model != "vae" or self.activation != "relu"):
             raise ValueError("--arch gated is the VampPrior paper's VAE: its gates are its nonlinearity, so it "
                              f"takes no --activation, and it has no autoencoder twin (--model {self.model!r})")
+        if self.valid_k > 0 and not self.keep_best:
+            raise ValueError(f"valid_k (--valid-k) sets the validation loss of keep_best (--keep-best); add it, "
+                             f"or drop --valid-k (got valid_k={self.valid_k})")
         if self.patience > 0 and not self.keep_best:
             raise ValueError(f"patience (--patience) needs keep_best (--keep-best): it counts epochs without a "
                              f"better validation loss; got patience={self.patience}")
@@ -146,6 +152,20 @@ class TrainConfig:
             raise ValueError(f"{chosen}: built for --arch mlp and --arch gated; the conv VAE trains the standard "
                              "prior with the ELBO (drop it, or pass --arch gated)")
 
+    def _check_levels(self):
+        if self.levels == 1:
+            return
+        if self.arch == "conv":
+            raise ValueError(f"levels (--levels) {self.levels}: the hierarchy is built for --arch gated and --arch "
+                             "mlp; the conv VAE has one level (drop --levels, or pass --arch gated)")
+        if self.model != "vae":
+            raise ValueError(f"levels (--levels) {self.levels}: a plain autoencoder (--model ae) has no stochastic "
+                             "levels; train a VAE")
+        for key in ("free_bits", "input_noise"):
+            if getattr(self, key) != _DEFAULTS[key]:
+                raise ValueError(f"{_name(key)} is for one-level models; with levels (--levels) {self.levels}, "
+                                 "drop it (the KL warm-up, --kl-warmup, works at any depth)")
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "the config") -> TrainConfig:
         """A config from a dict (a checkpoint's ``config``), refusing unknown keys and bad values.
@@ -164,19 +184,20 @@ class TrainConfig:
 
 
 # The fields whose values make a run what it is: a resumed run must keep them.
-RUN_DEFINING = ("dataset", "binarize", "color", "image_size", "arch", "hidden", "channels", "downsample", "latent_dim", "activation", "likelihood",
-                "model", "prior", "pseudo_inputs", "objective", "samples", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "input_noise", "seed", "dtype",
-                "limit", "fused")
+RUN_DEFINING = ("dataset", "binarize", "color", "image_size", "arch", "hidden", "channels", "downsample", "latent_dim", "levels", "activation",
+                "likelihood", "model", "prior", "pseudo_inputs", "objective", "samples", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "input_noise", "seed", "dtype",
+                "limit", "fused", "valid_k")
 # VAE-only settings: given to a plain autoencoder, they would silently do nothing.
 AE_UNUSED = ("beta", "kl_warmup", "free_bits", "iwae_k")
 
 _TYPES = {"backend": str, "dataset": str, "data_dir": (str, None), "binarize": (str, None), "color": str,
           "image_size": int, "max_image_pixels": int, "arch": str,
-          "hidden": tuple, "channels": tuple, "downsample": str, "latent_dim": int, "activation": str, "likelihood": str, "model": str,
+          "hidden": tuple, "channels": tuple, "downsample": str, "latent_dim": int, "levels": int,
+          "activation": str, "likelihood": str, "model": str,
           "prior": str, "pseudo_inputs": int, "objective": str, "samples": int,
           "epochs": int, "batch_size": int, "lr": float, "lr_final": (float, None), "beta": float,
           "kl_warmup": float, "free_bits": float, "input_noise": float, "seed": int, "dtype": str, "limit": (int, None),
-          "test_limit": (int, None), "iwae_k": int, "keep_best": bool, "patience": int, "out": str, "fused": bool,
+          "test_limit": (int, None), "iwae_k": int, "keep_best": bool, "valid_k": int, "patience": int, "out": str, "fused": bool,
           "figures": bool}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 

@@ -33,10 +33,11 @@ from .layers import (
 from .layers.base import float_dtype
 from .objectives import make as make_objective
 from .priors import PRIORS, VampPrior
+from .hvae import HierarchicalVAE
 from .vae import VAE, Autoencoder
 
-__all__ = ["mlp_vae", "gated_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder", "DOWNSAMPLING",
-           "GATED_LOG_SIGMA_RANGE"]
+__all__ = ["mlp_vae", "gated_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder", "hierarchical_vae",
+           "DOWNSAMPLING", "GATED_LOG_SIGMA_RANGE"]
 
 
 _ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh, "softplus": Softplus, "sigmoid": Sigmoid}
@@ -289,3 +290,69 @@ def conv_autoencoder(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, 
                                               backend, dtype, seed, downsample, fused)
     return Autoencoder(encoder, code, decoder, likelihood=likelihood, input_shape=tuple(input_shape),
                        gaussian_log_sigma=gaussian_log_sigma, fused=fused)
+
+
+def _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation, backend, dtype, seed, fused):
+    """The networks of a ``levels``-level model (see :class:`~scratchvae.hvae.HierarchicalVAE`), gated or MLP."""
+    be, dt = resolve(backend), float_dtype(dtype)
+    gen = numpy.random.default_rng(seed)
+    kw = dict(backend=be, dtype=dt)
+    hidden = tuple(int(h) for h in hidden)
+    if not hidden:
+        raise ValueError("hidden must name at least one layer width")
+    H, Z, D = hidden[-1], int(latent_dim), int(input_dim)
+
+    def stack(width, widths, data_input=False):
+        layers = []
+        for h in widths:
+            layers += ([GatedDense(width, h, rng=gen, fused=fused, **kw)] if arch == "gated" else
+                       [Dense(width, h, rng=gen, **kw), _activation(activation, fused=fused, **kw)])
+            width = h
+        if data_input:
+            layers[0].input_grad = False   # its input is data: skip dL/dx
+        return Sequential(*layers)
+
+    def heads(name):
+        return {f"{name}.mu": Dense(H, Z, rng=gen, **kw),
+                f"{name}.log_sigma": Sequential(Dense(H, Z, rng=gen, **kw), Clamp(*GATED_LOG_SIGMA_RANGE, **kw))}
+
+    T = int(levels)
+    parts = {f"q{T}.x": stack(D, hidden, data_input=True), **heads(f"q{T}")}
+    for l in range(T - 1, 0, -1):
+        parts.update({f"q{l}.x": stack(D, (H,), data_input=True), f"q{l}.z": stack(Z, (H,)),
+                      f"q{l}.joint": stack(2 * H, (H,)), **heads(f"q{l}"),
+                      f"p{l}.net": stack(Z, hidden), **heads(f"p{l}")})
+    for l in range(1, T + 1):
+        parts[f"decoder.z{l}"] = stack(Z, (hidden[-1],))
+    widths = hidden[::-1][1:] or (H,)             # the joint layers after the concatenation of the T branches
+    parts["decoder"] = Sequential(*stack(T * H, widths).layers, Dense(widths[-1], D, rng=gen, **kw))
+    return parts
+
+
+def hierarchical_vae(input_dim=784, hidden=(300, 300), latent_dim=40, levels=2, arch="gated", prior="standard",
+                     pseudo_inputs=500, objective="elbo", samples=1, likelihood="bernoulli", backend=None,
+                     dtype="float32", seed=0, fused=True, activation="relu", input_shape=None,
+                     gaussian_log_sigma="learned") -> HierarchicalVAE:
+    """A VAE of ``levels`` stochastic levels of ``latent_dim`` dimensions each (the VampPrior paper's HVAE
+    for ``levels=2``, ``arch="gated"``, ``hidden=(300, 300)``, ``latent_dim=40``).
+
+    ``q(z_T|x)``: the hidden stack on x and the heads; ``q(z_l|x, z_{l+1})``: one layer on x and one on
+    z_{l+1}, concatenated, a joint layer, the heads; ``p(z_l|z_{l+1})``: the hidden stack on z_{l+1}, the
+    heads; ``p(x|z_1..z_T)``: one layer on each z_l, concatenated, the reversed hidden stack, the output
+    layer. ``arch="gated"``: GatedDense layers; ``"mlp"``: Dense and ``activation``. Every log variance is
+    clamped to [-6, 2]. The prior (``standard`` or ``vampprior``) is on the top level.
+    """
+    levels = _positive_int("levels", levels)
+    if arch not in ("gated", "mlp"):
+        raise ValueError(f"hierarchical_vae: arch must be 'gated' or 'mlp', got {arch!r}")
+    parts = _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation, backend, dtype, seed, fused)
+    return HierarchicalVAE(parts, levels, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
+                           gaussian_log_sigma=gaussian_log_sigma, fused=fused,
+                           **_prior_and_objective(prior, pseudo_inputs, objective, samples, input_dim,
+                                                  parts[f"q{levels}.x"], seed))
+
+
+def _positive_int(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)

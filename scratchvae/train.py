@@ -49,7 +49,7 @@ from . import checkpoint, datasets, distributed, memory
 from .atomic import to_jsonable, write_json
 from .backend import contiguous_run, flat_views
 from .config import TrainConfig
-from .models import conv_autoencoder, conv_vae, gated_vae, mlp_autoencoder, mlp_vae
+from .models import conv_autoencoder, conv_vae, gated_vae, hierarchical_vae, mlp_autoencoder, mlp_vae
 from .optim import Adam, AdamState, geometric_lr
 from .runfolder import RunFolder, new_run_id
 from .vae import NonFiniteLoss
@@ -136,6 +136,9 @@ def build_model(cfg: TrainConfig, image_shape, be):
     common = dict(latent_dim=cfg.latent_dim, likelihood=cfg.likelihood, backend=be, dtype=cfg.dtype,
                   seed=cfg.seed, activation=cfg.activation, fused=cfg.fused)
     probabilistic = dict(prior=cfg.prior, pseudo_inputs=cfg.pseudo_inputs, objective=cfg.objective, samples=cfg.samples)
+    if cfg.levels > 1:
+        return hierarchical_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape),
+                                levels=cfg.levels, arch=cfg.arch, **common, **probabilistic)
     if cfg.arch == "mlp" and cfg.model == "vae":
         return mlp_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape), **common,
                        **probabilistic)
@@ -163,7 +166,8 @@ def loss_labels(cfg: TrainConfig) -> dict:
     weighted = [what for what, on in (("the KL weighted by beta", cfg.kl_warmup > 0 or cfg.beta != 1),
                                       ("free bits", cfg.free_bits > 0)) if on]
     return {"train_loss": bound + (f", as trained: {' and '.join(weighted)}" if weighted else ""),
-            "test_loss": elbo, "valid_loss": bound.replace(" per image", " per image, beta = 1"),
+            "test_loss": elbo, "valid_loss": (f"negative IWAE bound (k={cfg.valid_k} samples per image)"
+                                               if cfg.valid_k > 0 else bound.replace(" per image", " per image, beta = 1")),
             "recon_kl": "per-sample means of -log p(x|z) and log q(z|x) - log p(z) (the analytic KL for the "
                         "standard prior with the ELBO); recon + kl is the negative ELBO"
                         + ("" if cfg.objective == "elbo" else ", not the IWAE loss"),
@@ -584,8 +588,7 @@ class _Run:
         n = self.data.train.shape[0]
         perm = numpy.random.default_rng(_seeds(cfg.seed, epoch, 0)).permutation(n)
         eps = be.rng(_seeds(cfg.seed, epoch, 1)).standard_normal(
-            (self.steps_per_epoch, cfg.batch_size, *((cfg.samples,) if cfg.samples > 1 else ()), cfg.latent_dim),
-            dtype=numpy.dtype(cfg.dtype))
+            (self.steps_per_epoch, *self.model.noise_shape(cfg.batch_size)), dtype=numpy.dtype(cfg.dtype))
         return {"perm": be.asarray(perm), "eps": eps, "epoch": epoch}
 
     def _batch(self, b):
@@ -629,10 +632,12 @@ class _Run:
         labels = loss_labels(cfg)
         record["labels"] = {k: labels[k] for k in ("train_loss", "test_loss", "recon_kl")
                             } | ({"valid_loss": labels["valid_loss"]} if cfg.keep_best else {})
-        if "active_units" in test:   # a VAE: posterior collapse, made visible
+        if "active_units" in test:   # a VAE: posterior collapse, made visible (a list per level, bottom first)
+            activity = test["activity"]
             record.update(active_units=test["active_units"],
                           kl_per_dim=None if test["kl_per_dim"] is None else test["kl_per_dim"].tolist(),
-                          latent_activity=test["activity"].tolist())
+                          latent_activity=[a.tolist() for a in activity] if isinstance(activity, list)
+                          else activity.tolist())
         if cfg.keep_best:
             record["valid_loss"] = self._valid_loss(self.be.rng(cfg.seed * 1_000_003 + 500_000 + st.epoch + 1))
             if record["valid_loss"] < st.best["valid_loss"]:
@@ -650,7 +655,7 @@ class _Run:
         self.log(f"epoch {st.epoch:3d}/{cfg.epochs}  train {labels['train_short']} {record['train_loss']:8.3f}  "
                  + (f"valid {labels['train_short']} {record['valid_loss']:8.3f}{best_mark} " if cfg.keep_best else "")
                  + (f"test -ELBO {record['test_loss']:8.3f} (recon {record['test_recon']:7.3f}, kl {record['test_kl']:6.3f}, "
-                    f"active {record['active_units']}/{cfg.latent_dim})"
+                    f"active {_units(record['active_units'], cfg.latent_dim)})"
                     if cfg.model == "vae" else f"test reconstruction loss {record['test_loss']:8.3f}")
                  + (f" {record['test_bits_per_dim']:.3f} bits/dim" if "test_bits_per_dim" in record else "")
                  + f"  {seconds:6.1f} s  {record['images_per_s']:8.0f} img/s")
@@ -793,6 +798,8 @@ class _Run:
         The negative ELBO (one sample per image) for the ELBO; for the IWAE
         objective its own bound, ``-mean log (1/S) sum_s w_s`` with the run's S.
         """
+        if self.cfg.valid_k > 0:
+            return iwae_test_nll(self.model, self.data.valid_dev, self.cfg.valid_k, rng, progress=False)
         if self.cfg.objective == "iwae":
             return iwae_test_nll(self.model, self.data.valid_dev, self.cfg.samples, rng, progress=False)
         return self.model.evaluate(self.data.valid_dev, rng)["loss"]
@@ -913,6 +920,11 @@ def _check_shards(n: int, batch_size: int, world_size: int) -> None:
         raise ValueError(f"--batch-size {batch_size} over {n} training images leaves a batch of {last} image(s), "
                          f"fewer than the {world_size} processes: a rank would get none; choose a batch size "
                          "(or --limit) for which every batch has at least one image per process")
+
+
+def _units(active, latent_dim) -> str:
+    """'12/20', or per level, bottom first, '[31, 4]/40 per level'."""
+    return f"{active}/{latent_dim}" if isinstance(active, int) else f"{active}/{latent_dim} per level"
 
 
 def _seeds(seed: int, epoch: int, stream: int) -> int:

@@ -111,6 +111,10 @@ class _Model:
         """Reset every gradient to zero, in place (one fill of ``flat_grads``)."""
         self.flat_grads.fill(0)
 
+    def noise_shape(self, B: int) -> tuple:
+        """The shape of one batch's eps, which the trainer draws for the model: (B, L)."""
+        return (int(B), self.latent_dim)
+
     def num_params(self) -> int:
         return sum(int(p.size) for p in self.params.values())
 
@@ -285,6 +289,10 @@ class VAE(_Model):
         """Latents drawn per image by the objective (eps is (B, L), or (B, S, L) for S > 1)."""
         return self.objective.samples
 
+    def noise_shape(self, B: int) -> tuple:
+        """The shape of one batch's eps: (B, L), or (B, S, L) for an objective of S > 1 samples."""
+        return (int(B), self.latent_dim) if self.samples == 1 else (int(B), self.samples, self.latent_dim)
+
     def _prior_components(self, h_pseudo=None):
         """The prior's mixture components: the VampPrior's (mu_k, log_sigma_k) at the pseudo-inputs."""
         if not self.prior.parametric:
@@ -406,7 +414,7 @@ class VAE(_Model):
     def _noise(self, B, rng, eps):
         """eps (B, L), or (B, S, L) for an objective of S > 1 samples: the given one (checked), or standard
         normal from ``rng``."""
-        shape = (B, self.latent_dim) if self.samples == 1 else (B, self.samples, self.latent_dim)
+        shape = self.noise_shape(B)
         if eps is None:
             if rng is None:
                 raise ValueError("loss_and_grad needs rng (to draw eps) or eps")
