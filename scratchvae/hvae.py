@@ -149,7 +149,7 @@ class HierarchicalVAE(_Model):
             m, log_s = self._p_level(l, z[l + 1])
             d = (z[l] - m) * xp.exp(-log_s)
             log_p += -0.5 * (d * d).sum(axis=1) - log_s.sum(axis=1) - 0.5 * Z * _LOG_2PI
-            q[l], p[l] = (mu, ls), (m, log_s, d)
+            q[l], p[l] = ls, (log_s, d)
         out = self._decode_logits([z[l] for l in range(1, T + 1)])                  # (R, D)
         x_rep = x if S == 1 else xp.repeat(x, S, axis=0)
         nll, dout, dout_log_sigma = self._nll_and_grad(out, x_rep, 1.0)             # (R,), (R, D)
@@ -174,7 +174,7 @@ class HierarchicalVAE(_Model):
               for l in range(1, T + 1)}
         a = (beta * c1)[:, None]                                                    # (R, 1)
         for l in range(1, T):                                   # bottom-up: dz_l is complete when level l is reached
-            (mu, ls), (m, log_s, d) = q[l], p[l]
+            ls, (log_s, d) = q[l], p[l]
             g = d * xp.exp(-log_s)                                                  # (z - m) / s^2
             dz[l] += a * g                                                          # -beta c1 dlog p/dz
             dz[l + 1] += self._p_backward(l, -a * g, -a * (d * d - 1))

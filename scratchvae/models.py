@@ -13,6 +13,7 @@ import math
 import numpy
 
 from .backend import resolve
+from .hvae import HierarchicalVAE
 from .layers import (
     Clamp,
     Conv2d,
@@ -33,7 +34,6 @@ from .layers import (
 from .layers.base import float_dtype
 from .objectives import make as make_objective
 from .priors import PRIORS, VampPrior
-from .hvae import HierarchicalVAE
 from .vae import VAE, Autoencoder
 
 __all__ = ["mlp_vae", "gated_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder", "hierarchical_vae",
