@@ -387,7 +387,9 @@ def test_a_rank_started_without_distributed_stops_every_rank_at_once(tmp_path, s
 @pytest.mark.slow
 @pytest.mark.parametrize("option", [["--arch", "gated", "--hidden", "24,16", "--prior", "vampprior",
                                      "--pseudo-inputs", "12"],
-                                    ["--objective", "iwae", "--samples", "3"]], ids=["vampprior", "iwae"])
+                                    ["--objective", "iwae", "--samples", "3"],
+                                    ["--arch", "gated", "--hidden", "24,16", "--levels", "2", "--prior", "vampprior",
+                                     "--pseudo-inputs", "12"]], ids=["vampprior", "iwae", "levels"])
 def test_two_ranks_train_like_one_process_with_the_new_prior_and_objective(tmp_path, option):
     """The VampPrior (its pseudo-inputs' pass and gradient on every rank) and the IWAE objective (its
     per-image weights within a shard) give the one-process run at 2 ranks, up to the order of float sums."""
