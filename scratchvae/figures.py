@@ -226,7 +226,10 @@ def plot_samples(model, path, rng, n=64, run_id=None):
     grid = image_grid(as_images(model, flat), ncols)
     if getattr(model, "code_head", None) is None:
         prior = "the VampPrior" if getattr(getattr(model, "prior", None), "parametric", False) else "N(0, I)"
-        title = f"{n} samples decoded from z ~ {prior}  ({model.latent_dim}-D latent)"
+        T = getattr(model, "levels", 1)
+        title = (f"{n} samples decoded from z ~ {prior}  ({model.latent_dim}-D latent)" if T == 1 else
+                 f"{n} samples drawn top-down: z{T} ~ {prior}, then z_l ~ p(z_l | z_(l+1))  ({T} levels of "
+                 f"{model.latent_dim}-D)")
     else:   # an autoencoder has no prior: these are decoded random codes, not samples of a model
         title = (f"{n} random {model.latent_dim}-D codes from N(0, I), decoded by the autoencoder\n"
                  "(an autoencoder defines no prior over codes)")
@@ -653,6 +656,9 @@ def plot_posterior(history, path, run_id=None):
         ``path``, ``active_units`` (last epoch), ``latent_dim``, ``collapsed``
         (the indices of the inactive dimensions).
     """
+    levels = [h for h in history if h.get("latent_activity") is not None and isinstance(h["active_units"], list)]
+    if levels:
+        return _plot_posterior_levels(levels, path, run_id)
     rows = [h for h in history if h.get("kl_per_dim") is not None]
     if not rows:
         raise ValueError("plot_posterior needs epochs with kl_per_dim (a VAE's history)")
@@ -682,6 +688,39 @@ def plot_posterior(history, path, run_id=None):
     _save(fig, path, run_id)
     return to_jsonable({"path": os.fspath(path), "active_units": int(active.sum()), "latent_dim": int(kl.size),
                         "collapsed": np.flatnonzero(~active)})
+
+
+def _plot_posterior_levels(rows, path, run_id):
+    """posterior.png of a hierarchy: per level (bottom first) Burda et al.'s activity Var_x E[z_j] of every
+    dimension at the last epoch, and the active units per level per epoch. The collapse of the upper
+    level is the known failure of hierarchical VAEs: its bars then sit under the 0.01 line."""
+    last = rows[-1]
+    activity = [np.asarray(a, dtype=np.float64) for a in last["latent_activity"]]
+    fig = Figure(figsize=(11, 2.6 * len(activity)), layout="constrained")
+    axes = fig.subplots(len(activity), 2, width_ratios=[2, 1], squeeze=False)
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(rows)]
+    for level, (act, (ax1, ax2)) in enumerate(zip(activity, axes), 1):
+        dims, active = np.arange(act.size), act > 0.01
+        ax1.bar(dims[active], act[active], color="#1f4e79", label="active")
+        if not active.all():
+            ax1.bar(dims[~active], np.maximum(act[~active], 1e-6), color="#c0c0c0", label="inactive (collapsed)")
+        ax1.axhline(0.01, color="gray", lw=0.8, ls="--")
+        ax1.set_yscale("log")
+        ax1.set_ylabel("Var_x E[z_j]")
+        ax1.set_title(f"level {level} (z{level}), epoch {last.get('epoch', len(rows))}: {int(active.sum())} of "
+                      f"{act.size} active", fontsize=10)
+        ax1.legend(fontsize=8)
+        ax2.plot(epochs, [h["active_units"][level - 1] for h in rows], "-o", ms=3)
+        ax2.set_ylim(0, act.size + 0.5)
+        ax2.set_title(f"active units of z{level} per epoch", fontsize=10)
+        ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax2.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("latent dimension")
+    axes[-1][1].set_xlabel("epoch")
+    _save(fig, path, run_id)
+    return to_jsonable({"path": os.fspath(path), "active_units": [int((a > 0.01).sum()) for a in activity],
+                        "latent_dim": int(activity[0].size),
+                        "collapsed": [np.flatnonzero(a <= 0.01) for a in activity]})
 
 
 def plot_denoising(model, x_clean, x_noisy, path, n=12, run_id=None):
@@ -806,7 +845,7 @@ def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None
                "reconstructions": plot_reconstructions(model, x_test, p("reconstructions"), run_id=run_id)}
     if history:
         results["curves"] = plot_curves(history, p("curves"), run_id=run_id)
-        if any(h.get("kl_per_dim") is not None for h in history):
+        if any(h.get("kl_per_dim") is not None or isinstance(h.get("active_units"), list) for h in history):
             results["posterior"] = plot_posterior(history, p("posterior"), run_id=run_id)
     results["latent"] = plot_latent(model, x_test, p("latent"), labels=labels, run_id=run_id)
     results["manifold"] = plot_manifold(model, p("manifold"), x_test=x_test, run_id=run_id)

@@ -238,4 +238,6 @@ def test_count_launches_of_a_training_step(count_launches):
     assert kinds["gather"] == 1                               # the batch, gathered on the device
     steps = result["steps"]
     assert steps.count(result["per_step"]) == len(steps) - 1  # every step alike but the one after the check,
-    assert result["check_step"] == result["per_step"] + 3 + 2   # which copies params, m and v (one flat copy each)
+    # which copies params, m and v (one flat copy each), and checks them finite: isfinite and all of each
+    # flat buffer and one all of the three flags (the divergence check, read with the loss sums)
+    assert result["check_step"] == result["per_step"] + 3 + 2 + 7

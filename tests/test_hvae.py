@@ -214,3 +214,16 @@ def test_two_levels_train_resume_bit_identically_and_record_their_levels(tmp_pat
     assert "per level" in out
     assert main(["--resume", str(whole), "--epochs", "3", "--levels", "1"]) == 1
     assert "the run was trained with levels=2" in capsys.readouterr().err
+
+
+def test_the_figures_of_a_hierarchy_show_every_level(tmp_path):
+    from scratchvae import figures
+    model = small(levels=2, latent_dim=3, input_dim=16)
+    x = (np.random.default_rng(0).random((20, 16)) < 0.4).astype(np.float64)
+    history = [{"epoch": e, "train_loss": 9.0 - e, "test_loss": 10.0 - e, "test_recon": 8.0, "test_kl": 2.0,
+                "kl_per_dim": None, "active_units": [3, e], "latent_activity": [[0.5, 0.2, 0.1], [0.3, 1e-4, 1e-5]]}
+               for e in (1, 2)]
+    out = figures.save_all(model, tmp_path, x.reshape(20, 1, 4, 4), np.random.default_rng(1), history=history)
+    assert out["posterior"]["active_units"] == [3, 1] and out["posterior"]["collapsed"] == [[], [1, 2]]
+    for name in ("samples", "posterior", "reconstructions", "latent", "manifold", "interpolation"):
+        assert (tmp_path / f"{name}.png").exists(), name
