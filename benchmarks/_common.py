@@ -315,13 +315,17 @@ def mnist(split="train"):
 
 # -- PyTorch twins -----------------------------------------------------------------------------
 
-GATED_MODELS = ("vampprior", "iwae")
+GATED_MODELS = ("vampprior", "iwae", "hvae")
 
 
 def gated_model(kind, backend=None, seed=0, dtype="float32"):
     """The VampPrior paper's gated 2x300 VAE (z = 40) of the benchmarks: ``vampprior`` (K = 500
-    pseudo-inputs, the ELBO) or ``iwae`` (the standard prior, the IWAE objective with S = 5)."""
-    from scratchvae.models import gated_vae
+    pseudo-inputs, the ELBO), ``iwae`` (the standard prior, the IWAE objective with S = 5) or ``hvae`` (the
+    paper's two-level HVAE, z1 = z2 = 40, with the VampPrior of 500 pseudo-inputs on z2, the ELBO)."""
+    from scratchvae.models import gated_vae, hierarchical_vae
+    if kind == "hvae":
+        return hierarchical_vae(784, hidden=(300, 300), latent_dim=40, levels=2, prior="vampprior",
+                                pseudo_inputs=500, backend=backend, seed=seed, dtype=dtype)
     options = {"vampprior": dict(prior="vampprior", pseudo_inputs=500), "iwae": dict(objective="iwae", samples=5)}
     return gated_vae(784, hidden=(300, 300), latent_dim=40, backend=backend, seed=seed, dtype=dtype,
                      **options[kind])
@@ -493,7 +497,63 @@ def torch_twin(torch, model, device="cpu"):
             loss_b = c[:, 0] if S == 1 else -(torch.logsumexp(-c, dim=1) - math.log(S))
             return loss_b.mean()
 
-    net = TorchVAE().to(device)
+    class TorchHVAE(nn.Module):
+        """The hierarchical VAE (scratchvae.hvae): every part converted, the loss of every level in PyTorch."""
+
+        def __init__(self):
+            super().__init__()
+            self.parts = nn.ModuleDict({name.replace(".", "/"): convert(layer) for name, layer in model.parts.items()
+                                        if name != "prior"})
+            self.input_shape = model.input_shape
+            if vamp:
+                self.pseudo = nn.Parameter(t(prior.params["pseudo"]).clone())
+
+        def part(self, name):
+            return self.parts[name.replace(".", "/")]
+
+        def heads(self, name, h):
+            return self.part(f"{name}.mu")(h), self.part(f"{name}.log_sigma")(h)
+
+        def loss(self, x, eps):
+            """c = nll + sum_l log q(z_l|.) - log p(z_l|z_(l+1)); the ELBO's mean or the IWAE's bound."""
+            F = torch.nn.functional
+            B, S, T, Z = eps.shape
+            R = B * S
+            top_in = torch.cat([x, torch.clamp(self.pseudo, 0, 1)]) if vamp else x
+            mu_all, ls_all = self.heads(f"q{T}", self.part(f"q{T}.x")(top_in))
+            mu, ls = mu_all[:B], ls_all[:B]
+            z = {T: (mu[:, None] + torch.exp(ls)[:, None] * eps[:, :, T - 1]).reshape(R, Z)}
+            log_q = -0.5 * (eps * eps).sum((2, 3)).reshape(R) - ls.sum(1).repeat_interleave(S) - 0.5 * T * Z * log_2pi
+            if vamp:
+                log_p = self_vamp(z[T], mu_all[B:], ls_all[B:])
+            else:
+                log_p = -0.5 * (z[T] * z[T]).sum(1) - 0.5 * Z * log_2pi
+            for lvl in range(T - 1, 0, -1):
+                hx = self.part(f"q{lvl}.x")(x).repeat_interleave(S, 0)
+                h = self.part(f"q{lvl}.joint")(torch.cat([hx, self.part(f"q{lvl}.z")(z[lvl + 1])], 1))
+                m_q, ls_q = self.heads(f"q{lvl}", h)
+                z[lvl] = m_q + torch.exp(ls_q) * eps[:, :, lvl - 1].reshape(R, Z)
+                log_q = log_q - ls_q.sum(1)
+                m_p, ls_p = self.heads(f"p{lvl}", self.part(f"p{lvl}.net")(z[lvl + 1]))
+                d = (z[lvl] - m_p) * torch.exp(-ls_p)
+                log_p = log_p - 0.5 * (d * d).sum(1) - ls_p.sum(1) - 0.5 * Z * log_2pi
+            h = torch.cat([self.part(f"decoder.z{lvl}")(z[lvl]) for lvl in range(1, T + 1)], 1)
+            out = self.part("decoder")(h)
+            nll = F.binary_cross_entropy_with_logits(out, x.repeat_interleave(S, 0), reduction="none").sum(1)
+            c = (nll + log_q - log_p).reshape(B, S)
+            loss_b = c[:, 0] if S == 1 else -(torch.logsumexp(-c, dim=1) - math.log(S))
+            return loss_b.mean()
+
+        def scratch_parts(self):
+            return [(name, self.part(name)) for name in model.parts if name != "prior"]
+
+    def self_vamp(z, mu_k, log_sigma_k):
+        iv = torch.exp(-2 * log_sigma_k)
+        const = -0.5 * (mu_k * mu_k * iv).sum(1) - log_sigma_k.sum(1) - 0.5 * z.shape[1] * log_2pi
+        log_n = -0.5 * ((z * z) @ iv.T) + z @ (mu_k * iv).T + const
+        return torch.logsumexp(log_n, dim=1) - math.log(mu_k.shape[0])
+
+    net = (TorchHVAE() if hasattr(model, "levels") else TorchVAE()).to(device)
     return net
 
 
@@ -502,8 +562,9 @@ def torch_grads_by_scratch_name(torch, model, net):
     from torch import nn
 
     out = {}
-    for prefix, tpart in (("encoder", net.encoder), ("mu", net.mu), ("log_sigma", net.log_sigma),
-                          ("decoder", net.decoder)):
+    pairs = net.scratch_parts() if hasattr(net, "scratch_parts") else \
+        (("encoder", net.encoder), ("mu", net.mu), ("log_sigma", net.log_sigma), ("decoder", net.decoder))
+    for prefix, tpart in pairs:
         mods = list(tpart) if isinstance(tpart, nn.Sequential) else [tpart]
         seq = isinstance(tpart, nn.Sequential)
         for i, m in enumerate(mods):

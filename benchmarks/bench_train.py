@@ -64,8 +64,9 @@ TARGETS = {("mlp", 128): {"speedup_vs_torch": 1.5},
            ("mlp", 1024): {"speedup_vs_torch": 1.2},
            ("conv", 128): {"speedup_vs_torch": 1.0},
            ("vampprior", 100): {"speedup_vs_torch": 1.0},
-           ("iwae", 100): {"speedup_vs_torch": 1.0}}
-MODELS = ("mlp", "conv", "vampprior", "iwae")
+           ("iwae", 100): {"speedup_vs_torch": 1.0},
+           ("hvae", 100): {"speedup_vs_torch": 1.1}}
+MODELS = ("mlp", "conv", "vampprior", "iwae", "hvae")
 
 
 def build_parser():
@@ -82,7 +83,8 @@ def build_parser():
                    help="pause before every block, so the other process's threads stop spinning (default 0.5)")
     p.add_argument("--models", default="mlp,conv", help="comma list of mlp, conv, vampprior (the gated 2x300 VAE, "
                    "z = 40, with the VampPrior of 500 pseudo-inputs), iwae (the gated VAE, standard prior, the IWAE "
-                   "objective with 5 samples); the last two at --batches 100")
+                   "objective with 5 samples), hvae (the two-level gated VAE, z1 = z2 = 40, the VampPrior of 500 "
+                   "pseudo-inputs on z2); the last three at --batches 100")
     p.add_argument("--batches", default="128,1024", help="comma list of batch sizes")
     p.add_argument("--no-gpu", action="store_true", help="skip the CuPy / torch CUDA comparison")
     p.add_argument("--gpu-only", action="store_true", help="only the CuPy / torch CUDA rows (benchmarks/gpu_check.sh)")
@@ -105,13 +107,12 @@ def build_model(kind, backend, seed, dtype="float32"):
 
 
 class Batches:
-    """``count`` fixed real batches and eps arrays ((B, L), or (B, S, L) for S samples), cycled through by both
-    sides."""
+    """``count`` fixed real batches and eps arrays (``shape``: the model's ``noise_shape(B)``), cycled through
+    by both sides."""
 
-    def __init__(self, X, B, L, seed, count=8, samples=1):
+    def __init__(self, X, B, shape, seed, count=8):
         import numpy as np
         gen = np.random.default_rng(seed)
-        shape = (B, L) if samples == 1 else (B, samples, L)
         self.x = [np.ascontiguousarray(X[gen.choice(X.shape[0], B, replace=False)]) for _ in range(count)]
         self.eps = [gen.standard_normal(shape, dtype=np.float32) for _ in range(count)]
         self.count = count
@@ -194,15 +195,19 @@ def matmul_products(model, B):
             return (shape[0], math.prod(shape[1:]))
         return shape                     # elementwise
 
-    shape = walk(model.encoder, (rows_enc, model.input_dim))
-    walk(model.mu_head, shape)
-    walk(model.log_sigma_head, shape)
-    walk(model.decoder, (rows_dec, model.latent_dim))
+    if hasattr(model, "levels"):     # the hierarchy (scratchvae.hvae): every part on the rows it sees
+        data_firsts = _walk_hierarchy(model, B, rows_enc, walk)
+        data_firsts = {id(f) for f in data_firsts[:-1]} | ({id(data_firsts[-1])} if not pseudo else set())
+    else:
+        shape = walk(model.encoder, (rows_enc, model.input_dim))
+        walk(model.mu_head, shape)
+        walk(model.log_sigma_head, shape)
+        walk(model.decoder, (rows_dec, model.latent_dim))
+        data_firsts = set() if pseudo else {id(layers[0][0])}
 
     fwd, bwd = [], []
-    first = None if pseudo else layers[0][0]
     for layer, s in layers:
-        is_first = layer is first
+        is_first = id(layer) in data_firsts
         if isinstance(layer, (Dense, GatedDense)):
             i, o, R = layer.in_features, layer.out_features, s[0]
             for _ in range(2 if isinstance(layer, GatedDense) else 1):   # GatedDense: x @ W and x @ V
@@ -227,6 +232,32 @@ def matmul_products(model, B):
     # backward runs decoder first, then the heads, then the encoder: reverse layer order
     ordered = fwd + [p for group in reversed(bwd) for p in group]
     return ordered
+
+
+def _walk_hierarchy(model, B, rows_top, walk):
+    """Walk a hierarchy's parts in forward order with their input shapes; returns the first layers of the
+    networks that read the data (the lower levels' x-branches, then the top's)."""
+    from scratchvae.layers.base import walk as layers_of
+    P, T, Z, D = model.parts, model.levels, model.latent_dim, model.input_dim
+    R = B * model.samples
+    s = walk(P[f"q{T}.x"], (rows_top, D))
+    walk(P[f"q{T}.mu"], s)
+    walk(P[f"q{T}.log_sigma"], s)
+    for lvl in range(T - 1, 0, -1):
+        hx = walk(P[f"q{lvl}.x"], (B, D))
+        hz = walk(P[f"q{lvl}.z"], (R, Z))
+        s = walk(P[f"q{lvl}.joint"], (R, hx[1] + hz[1]))
+        walk(P[f"q{lvl}.mu"], s)
+        walk(P[f"q{lvl}.log_sigma"], s)
+        s = walk(P[f"p{lvl}.net"], (R, Z))
+        walk(P[f"p{lvl}.mu"], s)
+        walk(P[f"p{lvl}.log_sigma"], s)
+    width = sum(walk(P[f"decoder.z{lvl}"], (R, Z))[1] for lvl in range(1, T + 1))
+    walk(P["decoder"], (R, width))
+
+    def first(part):
+        return next(layer for layer in layers_of(part) if hasattr(layer, "in_features"))
+    return [first(P[f"q{lvl}.x"]) for lvl in range(T - 1, 0, -1)] + [first(P[f"q{T}.x"])]
 
 
 def floor_stepper(products, seed, skip_first_input_grad=False):
@@ -307,7 +338,8 @@ def check_equivalence(torch, kind, seed, model, net, batches, device="cpu"):
 
 # warm-up: images trained on before timing (1500 MLP steps, 900 conv steps at B=128; 1500 steps at B=100,
 # three epochs, for the gated models)
-WARMUP_IMAGES = {"mlp": 1500 * 128, "conv": 900 * 128, "vampprior": 1500 * 100, "iwae": 1500 * 100}
+WARMUP_IMAGES = {"mlp": 1500 * 128, "conv": 900 * 128, "vampprior": 1500 * 100, "iwae": 1500 * 100,
+                 "hvae": 1500 * 100}
 
 
 def worker_main(spec: dict) -> int:
@@ -323,8 +355,8 @@ def worker_main(spec: dict) -> int:
         device = spec["device"]
         backend = C.cupy_backend(False)[0] if device == "cuda" else None
         model = build_model(spec["kind"], backend, spec["seed"])
-        batches = Batches(C.mnist("train"), spec["batch"], model.latent_dim, spec["seed"] + spec["batch"],
-                          count=spec["pool"], samples=model.samples)
+        batches = Batches(C.mnist("train"), spec["batch"], model.noise_shape(spec["batch"]),
+                          spec["seed"] + spec["batch"], count=spec["pool"])
         fns, syncs, boxes = {}, {}, {}
         ready = {"threads": tinfo, "versions": C.versions(torch), "pid": os.getpid(),
                  "torch_imported": "torch" in sys.modules}

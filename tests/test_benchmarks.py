@@ -100,6 +100,14 @@ def test_matmul_floor_of_the_gated_models(scripts):
     assert flops(vamp) == (B + K) * per_rows["enc"] + B * per_rows["dec"]
     assert flops(iwae) == B * per_rows["enc"] + B * S * per_rows["dec"]
     assert not any(p[5] for p in vamp) and sum(1 for p in iwae if p[4] == "input_grad" and p[5]) == 2
+    # the two-level HVAE: q(z2|x) on B + K rows; q(z1|x, z2)'s x-branch on B rows (its data input needs no dx),
+    # its z-branch, joint layer and heads, p(z1|z2) and the decoder on B rows
+    hvae = bt.matmul_products(bt.build_model("hvae", None, 0), B)
+    z_rows = (3 * 2 * (2 * 40 * 300) + 3 * 2 * (2 * 600 * 300) + 3 * 2 * sum(i * o for i, o in heads)   # q(z1|.)
+              + 3 * 2 * sum(2 * i * o for i, o in dec) + 3 * 2 * sum(i * o for i, o in heads)           # p(z1|z2)
+              + 3 * 2 * 2 * (2 * 40 * 300) + 3 * 2 * (2 * 600 * 300) + 3 * 2 * out[0] * out[1])         # p(x|z1,z2)
+    assert flops(hvae) == (B + K) * per_rows["enc"] + B * 3 * 2 * (2 * 784 * 300) + B * z_rows
+    assert sum(1 for p in hvae if p[4] == "input_grad" and p[5]) == 2     # the x-branch's two products
 
 
 def test_bench_kernels(scripts, tmp_path):
@@ -153,10 +161,10 @@ def test_torch_twin_is_the_same_model(scripts):
     import numpy as np
     bt = scripts["bench_train"]
     rng = np.random.default_rng(0)
-    for kind in ("mlp", "conv", "vampprior", "iwae"):
+    for kind in ("mlp", "conv", "vampprior", "iwae", "hvae"):
         model = bt.build_model(kind, None, 0)
         net = scripts["bench_train"].C.torch_twin(torch, model)
-        shape = (6, model.latent_dim) if model.samples == 1 else (6, model.samples, model.latent_dim)
+        shape = model.noise_shape(6)
 
         class Tiny:
             x = [(rng.random((6, 784)) < 0.5).astype(np.float32)]
