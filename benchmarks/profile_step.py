@@ -32,7 +32,8 @@ and their gradients must be bit-identical (the copies are faithful).
 ``--cprofile`` adds cProfile's top functions by own time for the untouched
 model (where ``x @ W`` counts as time of the function that runs it).
 
-The gated models of bench_train.py (``vampprior:100``, ``iwae:100``) are
+The gated models of bench_train.py (``vampprior:100``, ``iwae:100``,
+``hvae:100``, the two-level model by the distribution each network computes) are
 timed by part instead (encoder, heads, decoder, the prior's density, the
 objective, the likelihood kernel, Adam), and for the VampPrior the
 pseudo-inputs' encoder pass is measured on its own: the encoder and heads,
@@ -78,6 +79,11 @@ GROUPS = {
     "objective": "prior & objective",
     "likelihood (BCE kernel)": "loss kernels",
     "Adam": "optimizer",
+    # the hierarchy (hvae), timed by part
+    "q(z_T|x) (B + K rows)": "encoder",
+    "q(z_l|x, z_l+1)": "encoder",
+    "p(z_l|z_l+1)": "conditional priors",
+    "decoder branches + joint": "decoder",
 }
 
 
@@ -226,11 +232,18 @@ def instrumented_parts(T, model):
     from scratchvae.optim import Adam
     from scratchvae.vae import _Model
 
-    parts = [(model.encoder, ("forward", "backward"), "encoder (B + K rows)"),
-             (model.mu_head, ("forward", "backward"), "heads (B + K rows)"),
-             (model.log_sigma_head, ("forward", "backward"), "heads (B + K rows)"),
-             (model.decoder, ("forward", "backward"), "decoder (B * S rows)"),
-             (model.prior, ("log_prob", "log_prob_backward"), "prior density"),
+    if hasattr(model, "levels"):   # the hierarchy: each network under the distribution it computes
+        top = model.levels
+        where = {f"q{top}": "q(z_T|x) (B + K rows)", "q": "q(z_l|x, z_l+1)", "p": "p(z_l|z_l+1)",
+                 "decoder": "decoder branches + joint"}
+        parts = [(layer, ("forward", "backward"), where.get(name.split(".")[0], where.get(name[0])))
+                 for name, layer in model.parts.items() if name != "prior"]
+    else:
+        parts = [(model.encoder, ("forward", "backward"), "encoder (B + K rows)"),
+                 (model.mu_head, ("forward", "backward"), "heads (B + K rows)"),
+                 (model.log_sigma_head, ("forward", "backward"), "heads (B + K rows)"),
+                 (model.decoder, ("forward", "backward"), "decoder (B * S rows)")]
+    parts += [(model.prior, ("log_prob", "log_prob_backward"), "prior density"),
              (model.objective, ("reduce",), "objective"),
              (model, ("_nll_and_grad",), "likelihood (BCE kernel)")]
     for obj, names, category in parts:
@@ -307,8 +320,7 @@ def profile_config(kind, B, X, args, log):
     pool = 64 if kind in C.GATED_MODELS else 4
     xs = [np.ascontiguousarray(X[gen.choice(X.shape[0], B, replace=False)]) for _ in range(pool)]
     model, opt, state = build(kind, args.seed)
-    shape = (B, model.latent_dim) if model.samples == 1 else (B, model.samples, model.latent_dim)
-    es = [gen.standard_normal(shape, dtype=np.float32) for _ in range(pool)]
+    es = [gen.standard_normal(model.noise_shape(B), dtype=np.float32) for _ in range(pool)]
     T = Timers()
     verify_faithful(kind, args.seed, xs[0], es[0], T)
 
@@ -351,7 +363,7 @@ def profile_config(kind, B, X, args, log):
                       "instrumented_step_s": C.median([r["instrumented_step_s"] for r in rounds]),
                       "categories_s": med, "categories_percent": pct,
                       "groups_percent": {k: C.median(v) for k, v in groups.items()}}}
-    if model.prior.parametric:
+    if model.prior.parametric and not hasattr(model, "levels"):
         res["pseudo_inputs_pass"] = pseudo_inputs_pass(model, xs[0], args, res["median"]["plain_step_s"])
     if args.cprofile:
         prof = cProfile.Profile()
