@@ -143,7 +143,7 @@ def instrumented(T):
     from scratchvae import kernels
     from scratchvae.layers import activations, conv, dense
     from scratchvae.optim import Adam
-    from scratchvae.vae import _Model
+    from scratchvae.vae import ModelBase
 
     saved = []
 
@@ -218,7 +218,7 @@ def instrumented(T):
     patch(kcpu, "adam_kernel", T.wrap("Adam: Numba kernel", kcpu.adam_kernel))
     patch(kcpu, "adam_many_kernel", T.wrap("Adam: Numba kernel", kcpu.adam_many_kernel))
 
-    patch(_Model, "zero_grad", T.wrap("zero_grad", _Model.zero_grad))
+    patch(ModelBase, "zero_grad", T.wrap("zero_grad", ModelBase.zero_grad))
     try:
         yield
     finally:
@@ -230,7 +230,7 @@ def instrumented(T):
 def instrumented_parts(T, model):
     """The gated models' timers: one per part of ``model`` (instance attributes, removed on exit)."""
     from scratchvae.optim import Adam
-    from scratchvae.vae import _Model
+    from scratchvae.vae import ModelBase
 
     if hasattr(model, "levels"):   # the hierarchy: each network under the distribution it computes
         top = model.levels
@@ -249,9 +249,9 @@ def instrumented_parts(T, model):
     for obj, names, category in parts:
         for name in names:
             setattr(obj, name, T.wrap(category, getattr(obj, name)))
-    saved = [(Adam, "step", Adam.step), (_Model, "zero_grad", _Model.zero_grad)]
+    saved = [(Adam, "step", Adam.step), (ModelBase, "zero_grad", ModelBase.zero_grad)]
     Adam.step = T.wrap("Adam", Adam.step)
-    _Model.zero_grad = T.wrap("zero_grad", _Model.zero_grad)
+    ModelBase.zero_grad = T.wrap("zero_grad", ModelBase.zero_grad)
     try:
         yield
     finally:

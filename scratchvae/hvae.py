@@ -51,14 +51,14 @@ import numpy
 from .layers.base import walk
 from .objectives import ELBO
 from .priors import StandardNormal
-from .vae import ACTIVE_UNIT_THRESHOLD, NonFiniteLoss, _batch_total, _check_loss_weights, _Model
+from .vae import ACTIVE_UNIT_THRESHOLD, ModelBase, NonFiniteLoss, batch_total_of, check_loss_weights
 
 __all__ = ["HierarchicalVAE"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
-class HierarchicalVAE(_Model):
+class HierarchicalVAE(ModelBase):
     """A VAE of ``levels`` stochastic levels; built by :func:`scratchvae.models.hierarchical_vae`.
 
     ``parts`` maps names to layers: ``q{T}.x`` (the top inference network on x), for each l < T
@@ -212,9 +212,9 @@ class HierarchicalVAE(_Model):
         if x_in is not None:
             raise ValueError("a hierarchical VAE does not train as a denoising model (x_in)")
         x = self._checked_input(x) if check_data else self._as_input(x)
-        _check_loss_weights(beta, free_bits)
+        check_loss_weights(beta, free_bits)
         B = x.shape[0]
-        n = _batch_total(B, batch_total)
+        n = batch_total_of(B, batch_total)
         eps = self._noise(B, rng, eps)
         pseudo = self.prior.pseudo_inputs() if self.prior.parametric else None
         nll, kl, c, cache = self._log_weights(x, eps, beta, pseudo=pseudo)

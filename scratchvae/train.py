@@ -160,7 +160,7 @@ def loss_labels(cfg: TrainConfig) -> dict:
     if cfg.model == "ae":
         name = "reconstruction NLL (no KL term)"
         return {"train_loss": name, "test_loss": name, "valid_loss": name, "recon_kl": "reconstruction NLL; no KL",
-                "train_short": "recon", "test_short": "recon"}
+                "train_short": "recon", "test_short": "recon", "valid_short": "recon"}
     elbo = "negative ELBO (one sample per image)"
     bound = elbo if cfg.objective == "elbo" else f"negative IWAE bound (S={cfg.samples} samples per image)"
     weighted = [what for what, on in (("the KL weighted by beta", cfg.kl_warmup > 0 or cfg.beta != 1),
@@ -171,7 +171,9 @@ def loss_labels(cfg: TrainConfig) -> dict:
             "recon_kl": "per-sample means of -log p(x|z) and log q(z|x) - log p(z) (the analytic KL for the "
                         "standard prior with the ELBO); recon + kl is the negative ELBO"
                         + ("" if cfg.objective == "elbo" else ", not the IWAE loss"),
-            "train_short": "-ELBO" if cfg.objective == "elbo" else f"-IWAE{cfg.samples}", "test_short": "-ELBO"}
+            "train_short": "-ELBO" if cfg.objective == "elbo" else f"-IWAE{cfg.samples}", "test_short": "-ELBO",
+            "valid_short": f"-IWAE{cfg.valid_k}" if cfg.valid_k > 0 else
+            ("-ELBO" if cfg.objective == "elbo" else f"-IWAE{cfg.samples}")}
 
 
 def train_step(model, opt, opt_state, xb, eps, *, beta, free_bits, lr, sync=True, x_in=None):
@@ -653,7 +655,7 @@ class _Run:
         self._write_metrics()
         best_mark = "*" if st.best["epoch"] == st.epoch else " "
         self.log(f"epoch {st.epoch:3d}/{cfg.epochs}  train {labels['train_short']} {record['train_loss']:8.3f}  "
-                 + (f"valid {labels['train_short']} {record['valid_loss']:8.3f}{best_mark} " if cfg.keep_best else "")
+                 + (f"valid {labels['valid_short']} {record['valid_loss']:8.3f}{best_mark} " if cfg.keep_best else "")
                  + (f"test -ELBO {record['test_loss']:8.3f} (recon {record['test_recon']:7.3f}, kl {record['test_kl']:6.3f}, "
                     f"active {_units(record['active_units'], cfg.latent_dim)})"
                     if cfg.model == "vae" else f"test reconstruction loss {record['test_loss']:8.3f}")

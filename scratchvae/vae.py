@@ -1,5 +1,6 @@
 """The variational autoencoder: the model, its loss with the hand-written gradient, and the
-importance-weighted bound (:mod:`scratchvae.models` builds them: ``mlp_vae``, ``conv_vae``).
+importance-weighted bound (:mod:`scratchvae.models` builds them: ``mlp_vae``, ``conv_vae``;
+:mod:`scratchvae.hvae` stacks levels on :class:`ModelBase`).
 
 One training step, in the order :meth:`VAE.loss_and_grad` runs it (shapes for
 a batch of B flat images with D pixels and a latent of L dimensions)::
@@ -39,7 +40,7 @@ from .layers.base import gather_params, walk
 from .objectives import ELBO
 from .priors import StandardNormal
 
-__all__ = ["VAE", "Autoencoder", "NonFiniteLoss", "LIKELIHOODS"]
+__all__ = ["VAE", "Autoencoder", "ModelBase", "NonFiniteLoss", "LIKELIHOODS", "batch_total_of", "check_loss_weights"]
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al. (2015): a latent dimension is active when Var_x(E_q[z_j]) > 0.01
@@ -50,7 +51,7 @@ class NonFiniteLoss(FloatingPointError):
     """A loss term became NaN or Inf; the message names the term."""
 
 
-class _Model:
+class ModelBase:
     """What the VAE and the plain autoencoder share: parameter bookkeeping,
     input checks, the likelihood, and decoding."""
 
@@ -238,7 +239,7 @@ class _Model:
         return self.decode(mu)
 
 
-class VAE(_Model):
+class VAE(ModelBase):
     """A variational autoencoder with a diagonal Gaussian posterior.
 
     Parameters
@@ -368,9 +369,9 @@ class VAE(_Model):
         """
         x = self._checked_input(x) if check_data else self._as_input(x)           # trainer: check_data
         x_in = x if x_in is None else self._encoder_input(x_in, x, check_data)   # trainer: denoising input
-        _check_loss_weights(beta, free_bits)
+        check_loss_weights(beta, free_bits)
         B = x.shape[0]
-        n = _batch_total(B, batch_total)                   # the examples the means are over (trainer: a shard's batch)
+        n = batch_total_of(B, batch_total)                   # the examples the means are over (trainer: a shard's batch)
         eps = self._noise(B, rng, eps)                     # (B, L), or (B, S, L)
         if not (self.prior.analytic and self.samples == 1):   # a sampled KL: another prior, or the IWAE
             if free_bits > 0:
@@ -588,7 +589,7 @@ class VAE(_Model):
         return self.backend.asnumpy(bound)
 
 
-class Autoencoder(_Model):
+class Autoencoder(ModelBase):
     """A plain (deterministic) autoencoder built from the same parts.
 
     ``code = code_head(encoder(x))``, ``out = decoder(code)``, loss = the
@@ -624,7 +625,7 @@ class Autoencoder(_Model):
         """
         x = self._checked_input(x) if check_data else self._as_input(x)
         x_in = x if x_in is None else self._encoder_input(x_in, x, check_data)
-        n = _batch_total(x.shape[0], batch_total)
+        n = batch_total_of(x.shape[0], batch_total)
         code = self.code_head.forward(self.encoder.forward(x_in))   # (B, L)
         out = self.decoder.forward(code)                          # (B, D)
         nll, dout, dout_log_sigma = self._nll_and_grad(out, x, 1.0 / n)
@@ -642,7 +643,7 @@ class Autoencoder(_Model):
         return recon, {"loss": recon, "recon": recon, "kl": zero, "kl_term": zero, "kl_per_dim": per_dim}
 
 
-def _batch_total(B: int, batch_total) -> int:
+def batch_total_of(B: int, batch_total) -> int:
     """The number of examples a loss's means are over: the shard's ``B``, or the whole batch's."""
     if batch_total is None:
         return B
@@ -651,19 +652,8 @@ def _batch_total(B: int, batch_total) -> int:
     return int(batch_total)
 
 
-def _check_loss_weights(beta, free_bits) -> None:
+def check_loss_weights(beta, free_bits) -> None:
     """beta and free_bits enter the gradient directly: a NaN or a negative value is refused here."""
     for name, value in (("beta", beta), ("free_bits", free_bits)):
         if not (isinstance(value, (int, float, numpy.floating)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"loss_and_grad: {name} must be a finite number >= 0, got {value!r}")
-
-
-# The builders moved to scratchvae.models; their old names here stay importable for existing code.
-_MOVED_TO_MODELS = ("mlp_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder", "DOWNSAMPLING")
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_MODELS:
-        from . import models  # at first use: models imports this module
-        return getattr(models, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

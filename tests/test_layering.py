@@ -18,8 +18,7 @@ LAZY = {("scratchvae/fused.py", "scratchvae.kernels"),                   # Numba
         ("scratchvae/datasets/__init__.py", "scratchvae.datasets.download"),   # urllib: only to download
         ("scratchvae/datasets/__init__.py", "scratchvae.datasets.images"),     # Pillow: only for images
         ("scratchvae/datasets/images.py", "scratchvae.datasets.download"),
-        ("scratchvae/train.py", "scratchvae.figures"),                   # matplotlib: only at a run's end
-        ("scratchvae/vae.py", "scratchvae.models")}                      # the builders' old names, for old code
+        ("scratchvae/train.py", "scratchvae.figures")}                   # matplotlib: only at a run's end
 
 
 def module_name(path):

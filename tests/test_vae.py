@@ -68,7 +68,7 @@ def test_no_transposing_copy_between_the_dense_layers_and_the_conv_stacks(fused)
     """FromCHWB hands the encoder's Dense a view, the decoder's last Dense writes batch-fastest so
     that ToCHWB reshapes without a copy, and the gradients come back through views the same way."""
     from scratchvae.layers import FromCHWB, ToCHWB
-    from scratchvae.vae import conv_vae
+    from scratchvae.models import conv_vae
     model = conv_vae((1, 12, 12), channels=(3, 4), latent_dim=2, hidden=8, seed=0, fused=fused)
     rng = np.random.default_rng(0)
     for part, entry in ((model.encoder, FromCHWB), (model.decoder, ToCHWB)):
@@ -468,7 +468,7 @@ def test_parameters_and_gradients_live_in_one_flat_buffer_each(build):
     back in the model's order; gradients likewise in flat_grads, which zero_grad fills in one pass."""
     from scratchvae.backend import contiguous_run
     from scratchvae.layers.base import walk
-    from scratchvae.vae import conv_vae, mlp_vae
+    from scratchvae.models import conv_vae, mlp_vae
     if build == "conv":
         model = conv_vae((1, 12, 12), channels=(3, 4), latent_dim=2, hidden=8, seed=0)
     else:
@@ -513,10 +513,3 @@ def test_contiguous_run_finds_only_arrays_that_tile_one_buffer_in_order():
     assert mixed.m["b"].dtype == np.float32 and contiguous_run(mixed.m.values()) is None
 
 
-def test_the_builders_stay_importable_from_their_old_home():
-    import scratchvae.models as models
-    from scratchvae.vae import conv_autoencoder as ca
-    from scratchvae.vae import conv_vae as cv
-    from scratchvae.vae import mlp_autoencoder as ma
-    from scratchvae.vae import mlp_vae as mv
-    assert (mv, cv, ma, ca) == (models.mlp_vae, models.conv_vae, models.mlp_autoencoder, models.conv_autoencoder)
