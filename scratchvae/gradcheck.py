@@ -175,7 +175,8 @@ def check_layer(layer, x, dy=None, *, h: float = 1e-5, seed: int = 0, check_para
     dy : array shaped like ``layer.forward(x)``, optional
         The upstream gradient; by default standard normal from ``seed``.
     h : float
-        Finite-difference step.
+        Finite-difference step (the three-point stencil, at h and 2h: each entry's floor is its own
+        finite-difference error, as in :func:`check_scalar`).
     check_params : bool
         Also check every entry of every parameter.
 
@@ -204,8 +205,8 @@ def check_layer(layer, x, dy=None, *, h: float = 1e-5, seed: int = 0, check_para
     checks = [("x", x)] + ([(k, p) for k, p in layer.params.items()] if check_params else [])
     for key, a in checks:
         _require_float64(key, a)
-        report.errors[key], report.worst[key] = worst_error(
-            analytic[key], numerical_gradient(lambda: layer.forward(x), a, dy, h))
+        numeric, error = numerical_gradient_and_error(lambda: layer.forward(x), a, h, 2, dy=dy)
+        report.errors[key], report.worst[key] = worst_error(analytic[key], numeric, _floor(error, report.tol))
     return report
 
 
@@ -231,12 +232,15 @@ def _check_accumulates(layer, x, dy, grad_arrays) -> None:
         g[...] = be.asarray(once[k])
 
 
-def numerical_gradient_and_error(f, x, h: float = 1e-3, order: int = 4):
-    """Central-difference gradient of a scalar ``f()`` with respect to ``x``, and its error estimate.
+def numerical_gradient_and_error(f, x, h: float = 1e-3, order: int = 4, dy=None):
+    """Central-difference gradient of a scalar ``f()`` (or of ``sum(f() * dy)``) with respect to ``x``, and
+    its error estimate.
 
     ``f`` returns the scalar, or the terms it is the sum of (any array): the
     rounding error of a sum is set by its terms' magnitudes, not by the sum,
-    which may cancel. For each entry the quotient is formed twice, with steps
+    which may cancel. With ``dy`` the outputs at the stencil's points are
+    subtracted before they are summed against ``dy`` (as
+    :func:`numerical_gradient` does), and the terms are ``f() * dy``. For each entry the quotient is formed twice, with steps
     ``h`` and ``2h`` (the stencils share their points: six evaluations for
     ``order=4``, four for ``order=2``), and its error estimated as
 
@@ -258,6 +262,7 @@ def numerical_gradient_and_error(f, x, h: float = 1e-3, order: int = 4):
     denominator = 2.0 if order == 2 else 12.0                # times the step
     offsets = sorted(set(weights) | {2 * k for k in weights})
     eps = numpy.finfo(numpy.float64).eps
+    up = None if dy is None else numpy.asarray(_to_host(dy), dtype=numpy.float64)
     grad, error = numpy.zeros(x.shape), numpy.zeros(x.shape)
     flat = x.reshape(-1)  # a view: writing into it perturbs x
     for i in range(flat.size):
@@ -265,14 +270,25 @@ def numerical_gradient_and_error(f, x, h: float = 1e-3, order: int = 4):
         value, size = {}, 0.0
         for k in offsets:
             flat[i] = old + k * h
-            terms = numpy.asarray(_to_host(f()), dtype=numpy.float64)
-            value[k], size = float(terms.sum()), max(size, float(numpy.abs(terms).sum()))
+            # a copy: f() may return a view of x, which the next perturbation would change
+            value[k] = numpy.array(_to_host(f()), dtype=numpy.float64, copy=True)
+            terms = value[k] if up is None else value[k] * up
+            size = max(size, float(numpy.abs(terms).sum()))
         flat[i] = old
-        g_h = sum(w * value[k] for k, w in weights.items()) / (denominator * h)
-        g_2h = sum(w * value[2 * k] for k, w in weights.items()) / (denominator * 2 * h)
+
+        def quotient(step, scale):   # the outputs combined point by point, then summed (against dy)
+            diff = sum(w * value[scale * k] for k, w in weights.items())
+            return float((diff if up is None else diff * up).sum()) / (denominator * step)
+        g_h, g_2h = quotient(h, 1), quotient(2 * h, 2)
         rounding = ROUNDING_ULPS * eps * size * sum(abs(w) for w in weights.values()) / (denominator * h)
         grad.flat[i], error.flat[i] = g_h, abs(g_h - g_2h) + rounding
     return grad, error
+
+
+def _floor(error, tol):
+    """Each entry's floor: its finite-difference error over ``tol`` (so that two gradients within that
+    error pass), and never 0 (two exact zeros agree)."""
+    return numpy.maximum(error / tol, numpy.finfo(numpy.float64).tiny)
 
 
 #: How many units of rounding one evaluation of a loss is allowed, relative to the sum of its terms' magnitudes.
@@ -310,5 +326,5 @@ def check_scalar(f, arrays: dict, analytic: dict, *, h: float = 1e-3, order: int
         _require_float64(name, a)
         numeric, error = numerical_gradient_and_error(f, a, h, order)
         report.errors[name], report.worst[name] = worst_error(
-            analytic[name], numeric, error / tol if floor is None else floor)
+            analytic[name], numeric, _floor(error, tol) if floor is None else floor)
     return report
