@@ -276,13 +276,17 @@ def numerical_gradient_and_error(f, x, h: float = 1e-3, order: int = 4, dy=None)
             size = max(size, float(numpy.abs(terms).sum()))
         flat[i] = old
 
-        def quotient(step, scale):   # the outputs combined point by point, then summed (against dy)
-            diff = sum(w * value[scale * k] for k, w in weights.items())
-            return float((diff if up is None else diff * up).sum()) / (denominator * step)
-        g_h, g_2h = quotient(h, 1), quotient(2 * h, 2)
+        g_h, g_2h = (_quotient(value, weights, scale, up) / (denominator * scale * h) for scale in (1, 2))
         rounding = ROUNDING_ULPS * eps * size * sum(abs(w) for w in weights.values()) / (denominator * h)
         grad.flat[i], error.flat[i] = g_h, abs(g_h - g_2h) + rounding
     return grad, error
+
+
+def _quotient(value, weights, scale, up) -> float:
+    """The stencil's weighted outputs at steps ``scale * h``, combined point by point, then summed
+    (against ``up``, the upstream gradient, when given); not yet divided by the step."""
+    diff = sum(w * value[scale * k] for k, w in weights.items())
+    return float((diff if up is None else diff * up).sum())
 
 
 def _floor(error, tol):
