@@ -13,9 +13,15 @@ printable as a table.  The relative error of one entry is::
 
     |analytic - numeric| / max(|analytic| + |numeric|, floor)
 
-(the cs231n definition, with a floor so that two exact zeros count as
-agreement).  In float64 with step ``h = 1e-5`` a correct gradient typically
-shows errors of 1e-9 to 1e-11; a wrong one shows 1e-2 or more.
+(the cs231n definition). Each entry's floor is the finite differences' own
+error for that entry divided by the tolerance: the quotient is formed with
+steps h and 2h, their difference estimates the truncation error, and the
+rounding error is bounded from the magnitudes of the terms that were summed
+(not from the sum, which may cancel). So an entry the finite differences
+resolve is compared relatively, and one they cannot (near zero, or under a
+cancelling sum) passes only when the two gradients agree to within that
+error. In float64 a correct gradient typically shows errors of 1e-8 to
+1e-11; a wrong one shows 1e-4 or more.
 
 Run it on a layer of your own::
 
