@@ -239,18 +239,15 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
     progress : bool or None
         Show a progress bar (None: only on a terminal).
     comm : scratchvae.distributed.Communicator, optional
-        Train data-parallel on the ranks of this MPI job
-        (:func:`scratchvae.distributed.init`): every rank calls ``train``
-        with the same config; ``cfg.batch_size`` is the global batch, each
-        rank computes the gradient of its rows, and only rank 0 opens the
-        run folder, logs and writes files.
+        Train data-parallel on the ranks of this MPI job (every rank calls ``train`` with the same
+        config; ``cfg.batch_size`` is the global batch; rank 0 alone writes files).
 
     Raises
     ------
     RunFolderError
         ``cfg.out`` is unusable, in use, or holds another run.
     TrainingDiverged
-        The loss became NaN or Inf; the last good checkpoint is untouched.
+        The loss, the parameters or Adam's state went bad; the last good checkpoint is untouched.
     RunFailed
         An OS error (disk full, read-only folder); the last good checkpoint is intact.
     """
@@ -266,16 +263,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
     mode = "resume" if ckpt is not None else ("overwrite" if overwrite else "new")
     run_id = None if ckpt is None else checkpoint.load_meta(ckpt).get("run_id")   # verified in full by _resume
     if comm is not None:
-        comm.use_backend(be)
-        comm.check_same("config", dataclasses.asdict(cfg))
-        comm.check_same("--resume / --overwrite", (str(ckpt), mode))
-        if not comm.is_root:            # rank 0 speaks for the job
-            log, progress = (lambda *_: None), False
-        elif comm.local_size > 1 and be.name == "numpy" and not os.environ.get("OPENBLAS_NUM_THREADS"):
-            cores = os.cpu_count() or 1
-            log(f"note: {comm.local_size} processes share this machine's {cores} cores and OPENBLAS_NUM_THREADS is "
-                f"not set, so each starts a BLAS thread per core (several times slower when they compete); "
-                f"launch with mpiexec -genv OPENBLAS_NUM_THREADS {max(1, cores // comm.local_size)} ...")
+        log, progress = _join_ranks(comm, be, cfg, (str(ckpt), mode), log, progress)
     with _run_folder(out, mode, run_id, ckpt, comm) as removed:
         if removed:
             log(f"removed {len(removed)} temporary file(s) left by an interrupted write in {out}")
@@ -293,6 +281,22 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrit
         except KeyboardInterrupt as err:   # a second Ctrl-C, or one before the training loop
             err.kept = run.kept()
             raise
+
+
+def _join_ranks(comm, be, cfg, how, log, progress):
+    """Data-parallel: every rank checks it runs the same config the same way; rank 0 speaks for the job
+    (the others get a silent log and no progress bar)."""
+    comm.use_backend(be)
+    comm.check_same("config", dataclasses.asdict(cfg))
+    comm.check_same("--resume / --overwrite", how)
+    if not comm.is_root:
+        return (lambda *_: None), False
+    if comm.local_size > 1 and be.name == "numpy" and not os.environ.get("OPENBLAS_NUM_THREADS"):
+        cores = os.cpu_count() or 1
+        log(f"note: {comm.local_size} processes share this machine's {cores} cores and OPENBLAS_NUM_THREADS is "
+            f"not set, so each starts a BLAS thread per core (several times slower when they compete); "
+            f"launch with mpiexec -genv OPENBLAS_NUM_THREADS {max(1, cores // comm.local_size)} ...")
+    return log, progress
 
 
 @contextlib.contextmanager
