@@ -24,10 +24,12 @@ import types
 
 import numpy
 
+from .choices import BACKENDS
+
 __all__ = ["Backend", "BackendUnavailable", "get", "gpu_count", "resolve", "array_module", "contiguous_run",
            "flat_views"]
 
-NAMES = ("numpy", "cupy")
+NAMES = BACKENDS
 
 
 class BackendUnavailable(RuntimeError):

@@ -19,7 +19,7 @@ import time
 
 from . import backend as backend_mod
 from . import checkpoint, datasets, distributed
-from .config import AE_UNUSED, RUN_DEFINING, TrainConfig
+from .config import AE_UNUSED, CHOICES, RUN_DEFINING, TrainConfig
 from .runfolder import RunFolder, RunFolderError, new_run_folder, point_latest
 from .train import RunFailed, TrainingDiverged, describe_os_error, train
 
@@ -46,6 +46,11 @@ def _int_tuple(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _offered(key):
+    """The values the command line offers for ``key``: the config's choices (None is "not given")."""
+    return tuple(c for c in CHOICES[key] if c is not None)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -62,37 +67,37 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
            "--data-dir (PNG, JPEG, BMP, WebP; decoded once and cached); celeba: CelebA as distributed, in --data-dir")
     a("--data-dir", help="folder of the data: IDX files, downloaded MNIST (default: the user cache folder), "
                          "your images (--dataset folder) or CelebA as distributed (--dataset celeba)")
-    a("--color", choices=("rgb", "gray"), help="--dataset folder/celeba: train on RGB (default) or grayscale images")
+    a("--color", choices=_offered("color"), help="--dataset folder/celeba: train on RGB (default) or grayscale images")
     a("--image-size", type=int, metavar="PIXELS", help="--dataset folder/celeba: center-crop to a square and resize "
                                                        f"to PIXELS x PIXELS (default {d.image_size})")
     a("--max-image-pixels", type=int, metavar="N", help="--dataset folder/celeba: refuse images of more than N "
                                                          f"pixels before decoding them (default {d.max_image_pixels:,})")
-    a("--binarize", choices=("static", "dynamic"), help="turn grayscale pixels into 0/1: once (static) or every epoch "
+    a("--binarize", choices=_offered("binarize"), help="turn grayscale pixels into 0/1: once (static) or every epoch "
                                                        "(dynamic); default: use them as probabilities")
-    a("--arch", choices=("mlp", "gated", "conv"), help="encoder/decoder architecture: mlp (Dense and --activation), "
+    a("--arch", choices=_offered("arch"), help="encoder/decoder architecture: mlp (Dense and --activation), "
       "gated (GatedDense layers and the log variance clamped to [-6, 2], the VampPrior paper's MLP) or conv "
       f"(default {d.arch})")
     a("--hidden", type=_int_tuple, help="hidden widths, comma-separated (mlp: every layer; conv: the Dense "
                                         "bottleneck) (default 400)")
     a("--channels", type=_int_tuple, help="conv channels of the stride-2 convolutions (default 32,64)")
-    a("--downsample", choices=("stride", "pool"), help="--arch conv: halve the image with stride-2 convolutions "
+    a("--downsample", choices=_offered("downsample"), help="--arch conv: halve the image with stride-2 convolutions "
                                                       "(default), or with 3x3 convolutions and 2x2 max-pooling "
                                                       "(the decoder then up-samples)")
     a("--latent-dim", type=int, help=f"latent dimensions (default {d.latent_dim})")
     a("--levels", type=int, metavar="T", help="stochastic levels of --latent-dim each (default 1); 2 with --arch "
       "gated is the VampPrior paper's hierarchical VAE: q(z2|x), q(z1|x,z2), p(z1|z2), p(x|z1,z2), the prior on z2")
-    a("--activation", choices=("relu", "leaky_relu", "tanh", "softplus"), help="hidden activation (default relu)")
-    a("--likelihood", choices=("bernoulli", "gaussian"), help="p(x|z): bernoulli (logits) or gaussian with a learned "
+    a("--activation", choices=_offered("activation"), help="hidden activation (default relu)")
+    a("--likelihood", choices=_offered("likelihood"), help="p(x|z): bernoulli (logits) or gaussian with a learned "
                                                               "per-pixel sigma (default bernoulli)")
-    a("--prior", choices=("standard", "vampprior"), help="p(z): standard N(0, I) (default), or vampprior, a "
+    a("--prior", choices=_offered("prior"), help="p(z): standard N(0, I) (default), or vampprior, a "
       "mixture of the encoder's posteriors at --pseudo-inputs learned pseudo-inputs (its KL is then the "
       "one-sample estimate log q(z|x) - log p(z))")
     a("--pseudo-inputs", type=int, metavar="K", help=f"the VampPrior's components (default {d.pseudo_inputs})")
-    a("--objective", choices=("elbo", "iwae"), help="elbo (default) or iwae, the importance-weighted bound of "
+    a("--objective", choices=_offered("objective"), help="elbo (default) or iwae, the importance-weighted bound of "
       "--samples latents per image (Burda et al.)")
     a("--samples", type=int, metavar="S", help="latents per image: 1 for the ELBO (default), S >= 2 for --objective "
                                                 "iwae (default 5 there)")
-    a("--model", choices=("vae", "ae"), help="vae, or a plain autoencoder for comparison (default vae)")
+    a("--model", choices=_offered("model"), help="vae, or a plain autoencoder for comparison (default vae)")
     a("--epochs", type=int, help=f"total epochs; with --resume, train up to this many (default {d.epochs})")
     a("--batch-size", type=int, help=f"examples per step (default {d.batch_size})")
     a("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
@@ -108,7 +113,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                                     "continuous data: Gaussian noise of standard deviation P) and "
                                                     "the reconstruction is scored against the clean ones (default 0)")
     a("--seed", type=int, help="seed for weights, shuffling and noise (default 0)")
-    a("--dtype", choices=("float32", "float64"), help="floating-point precision (default float32)")
+    a("--dtype", choices=_offered("dtype"), help="floating-point precision (default float32)")
     a("--limit", type=int, metavar="N", help="use only the first N training images (smoke runs)")
     a("--test-limit", type=int, metavar="N", help="use only N evenly spaced test images (the test split is ordered by class)")
     a("--iwae-k", type=int, metavar="K", help="importance samples for the final test NLL (5000 is the paper figure; "

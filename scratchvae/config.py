@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["TrainConfig", "RUN_DEFINING", "AE_UNUSED"]
+from .choices import ACTIVATIONS, ARCHS, BACKENDS, DOWNSAMPLING, DTYPES, LIKELIHOODS, MODELS, OBJECTIVES, PRIORS
 
-NAMES = ("numpy", "cupy")   # scratchvae.backend.NAMES (kept here so the config imports nothing heavy)
-IMAGE_DATASETS = ("folder", "celeba")   # scratchvae.datasets.IMAGE_DATASETS (likewise)
+__all__ = ["TrainConfig", "RUN_DEFINING", "AE_UNUSED", "CHOICES"]
+
+IMAGE_DATASETS = ("folder", "celeba")   # scratchvae.datasets.IMAGE_DATASETS (here: the config imports nothing heavy)
 
 
 @dataclasses.dataclass
@@ -67,11 +68,7 @@ class TrainConfig:
             _check_type(f.name, getattr(self, f.name), _TYPES[f.name])
         self.hidden = tuple(int(h) for h in self.hidden)
         self.channels = tuple(int(c) for c in self.channels)
-        choices = {"arch": ("mlp", "gated", "conv"), "model": ("vae", "ae"), "likelihood": ("bernoulli", "gaussian"),
-                   "dtype": ("float32", "float64"), "backend": NAMES, "binarize": (None, "static", "dynamic"),
-                   "activation": ("relu", "leaky_relu", "tanh", "softplus"), "downsample": ("stride", "pool"),
-                   "color": ("rgb", "gray"), "prior": ("standard", "vampprior"), "objective": ("elbo", "iwae")}
-        for key, allowed in choices.items():
+        for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{_name(key)} must be one of {allowed}, got {getattr(self, key)!r}")
         for key in ("epochs", "batch_size", "latent_dim", "levels", "pseudo_inputs", "samples"):
@@ -200,6 +197,10 @@ _TYPES = {"backend": str, "dataset": str, "data_dir": (str, None), "binarize": (
           "test_limit": (int, None), "iwae_k": int, "keep_best": bool, "valid_k": int, "patience": int, "out": str, "fused": bool,
           "figures": bool}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+#: The allowed values of each field with a fixed set (the command line offers the same; None: not given).
+CHOICES = {"arch": ARCHS, "model": MODELS, "likelihood": LIKELIHOODS, "dtype": DTYPES, "backend": BACKENDS,
+           "binarize": (None, "static", "dynamic"), "activation": ACTIVATIONS, "downsample": DOWNSAMPLING,
+           "color": ("rgb", "gray"), "prior": PRIORS, "objective": OBJECTIVES}
 
 
 def _name(key: str) -> str:

@@ -13,6 +13,7 @@ import math
 import numpy
 
 from .backend import resolve
+from .choices import DOWNSAMPLING
 from .hvae import HierarchicalVAE
 from .layers import (
     Clamp,
@@ -159,7 +160,6 @@ def _flat_shape(input_dim, input_shape):
     return tuple(int(s) for s in input_shape)
 
 
-DOWNSAMPLING = ("stride", "pool")
 
 
 def _conv_parts(input_shape, channels, latent_dim, hidden, activation, backend, dtype, seed, downsample="stride",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from .choices import OBJECTIVES
+
 __all__ = ["ELBO", "IWAE", "OBJECTIVES", "make"]
 
 
@@ -62,7 +64,6 @@ class IWAE:
         return loss, v
 
 
-OBJECTIVES = ("elbo", "iwae")
 
 
 def make(name: str, samples: int = 1):

@@ -20,6 +20,7 @@ import math
 
 import numpy
 
+from .choices import PRIORS
 from .layers.base import Layer
 
 __all__ = ["StandardNormal", "VampPrior", "PRIORS"]
@@ -141,4 +142,3 @@ class VampPrior(Layer):
         return f"VampPrior(K={self.n_pseudo}, D={self.input_dim})"
 
 
-PRIORS = ("standard", "vampprior")

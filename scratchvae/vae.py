@@ -35,6 +35,7 @@ import numpy
 
 from . import losses
 from .backend import flat_views
+from .choices import LIKELIHOODS
 from .fused import kernels as fused_kernels
 from .layers.base import gather_params, walk
 from .objectives import ELBO
@@ -42,7 +43,6 @@ from .priors import StandardNormal
 
 __all__ = ["VAE", "Autoencoder", "ModelBase", "NonFiniteLoss", "LIKELIHOODS", "batch_total_of", "check_loss_weights"]
 
-LIKELIHOODS = ("bernoulli", "gaussian")
 ACTIVE_UNIT_THRESHOLD = 0.01   # Burda et al. (2015): a latent dimension is active when Var_x(E_q[z_j]) > 0.01
 _LOG_2PI = math.log(2 * math.pi)
 
