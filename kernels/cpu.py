@@ -41,7 +41,7 @@ import math
 import numpy as np
 from numba import njit
 
-from scratchvae.optim import adam_coefficients
+from scratchvae.adam_scalars import adam_coefficients
 
 __all__ = [
     "bce_with_logits_kernel", "gaussian_nll_kernel", "reparameterize_kl_kernel",
@@ -339,7 +339,7 @@ def adam_kernel(param, grad, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_
     ----------
     param, grad, m, v : C-contiguous 1-D arrays, shape (N,), one float dtype
     lr, ... moment_floor : scalars of that dtype, from
-        :func:`scratchvae.optim.adam_coefficients`
+        :func:`scratchvae.adam_scalars.adam_coefficients`
     """
     zero = param.dtype.type(0)
     for i in range(param.shape[0]):

@@ -37,9 +37,9 @@ except ImportError as err:  # pragma: no cover - depends on the installation
 import numpy
 from numba import config as _numba_config
 
+from scratchvae.adam_scalars import adam_coefficients
 from scratchvae.backend import BackendUnavailable, contiguous_run
 from scratchvae.losses import EXPM1_SERIES, EXPM1_SERIES_CUTOFF, HALF_LOG_2PI
-from scratchvae.optim import adam_coefficients
 
 __all__ = [
     "MAX_ROW_THREADS", "ROW_THREADS", "ELEMENTWISE_THREADS",

@@ -2,7 +2,9 @@
 
 Everything about Adam is in this file: the update rule in plain array code
 (:func:`adam_update`, the readable ground truth), the scalars every
-implementation shares (:func:`adam_coefficients`), the typed state
+implementation shares (:func:`adam_coefficients`, defined with the folding of
+the bias corrections in :mod:`scratchvae.adam_scalars`, which the fused
+kernels import too, so that they need not import the optimizer), the typed state
 (:class:`AdamState`) and the optimizer that dispatches to the fused kernel
 (:class:`Adam`). The optimizer object holds only hyperparameters; its state
 is plain arrays, so it is checkpointed and restored as it is::
@@ -43,8 +45,7 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-import numpy
-
+from .adam_scalars import adam_coefficients
 from .backend import array_module, flat_views
 from .fused import kernels as fused_kernels
 from .validation import check_adam_arrays
@@ -58,39 +59,6 @@ class AdamState(NamedTuple):
     step: int     # steps taken (0 before the first)
     m: dict       # name -> first moment, shaped and typed like the parameter
     v: dict       # name -> second moment
-
-
-def adam_coefficients(dtype, *, lr, beta1, beta2, eps, weight_decay, step):
-    """The scalars of one Adam step, cast to ``dtype`` (shared by every implementation).
-
-    The bias corrections are folded into two scalars, so that the update
-    per element is one square root and one division::
-
-        mhat / (sqrt(vhat) + eps)
-          = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)             bc1 = 1 - beta1**t, bc2 = 1 - beta2**t
-          = m * (sqrt(bc2) / bc1) / (sqrt(v) + eps * sqrt(bc2))
-          = m * step_scale / (sqrt(v) + eps_hat)
-
-    an exact identity (Kingma & Ba, Section 2, give the same rearrangement).
-
-    Returns
-    -------
-    tuple of ``dtype`` scalars
-        ``(lr, beta1, 1 - beta1, beta2, 1 - beta2, step_scale, eps_hat,
-        weight_decay, grad_floor, moment_floor)``; the differences, powers
-        and square roots are formed in Python float64 before the cast.
-        ``moment_floor`` is the smallest moment kept (smaller ones are stored
-        as 0); ``grad_floor`` the smallest gradient entry used, chosen so
-        that ``(1 - beta1) g`` and ``(1 - beta2) g**2`` stay normal numbers.
-    """
-    cast = numpy.dtype(dtype).type
-    step = int(step)
-    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-    tiny = float(numpy.finfo(dtype).tiny)                 # the smallest normal number
-    moment_floor = tiny * 2.0 ** 24                       # beta * m stays normal for beta >= 2**-24
-    grad_floor = 2.0 * max(math.sqrt(tiny / (1.0 - beta2)), tiny / (1.0 - beta1))
-    return (cast(lr), cast(beta1), cast(1.0 - beta1), cast(beta2), cast(1.0 - beta2), cast(math.sqrt(bc2) / bc1),
-            cast(eps * math.sqrt(bc2)), cast(weight_decay), cast(grad_floor), cast(moment_floor))
 
 
 def adam_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
