@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 from ..atomic import atomic_write
-from . import DatasetUnavailable
+from .core import DatasetUnavailable
 from .idx import MNIST_FILES
 
 __all__ = ["download_mnist", "default_cache_dir", "MNIST_SHA256", "MNIST_MIRRORS"]

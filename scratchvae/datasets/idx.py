@@ -15,7 +15,7 @@ import zlib
 
 import numpy
 
-from . import Dataset, DatasetUnavailable, all_binary, binarize_splits
+from .core import Dataset, DatasetUnavailable, all_binary, binarize_splits
 
 __all__ = ["read_idx", "IDXFormatError", "MNIST_FILES", "find_idx_files", "load_idx_files"]
 

@@ -29,7 +29,7 @@ import warnings
 import numpy
 
 from ..atomic import atomic_write, remove_stale_temporaries, write_json
-from . import Dataset, DatasetUnavailable
+from .core import Dataset, DatasetUnavailable
 
 __all__ = ["IMAGE_EXTENSIONS", "COLORS", "CELEBA_CROP", "MAX_IMAGE_PIXELS", "ImageFolderError", "load_folder",
            "load_celeba", "decode_image"]
