@@ -120,3 +120,45 @@ def test_no_import_cycle():
     optimizer and the kernels, a package and its loaders were such pairs)."""
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]   # the check sees one
     assert import_cycles(module_graph()) == []
+
+
+def walk_of_one_step(fused):
+    """(files, functions) of scratchvae's own code that one training step of the default MLP VAE calls."""
+    import re
+    import sys
+
+    import numpy as np
+
+    from scratchvae.models import mlp_vae
+    from scratchvae.optim import Adam
+    model, opt = mlp_vae(fused=fused), Adam(fused=fused)
+    state = opt.init(model.params)
+    x = (np.random.default_rng(0).random((16, 784)) < 0.3).astype(np.float32)
+    rng = model.backend.rng(0)
+
+    def step():
+        model.zero_grad()
+        model.loss_and_grad(x, rng=rng, check_data=False)
+        opt.step(model.params, model.grads, state)
+    step()                                        # compile and import first: the walk is a warm step's
+    seen, root = set(), str(REPO) + "/"
+
+    def trace(frame, event, arg):
+        name = frame.f_code.co_filename
+        if event == "call" and name.startswith(root) and re.match(r"(scratchvae|kernels)/", name[len(root):]):
+            seen.add((name[len(root):], frame.f_code.co_name))
+    sys.settrace(trace)
+    try:
+        step()
+    finally:
+        sys.settrace(None)
+    return {f for f, _ in seen}, seen
+
+
+def test_the_readme_counts_the_walk_of_a_step():
+    """README says how many files and functions a plain and a default (fused) step walk; they are these."""
+    readme = (REPO / "README.md").read_text()
+    for fused, what in ((False, "the plain step walks"), (True, "the default\n(fused) step")):
+        files, functions = walk_of_one_step(fused)
+        claim = f"{len(files)} files and {len(functions)} functions"
+        assert claim in " ".join(readme.split(what, 1)[1].split()[:6]), (what, claim, sorted(files))
