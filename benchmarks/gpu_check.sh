@@ -9,7 +9,8 @@
 #    that the two end with the same parameters;
 # 4. times the default 10-epoch run with --backend cupy;
 # 5. runs bench_train.py's GPU rows (CuPy against PyTorch CUDA eager, B = 128 and 1024);
-# 6. scores the 10-epoch run with the IWAE bound, k = 5000, and times it.
+# 6. scores the 10-epoch run with the IWAE bound, k = 5000, and times it;
+# 7. trains the two-level VampPrior model (--levels 2) for an epoch and times its step against PyTorch CUDA.
 #
 # Everything goes to OUT_DIR (log.txt, summary.json and the runs); the last thing printed
 # is one table. Without a usable GPU it says so and exits 0. Meant to finish in under
@@ -70,6 +71,11 @@ step "default run, 10 epochs (cupy)" "$py" examples/train_mnist.py --backend cup
 step "bench_train GPU rows" "$py" benchmarks/bench_train.py --gpu-only --models mlp --batches 128,1024 --rounds 5 \
     --json "$out/bench_train.json"
 step "IWAE k=5000 (cupy)" "$py" examples/evaluate_run.py "$out/default" --iwae-k 5000
+step "two-level VampPrior model, 1 epoch (cupy)" "$py" examples/train_mnist.py --backend cupy --arch gated \
+    --hidden 300,300 --latent-dim 40 --levels 2 --prior vampprior --batch-size 100 --epochs 1 --no-figures \
+    --out "$out/hvae"
+step "bench_train GPU row, two levels" "$py" benchmarks/bench_train.py --gpu-only --models hvae --batches 100 \
+    --rounds 5 --json "$out/bench_train_hvae.json"
 
 "$py" - "$out" "$gpu" <<'EOF' | tee -a "$log"
 import json, pathlib, sys
