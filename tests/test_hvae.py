@@ -227,3 +227,18 @@ def test_the_figures_of_a_hierarchy_show_every_level(tmp_path):
     assert out["posterior"]["active_units"] == [3, 1] and out["posterior"]["collapsed"] == [[], [1, 2]]
     for name in ("samples", "posterior", "reconstructions", "latent", "manifold", "interpolation"):
         assert (tmp_path / f"{name}.png").exists(), name
+
+
+def test_draw_figures_of_a_run_trained_without_them(tmp_path, capsys):
+    from test_runs import load_script
+    run = tmp_path / "run"
+    assert main(["--arch", "gated", "--hidden", "12,10", "--latent-dim", "3", "--levels", "2", "--prior", "vampprior",
+                 "--pseudo-inputs", "6", "--limit", "200", "--test-limit", "40", "--batch-size", "50", "--epochs", "1",
+                 "--no-figures", "--out", str(run)]) == 0
+    before = sorted(p.name for p in run.iterdir())
+    assert load_script("draw_figures").main([str(run)]) == 0
+    assert sorted(p.name for p in run.iterdir()) == sorted([*before, "figures"])     # the run's files untouched
+    drawn = {p.name for p in (run / "figures").iterdir()}
+    assert {"samples.png", "posterior.png", "pseudo_inputs.png", "curves.png", "figures.json"} <= drawn
+    summary = json.loads((run / "figures" / "figures.json").read_text())
+    assert len(summary["figures"]["posterior"]["active_units"]) == 2
