@@ -234,17 +234,6 @@ class HierarchicalVAE(ModelBase):
         per_dim = numpy.zeros(self.latent_dim) if sync else self.xp.zeros(self.latent_dim, dtype=self.dtype)
         return loss, {"loss": loss, "recon": recon, "kl": kl_mean, "kl_term": kl_mean, "kl_per_dim": per_dim}
 
-    def _noise(self, B, rng, eps):
-        shape = self.noise_shape(B)
-        if eps is None:
-            if rng is None:
-                raise ValueError("loss_and_grad needs rng (to draw every level's eps) or eps")
-            return rng.standard_normal(shape, dtype=self.dtype)
-        eps = self.backend.asarray(eps, dtype=self.dtype)
-        if eps.shape != shape:
-            raise ValueError(f"eps has shape {tuple(eps.shape)}, expected {shape} (B, samples, levels, latent_dim)")
-        return eps
-
     # -- evaluation --------------------------------------------------------------------------
     def encode_levels(self, x):
         """Every level's posterior mean, top-down through the means: [mu_1, ..., mu_T], each (B, Z)."""

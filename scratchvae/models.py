@@ -52,14 +52,19 @@ def _activation(name, fused=False, **kw):
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
 
 
-def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused=False):
-    be, dt = resolve(backend), float_dtype(dtype)
-    gen = numpy.random.default_rng(seed)
-    kw = dict(backend=be, dtype=dt)
-    akw = dict(kw, fused=fused)   # the activations: Numba loops when fused
+def _setting_up(backend, dtype, seed, hidden):
+    """What every MLP-shaped builder starts from: the weights' generator, the layers' backend and dtype
+    keywords, and the hidden widths (at least one)."""
+    kw = dict(backend=resolve(backend), dtype=float_dtype(dtype))
     hidden = tuple(int(h) for h in hidden)
     if not hidden:
         raise ValueError("hidden must name at least one layer width")
+    return numpy.random.default_rng(seed), kw, hidden
+
+
+def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused=False):
+    gen, kw, hidden = _setting_up(backend, dtype, seed, hidden)
+    akw = dict(kw, fused=fused)   # the activations: Numba loops when fused
     enc, width = [], int(input_dim)
     for h in hidden:
         enc += [Dense(width, h, rng=gen, **kw), _activation(activation, **akw)]
@@ -81,12 +86,7 @@ GATED_LOG_SIGMA_RANGE = (-3.0, 1.0)
 def _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed, fused=False):
     """Tomczak & Welling's MLP: GatedDense hidden layers (no other activation), a linear mu head, a
     log_sigma head clamped to :data:`GATED_LOG_SIGMA_RANGE`, a linear output layer (logits or mean)."""
-    be, dt = resolve(backend), float_dtype(dtype)
-    gen = numpy.random.default_rng(seed)
-    kw = dict(backend=be, dtype=dt)
-    hidden = tuple(int(h) for h in hidden)
-    if not hidden:
-        raise ValueError("hidden must name at least one layer width")
+    gen, kw, hidden = _setting_up(backend, dtype, seed, hidden)
     enc, width = [], int(input_dim)
     for h in hidden:
         enc.append(GatedDense(width, h, rng=gen, fused=fused, **kw))
@@ -294,12 +294,7 @@ def conv_autoencoder(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, 
 
 def _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation, backend, dtype, seed, fused):
     """The networks of a ``levels``-level model (see :class:`~scratchvae.hvae.HierarchicalVAE`), gated or MLP."""
-    be, dt = resolve(backend), float_dtype(dtype)
-    gen = numpy.random.default_rng(seed)
-    kw = dict(backend=be, dtype=dt)
-    hidden = tuple(int(h) for h in hidden)
-    if not hidden:
-        raise ValueError("hidden must name at least one layer width")
+    gen, kw, hidden = _setting_up(backend, dtype, seed, hidden)
     H, Z, D = hidden[-1], int(latent_dim), int(input_dim)
 
     def stack(width, widths, data_input=False):

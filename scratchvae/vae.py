@@ -116,6 +116,19 @@ class ModelBase:
         """The shape of one batch's eps, which the trainer draws for the model: (B, L)."""
         return (int(B), self.latent_dim)
 
+    def _noise(self, B, rng, eps):
+        """One batch's eps, shaped by :meth:`noise_shape`: the given one (checked), or standard normal from
+        ``rng``."""
+        shape = self.noise_shape(B)
+        if eps is None:
+            if rng is None:
+                raise ValueError("loss_and_grad needs rng (to draw eps) or eps")
+            return rng.standard_normal(shape, dtype=self.dtype)
+        eps = self.backend.asarray(eps, dtype=self.dtype)
+        if eps.shape != shape:
+            raise ValueError(f"eps has shape {tuple(eps.shape)}, expected {shape}")
+        return eps
+
     def num_params(self) -> int:
         return sum(int(p.size) for p in self.params.values())
 
@@ -411,19 +424,6 @@ class VAE(ModelBase):
         loss = recon + beta * (kl_term * (B / n) if whole_batch_kl else kl_term)
         per_dim = self.backend.asnumpy(kl_per_dim).astype(numpy.float64) if sync else kl_per_dim   # trainer
         return loss, {"loss": loss, "recon": recon, "kl": kl_mean, "kl_term": kl_term, "kl_per_dim": per_dim}
-
-    def _noise(self, B, rng, eps):
-        """eps (B, L), or (B, S, L) for an objective of S > 1 samples: the given one (checked), or standard
-        normal from ``rng``."""
-        shape = self.noise_shape(B)
-        if eps is None:
-            if rng is None:
-                raise ValueError("loss_and_grad needs rng (to draw eps) or eps")
-            return rng.standard_normal(shape, dtype=self.dtype)
-        eps = self.backend.asarray(eps, dtype=self.dtype)
-        if eps.shape != shape:
-            raise ValueError(f"eps has shape {tuple(eps.shape)}, expected {shape}")
-        return eps
 
     def _sampled_loss_and_grad(self, x, x_in, eps, beta, n, sync):
         """The loss with a sampled KL, ``log q(z|x) - log p(z)``, for any prior and objective.
