@@ -498,7 +498,7 @@ def torch_twin(torch, model, device="cpu"):
             return loss_b.mean()
 
     class TorchHVAE(nn.Module):
-        """The hierarchical VAE (scratchvae.hvae): every part converted, the loss of every level in PyTorch."""
+        """A VAE of several levels (scratchvae.vae): every part converted, the loss of every level in PyTorch."""
 
         def __init__(self):
             super().__init__()
@@ -511,8 +511,8 @@ def torch_twin(torch, model, device="cpu"):
         def part(self, name):
             return self.parts[name.replace(".", "/")]
 
-        def heads(self, name, h):
-            return self.part(f"{name}.mu")(h), self.part(f"{name}.log_sigma")(h)
+        def heads(self, prefix, h):
+            return self.part(f"{prefix}mu")(h), self.part(f"{prefix}log_sigma")(h)
 
         def loss(self, x, eps):
             """c = nll + sum_l log q(z_l|.) - log p(z_l|z_(l+1)); the ELBO's mean or the IWAE's bound."""
@@ -520,7 +520,7 @@ def torch_twin(torch, model, device="cpu"):
             B, S, T, Z = eps.shape
             R = B * S
             top_in = torch.cat([x, torch.clamp(self.pseudo, 0, 1)]) if vamp else x
-            mu_all, ls_all = self.heads(f"q{T}", self.part(f"q{T}.x")(top_in))
+            mu_all, ls_all = self.heads("", self.part("encoder")(top_in))
             mu, ls = mu_all[:B], ls_all[:B]
             z = {T: (mu[:, None] + torch.exp(ls)[:, None] * eps[:, :, T - 1]).reshape(R, Z)}
             log_q = -0.5 * (eps * eps).sum((2, 3)).reshape(R) - ls.sum(1).repeat_interleave(S) - 0.5 * T * Z * log_2pi
@@ -531,10 +531,10 @@ def torch_twin(torch, model, device="cpu"):
             for lvl in range(T - 1, 0, -1):
                 hx = self.part(f"q{lvl}.x")(x).repeat_interleave(S, 0)
                 h = self.part(f"q{lvl}.joint")(torch.cat([hx, self.part(f"q{lvl}.z")(z[lvl + 1])], 1))
-                m_q, ls_q = self.heads(f"q{lvl}", h)
+                m_q, ls_q = self.heads(f"q{lvl}.", h)
                 z[lvl] = m_q + torch.exp(ls_q) * eps[:, :, lvl - 1].reshape(R, Z)
                 log_q = log_q - ls_q.sum(1)
-                m_p, ls_p = self.heads(f"p{lvl}", self.part(f"p{lvl}.net")(z[lvl + 1]))
+                m_p, ls_p = self.heads(f"p{lvl}.", self.part(f"p{lvl}.net")(z[lvl + 1]))
                 d = (z[lvl] - m_p) * torch.exp(-ls_p)
                 log_p = log_p - 0.5 * (d * d).sum(1) - ls_p.sum(1) - 0.5 * Z * log_2pi
             h = torch.cat([self.part(f"decoder.z{lvl}")(z[lvl]) for lvl in range(1, T + 1)], 1)
@@ -553,7 +553,7 @@ def torch_twin(torch, model, device="cpu"):
         log_n = -0.5 * ((z * z) @ iv.T) + z @ (mu_k * iv).T + const
         return torch.logsumexp(log_n, dim=1) - math.log(mu_k.shape[0])
 
-    net = (TorchHVAE() if hasattr(model, "levels") else TorchVAE()).to(device)
+    net = (TorchHVAE() if getattr(model, "levels", 1) > 1 else TorchVAE()).to(device)
     return net
 
 

@@ -173,7 +173,7 @@ def matmul_products(model, B):
 
     layers = []
     prior = getattr(model, "prior", None)
-    pseudo = prior.n_pseudo if prior is not None and prior.parametric else 0
+    pseudo = getattr(prior, "n_pseudo", 0)
     rows_enc, rows_dec = B + pseudo, B * getattr(model, "samples", 1)
 
     def walk(layer, shape):
@@ -195,7 +195,7 @@ def matmul_products(model, B):
             return (shape[0], math.prod(shape[1:]))
         return shape                     # elementwise
 
-    if hasattr(model, "levels"):     # the hierarchy (scratchvae.hvae): every part on the rows it sees
+    if getattr(model, "levels", 1) > 1:     # a hierarchy: every part on the rows it sees
         data_firsts = _walk_hierarchy(model, B, rows_enc, walk)
         data_firsts = {id(f) for f in data_firsts[:-1]} | ({id(data_firsts[-1])} if not pseudo else set())
     else:
@@ -240,9 +240,9 @@ def _walk_hierarchy(model, B, rows_top, walk):
     from scratchvae.layers.base import walk as layers_of
     P, T, Z, D = model.parts, model.levels, model.latent_dim, model.input_dim
     R = B * model.samples
-    s = walk(P[f"q{T}.x"], (rows_top, D))
-    walk(P[f"q{T}.mu"], s)
-    walk(P[f"q{T}.log_sigma"], s)
+    s = walk(P["encoder"], (rows_top, D))
+    walk(P["mu"], s)
+    walk(P["log_sigma"], s)
     for lvl in range(T - 1, 0, -1):
         hx = walk(P[f"q{lvl}.x"], (B, D))
         hz = walk(P[f"q{lvl}.z"], (R, Z))
@@ -257,7 +257,7 @@ def _walk_hierarchy(model, B, rows_top, walk):
 
     def first(part):
         return next(layer for layer in layers_of(part) if hasattr(layer, "in_features"))
-    return [first(P[f"q{lvl}.x"]) for lvl in range(T - 1, 0, -1)] + [first(P[f"q{T}.x"])]
+    return [first(P[f"q{lvl}.x"]) for lvl in range(T - 1, 0, -1)] + [first(P["encoder"])]
 
 
 def floor_stepper(products, seed, skip_first_input_grad=False):

@@ -142,8 +142,8 @@ def instrumented(T):
 
     from scratchvae import kernels
     from scratchvae.layers import activations, conv, dense
+    from scratchvae.model_base import ModelBase
     from scratchvae.optim import Adam
-    from scratchvae.vae import ModelBase
 
     saved = []
 
@@ -229,12 +229,12 @@ def instrumented(T):
 @contextlib.contextmanager
 def instrumented_parts(T, model):
     """The gated models' timers: one per part of ``model`` (instance attributes, removed on exit)."""
+    from scratchvae.model_base import ModelBase
     from scratchvae.optim import Adam
-    from scratchvae.vae import ModelBase
 
-    if hasattr(model, "levels"):   # the hierarchy: each network under the distribution it computes
-        top = model.levels
-        where = {f"q{top}": "q(z_T|x) (B + K rows)", "q": "q(z_l|x, z_l+1)", "p": "p(z_l|z_l+1)",
+    if model.levels > 1:   # a hierarchy: each network under the distribution it computes
+        top = "q(z_T|x) (B + K rows)"
+        where = {"encoder": top, "mu": top, "log_sigma": top, "q": "q(z_l|x, z_l+1)", "p": "p(z_l|z_l+1)",
                  "decoder": "decoder branches + joint"}
         parts = [(layer, ("forward", "backward"), where.get(name.split(".")[0], where.get(name[0])))
                  for name, layer in model.parts.items() if name != "prior"]
@@ -363,7 +363,7 @@ def profile_config(kind, B, X, args, log):
                       "instrumented_step_s": C.median([r["instrumented_step_s"] for r in rounds]),
                       "categories_s": med, "categories_percent": pct,
                       "groups_percent": {k: C.median(v) for k, v in groups.items()}}}
-    if model.prior.parametric and not hasattr(model, "levels"):
+    if model.prior.encoder_inputs() is not None and model.levels == 1:
         res["pseudo_inputs_pass"] = pseudo_inputs_pass(model, xs[0], args, res["median"]["plain_step_s"])
     if args.cprofile:
         prof = cProfile.Profile()

@@ -35,7 +35,7 @@ class TrainConfig:
     channels: tuple = (32, 64)
     downsample: str = "stride"
     latent_dim: int = 20
-    levels: int = 1                 # stochastic levels of latent_dim each (scratchvae.hvae for 2 and more)
+    levels: int = 1                 # stochastic levels of latent_dim each (scratchvae.vae)
     activation: str = "relu"
     likelihood: str = "bernoulli"
     model: str = "vae"
@@ -158,10 +158,9 @@ class TrainConfig:
         if self.model != "vae":
             raise ValueError(f"levels (--levels) {self.levels}: a plain autoencoder (--model ae) has no stochastic "
                              "levels; train a VAE")
-        for key in ("free_bits", "input_noise"):
-            if getattr(self, key) != _DEFAULTS[key]:
-                raise ValueError(f"{_name(key)} is for one-level models; with levels (--levels) {self.levels}, "
-                                 "drop it (the KL warm-up, --kl-warmup, works at any depth)")
+        if self.free_bits != _DEFAULTS["free_bits"]:   # it needs the one level's closed-form KL per dimension
+            raise ValueError(f"{_name('free_bits')} is for one-level models; with levels (--levels) {self.levels}, "
+                             "drop it (the KL warm-up, --kl-warmup, works at any depth)")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "the config") -> TrainConfig:

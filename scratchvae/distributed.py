@@ -29,7 +29,7 @@ import numpy
 
 from . import backend as backend_mod
 from .backend import contiguous_run
-from .vae import NonFiniteLoss
+from .model_base import NonFiniteLoss
 
 __all__ = ["Communicator", "DataParallel", "GradientBuffer", "DistributedUnavailable", "DistributedMismatch", "init",
            "agreed", "params_checksum", "INSTALL_HINT"]

@@ -225,7 +225,7 @@ def plot_samples(model, path, rng, n=64, run_id=None):
     ncols = int(math.ceil(math.sqrt(n)))
     grid = image_grid(as_images(model, flat), ncols)
     if getattr(model, "code_head", None) is None:
-        prior = "the VampPrior" if getattr(getattr(model, "prior", None), "parametric", False) else "N(0, I)"
+        prior = "the VampPrior" if hasattr(getattr(model, "prior", None), "pseudo_inputs") else "N(0, I)"
         T = getattr(model, "levels", 1)
         title = (f"{n} samples decoded from z ~ {prior}  ({model.latent_dim}-D latent)" if T == 1 else
                  f"{n} samples drawn top-down: z{T} ~ {prior}, then z_l ~ p(z_l | z_(l+1))  ({T} levels of "
@@ -856,6 +856,6 @@ def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None
         results["interpolation"] = {"skipped": f"needs two test images; the test split has {len(x_test)}"}
     if noisy is not None:
         results["denoising"] = plot_denoising(model, x_test, noisy, p("denoising"), run_id=run_id)
-    if getattr(getattr(model, "prior", None), "parametric", False):
+    if hasattr(getattr(model, "prior", None), "pseudo_inputs"):
         results["pseudo_inputs"] = plot_pseudo_inputs(model, p("pseudo_inputs"), run_id=run_id)
     return results

@@ -12,9 +12,9 @@ import math
 
 import numpy
 
+from .autoencoder import Autoencoder
 from .backend import resolve
 from .choices import DOWNSAMPLING
-from .hvae import HierarchicalVAE
 from .layers import (
     Clamp,
     Conv2d,
@@ -35,7 +35,7 @@ from .layers import (
 from .layers.base import float_dtype
 from .objectives import make as make_objective
 from .priors import PRIORS, VampPrior
-from .vae import VAE, Autoencoder
+from .vae import VAE
 
 __all__ = ["mlp_vae", "gated_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder", "hierarchical_vae",
            "DOWNSAMPLING", "GATED_LOG_SIGMA_RANGE"]
@@ -293,7 +293,7 @@ def conv_autoencoder(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, 
 
 
 def _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation, backend, dtype, seed, fused):
-    """The networks of a ``levels``-level model (see :class:`~scratchvae.hvae.HierarchicalVAE`), gated or MLP."""
+    """The networks of a ``levels``-level model (the names of :class:`~scratchvae.vae.VAE`), gated or MLP."""
     gen, kw, hidden = _setting_up(backend, dtype, seed, hidden)
     H, Z, D = hidden[-1], int(latent_dim), int(input_dim)
 
@@ -307,16 +307,16 @@ def _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation,
             layers[0].input_grad = False   # its input is data: skip dL/dx
         return Sequential(*layers)
 
-    def heads(name):
-        return {f"{name}.mu": Dense(H, Z, rng=gen, **kw),
-                f"{name}.log_sigma": Sequential(Dense(H, Z, rng=gen, **kw), Clamp(*GATED_LOG_SIGMA_RANGE, **kw))}
+    def heads(prefix):
+        return {f"{prefix}mu": Dense(H, Z, rng=gen, **kw),
+                f"{prefix}log_sigma": Sequential(Dense(H, Z, rng=gen, **kw), Clamp(*GATED_LOG_SIGMA_RANGE, **kw))}
 
     T = int(levels)
-    parts = {f"q{T}.x": stack(D, hidden, data_input=True), **heads(f"q{T}")}
+    parts = {"encoder": stack(D, hidden, data_input=True), **heads("")}
     for l in range(T - 1, 0, -1):
         parts.update({f"q{l}.x": stack(D, (H,), data_input=True), f"q{l}.z": stack(Z, (H,)),
-                      f"q{l}.joint": stack(2 * H, (H,)), **heads(f"q{l}"),
-                      f"p{l}.net": stack(Z, hidden), **heads(f"p{l}")})
+                      f"q{l}.joint": stack(2 * H, (H,)), **heads(f"q{l}."),
+                      f"p{l}.net": stack(Z, hidden), **heads(f"p{l}.")})
     for l in range(1, T + 1):
         parts[f"decoder.z{l}"] = stack(Z, (hidden[-1],))
     widths = hidden[::-1][1:] or (H,)             # the joint layers after the concatenation of the T branches
@@ -327,7 +327,7 @@ def _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation,
 def hierarchical_vae(input_dim=784, hidden=(300, 300), latent_dim=40, levels=2, arch="gated", prior="standard",
                      pseudo_inputs=500, objective="elbo", samples=1, likelihood="bernoulli", backend=None,
                      dtype="float32", seed=0, fused=True, activation="relu", input_shape=None,
-                     gaussian_log_sigma="learned") -> HierarchicalVAE:
+                     gaussian_log_sigma="learned") -> VAE:
     """A VAE of ``levels`` stochastic levels of ``latent_dim`` dimensions each (the VampPrior paper's HVAE
     for ``levels=2``, ``arch="gated"``, ``hidden=(300, 300)``, ``latent_dim=40``).
 
@@ -341,10 +341,10 @@ def hierarchical_vae(input_dim=784, hidden=(300, 300), latent_dim=40, levels=2, 
     if arch not in ("gated", "mlp"):
         raise ValueError(f"hierarchical_vae: arch must be 'gated' or 'mlp', got {arch!r}")
     parts = _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation, backend, dtype, seed, fused)
-    return HierarchicalVAE(parts, levels, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
-                           gaussian_log_sigma=gaussian_log_sigma, fused=fused,
-                           **_prior_and_objective(prior, pseudo_inputs, objective, samples, input_dim,
-                                                  parts[f"q{levels}.x"], seed))
+    top = [parts.pop(name) for name in ("encoder", "mu", "log_sigma", "decoder")]
+    return VAE(*top, lower_levels=parts, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
+               gaussian_log_sigma=gaussian_log_sigma, fused=fused,
+               **_prior_and_objective(prior, pseudo_inputs, objective, samples, input_dim, top[0], seed))
 
 
 def _positive_int(name, value) -> int:

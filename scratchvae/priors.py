@@ -1,18 +1,21 @@
 """Priors p(z) of a VAE: the standard normal, and the VampPrior (Tomczak & Welling 2018).
 
-A prior offers what the loss needs of it, each with its hand-derived gradient:
+A prior is one class that offers what the loss needs of it, each with its hand-derived gradient:
 
 * ``log_prob(z, comps)`` (N,) and ``log_prob_backward(z, comps, a)``: ``a``
   (N,) is the upstream ``dLoss / dlog p(z_n)``; it returns ``dLoss/dz``
-  (N, L) and the gradients of the prior's components (or None);
+  (N, L) and the gradients of ``comps`` (or None). Gradients of the prior's
+  own parameters it accumulates into its own ``grads``;
+* ``params`` and ``grads``: its own parameters (a :class:`~scratchvae.layers.base.Layer`
+  has them; an empty dict for none), which train with the model's;
+* ``encoder_inputs()``: rows the model's top encoder should also see (the
+  VampPrior's pseudo-inputs), or None; then ``comps`` is the top posterior's
+  ``(mu_k, log_sigma_k)`` at those rows, computed in the same encoder pass
+  as the batch, and ``encoder_inputs_backward(du)`` takes the gradient that
+  reaches them through the encoder;
 * ``sample(n, rng, comps, latent_dim, dtype)``;
 * ``analytic``: whether ``KL(q(z|x) || p(z))`` has a closed form (the standard
   normal's, which the model computes with the fused kernels).
-
-``comps`` are the prior's mixture components when it has them: for the
-VampPrior, the encoder's ``(mu_k, log_sigma_k)`` at the pseudo-inputs, which
-the model computes in the same encoder pass as the batch (so their gradient
-reaches the encoder's weights and the pseudo-inputs).
 """
 from __future__ import annotations
 
@@ -33,7 +36,10 @@ class StandardNormal:
 
     name = "standard"
     analytic = True
-    parametric = False
+    params: dict = {}
+
+    def encoder_inputs(self):
+        return None
 
     def log_prob(self, z, comps=None):
         """log N(z; 0, I) = -0.5 |z|^2 - 0.5 L log(2 pi), per row: (N, L) -> (N,)."""
@@ -79,7 +85,6 @@ class VampPrior(Layer):
 
     name = "vampprior"
     analytic = False
-    parametric = True
 
     def __init__(self, n_pseudo: int, input_dim: int, *, backend=None, dtype="float32", rng=None):
         super().__init__(backend=backend, dtype=dtype)
@@ -94,7 +99,9 @@ class VampPrior(Layer):
         """u = clip(pseudo, 0, 1): (K, D)."""
         return self.xp.clip(self.params["pseudo"], 0.0, 1.0)
 
-    def pseudo_inputs_backward(self, du):
+    encoder_inputs = pseudo_inputs   # the components are the encoder's posterior at the pseudo-inputs
+
+    def encoder_inputs_backward(self, du):
         """Accumulates dLoss/dpseudo = du where 0 < pseudo < 1 (the clamp passes nothing outside)."""
         p = self.params["pseudo"]
         self.grads["pseudo"] += du * ((p > 0) & (p < 1))

@@ -49,10 +49,10 @@ from . import checkpoint, datasets, distributed, memory
 from .atomic import to_jsonable, write_json
 from .backend import contiguous_run, flat_views
 from .config import TrainConfig
+from .model_base import NonFiniteLoss
 from .models import conv_autoencoder, conv_vae, gated_vae, hierarchical_vae, mlp_autoencoder, mlp_vae
 from .optim import Adam, AdamState, geometric_lr
 from .runfolder import RunFolder, new_run_id
-from .vae import NonFiniteLoss
 
 __all__ = ["TrainConfig", "TrainingDiverged", "RunFailed", "RunState", "train", "train_step", "build_model",
            "prepare_data", "load_trained", "iwae_test_nll", "describe_os_error"]

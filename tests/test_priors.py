@@ -77,7 +77,7 @@ def test_pseudo_inputs_stay_in_zero_one_and_get_no_gradient_outside():
     prior = vamp(2, D=3)
     prior.params["pseudo"][...] = [[-0.5, 0.3, 1.5], [0.2, 0.9, 0.4]]
     np.testing.assert_array_equal(prior.pseudo_inputs(), [[0.0, 0.3, 1.0], [0.2, 0.9, 0.4]])
-    prior.pseudo_inputs_backward(np.ones((2, 3)))
+    prior.encoder_inputs_backward(np.ones((2, 3)))
     np.testing.assert_array_equal(prior.grads["pseudo"], [[0, 1, 0], [1, 1, 1]])
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from scratchvae import gradcheck
+from scratchvae.model_base import NonFiniteLoss
 from scratchvae.models import conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
-from scratchvae.vae import NonFiniteLoss
 
 TOL = 1e-6
 FUSED = [pytest.param(False, id="plain"), pytest.param(True, id="fused")]
@@ -513,3 +513,31 @@ def test_contiguous_run_finds_only_arrays_that_tile_one_buffer_in_order():
     assert mixed.m["b"].dtype == np.float32 and contiguous_run(mixed.m.values()) is None
 
 
+
+
+def test_the_one_level_model_computes_what_it_did_before_the_level_stack():
+    """The one-level models are the level stack's one-level case and compute what the one-level VAE computed
+    before it (tests/reference/one_level.json): the loss, every gradient, the IWAE bound and the evaluation,
+    in float64 to 1e-10 and in float32 to its rounding."""
+    import json
+    import sys
+    from pathlib import Path
+    here = Path(__file__).parent / "reference"
+    sys.path.insert(0, str(here))
+    try:
+        import one_level
+    finally:
+        sys.path.remove(str(here))
+    recorded = json.loads((here / "one_level.json").read_text())
+    for dtype, rtol in (("float64", 1e-10), ("float32", 2e-4)):
+        for name in one_level.CONFIGS:
+            now, then = one_level.record(name, dtype), recorded[dtype][name]
+            assert now["evaluate"].pop("active_units") == then["evaluate"].pop("active_units"), (dtype, name)
+            assert set(now["grads"]) == set(then["grads"]), (dtype, name)
+            for key in ("loss", "recon", "kl", "kl_term", "kl_per_dim", "iwae_bound_7", "evaluate", "grads"):
+                a, b = now[key], then[key]
+                if isinstance(a, dict):
+                    a, b = [np.hstack([a[k] for k in sorted(a)])], [np.hstack([b[k] for k in sorted(b)])]
+                a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+                scale = np.abs(b).max() if b.size else 1.0   # a fingerprint near 0 is judged by its peers' size
+                np.testing.assert_allclose(a, b, rtol=0, atol=rtol * max(scale, 1e-12), err_msg=f"{dtype} {name} {key}")
