@@ -21,7 +21,7 @@ import numpy as np
 
 from scratchvae import datasets, figures
 from scratchvae.cli import USER_ERRORS, describe_error
-from scratchvae.train import load_trained
+from scratchvae.reload import load_trained
 
 
 def _floats(text):

@@ -22,7 +22,7 @@ import numpy as np
 
 from scratchvae import figures
 from scratchvae.cli import USER_ERRORS, describe_error
-from scratchvae.train import load_trained
+from scratchvae.reload import load_trained
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,8 @@ import time
 from scratchvae.atomic import write_json
 from scratchvae.cli import USER_ERRORS, describe_error
 from scratchvae.runfolder import run_ids
-from scratchvae.train import iwae_test_nll, load_trained
+from scratchvae.evaluation import iwae_test_nll
+from scratchvae.reload import load_trained
 
 
 def evaluate(run: pathlib.Path, params: str, iwae_k: int, seed: int, progress, data_dir=None, log=None) -> dict:

@@ -116,3 +116,11 @@ def to_jsonable(obj):
     if tolist is not None and type(obj).__module__.startswith("numpy"):
         return to_jsonable(tolist())
     return obj
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OS error: what happened, and to which file."""
+    what = err.strerror or str(err)
+    if err.errno == 28:
+        what = f"disk full ({what})"
+    return f"{what}: {err.filename}" if err.filename else what

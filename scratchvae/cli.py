@@ -21,7 +21,8 @@ from . import backend as backend_mod
 from . import checkpoint, datasets, distributed
 from .config import AE_UNUSED, CHOICES, RUN_DEFINING, TrainConfig
 from .runfolder import RunFolder, RunFolderError, new_run_folder, point_latest
-from .train import RunFailed, TrainingDiverged, describe_os_error, train
+from .atomic import describe_os_error
+from .train import RunFailed, TrainingDiverged, train
 
 __all__ = ["build_parser", "config_from_args", "main", "USER_ERRORS", "describe_error", "IWAE_DEFAULT_SAMPLES"]
 

@@ -22,7 +22,7 @@ another run's folder or on other data.
 
 The randomness of every epoch (the shuffle, the noise eps, dynamic
 binarization, the denoising corruption) comes from generators seeded by
-``(config.seed, epoch, stream)`` (:func:`_seeds`) and drawn on the device;
+``(config.seed, epoch, stream)`` (:mod:`scratchvae.streams`) and drawn on the device;
 nothing random is saved, so a resumed run regenerates what an uninterrupted
 one drew and ends bit-identical to it. A step reads nothing back from the
 device: the loss sums and a finiteness flag are read every
@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import pathlib
 import platform
-import signal
 import sys
 import time
 
@@ -46,22 +44,21 @@ import numpy
 
 from . import backend as backend_mod
 from . import checkpoint, datasets, distributed, memory
-from .atomic import to_jsonable, write_json
+from .atomic import describe_os_error, to_jsonable, write_json
 from .backend import contiguous_run, flat_views
+from .build import build_model, loss_labels
 from .config import TrainConfig
+from .evaluation import iwae_test_nll
 from .model_base import NonFiniteLoss
-from .models import conv_autoencoder, conv_vae, gated_vae, hierarchical_vae, mlp_autoencoder, mlp_vae
 from .optim import Adam, AdamState, geometric_lr
+from .run_data import check_same_data, prepare_data
 from .runfolder import RunFolder, new_run_id
+from .stop_signals import StopFlag
+from .streams import DENOISING_STREAM, NOISE_SCHEME, seeds
 
-__all__ = ["TrainConfig", "TrainingDiverged", "RunFailed", "RunState", "train", "train_step", "build_model",
-           "prepare_data", "load_trained", "iwae_test_nll", "describe_os_error"]
+__all__ = ["TrainConfig", "TrainingDiverged", "RunFailed", "RunState", "train", "train_step"]
 
 
-# How the run's randomness is drawn (recorded in checkpoints): every epoch's shuffle and noise
-# come from generators seeded by (seed, epoch), so a resumed run regenerates what an
-# uninterrupted one drew, on either backend, without saving a generator's state.
-NOISE_SCHEME = "seed-epoch-v1"
 # The loss sums and the finiteness flags (of the loss, the parameters and Adam's moments) stay on the
 # device and are read every this many steps.
 CHECK_EVERY = 50
@@ -69,10 +66,6 @@ CHECK_EVERY = 50
 # (at least RUNAWAY_FLOOR nats) has diverged, though it is still finite.
 RUNAWAY_FACTOR = 10.0
 RUNAWAY_FLOOR = 100.0
-# The generator stream of batch b's denoising corruption (streams 0, 1 and 2 + b are shuffle, eps, binarization).
-DENOISING_STREAM = 1 << 40
-# The stream (of epoch 0) of the fixed dequantization noise of 8-bit test and validation images.
-EVAL_DEQUANTIZATION_STREAM = 1 << 41
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,7 +97,7 @@ class RunState:
     best: dict = dataclasses.field(default_factory=lambda: {"epoch": 0, "valid_loss": math.inf})
     saved_epoch: int | None = None      # the epoch of the last checkpoint this run wrote (or resumed)
     world_size: int = 1                 # processes of a data-parallel run (scratchvae.distributed)
-    data_sha256: str | None = None      # the data the run trains on (_Data.sha256); resuming on other data is refused
+    data_sha256: str | None = None      # the data the run trains on (RunData.sha256); resuming on other data is refused
 
     def meta(self, cfg: TrainConfig) -> dict:
         return to_jsonable({
@@ -113,67 +106,6 @@ class RunState:
             "epoch_rng_state": None, "config": dataclasses.asdict(cfg), "history": self.history,
             "partial": self.epoch_sums, "initial_test": self.initial_test, "best": self.best,
             "world_size": self.world_size, "data_sha256": self.data_sha256})
-
-
-@dataclasses.dataclass
-class _Data:
-    train: object                  # (N, D) on the backend: uint8 for 0/1 pixels, else the model's dtype
-    test: numpy.ndarray            # (N_test, D) host
-    test_labels: numpy.ndarray | None
-    test_dev: object               # the test split on the backend
-    valid_dev: object | None       # the validation split on the backend (keep_best)
-    image_shape: tuple
-    dynamic: bool                  # resample binary pixels every epoch
-    binary: bool                   # batches hold 0/1 pixels (static or dynamic binarization)
-    levels: int | None = None      # 256: train holds uint8 levels, made intensities batch by batch
-    dataset: object = None         # the loaded datasets.Dataset (labels, attributes, names)
-    test_attributes: numpy.ndarray | None = None   # (N_test, A) of the test images kept
-    sha256: str | None = None      # SHA-256 of the dataset's train and test pixels as loaded (data_sha256)
-
-
-def build_model(cfg: TrainConfig, image_shape, be):
-    """The model ``cfg`` asks for, on backend ``be``."""
-    common = dict(latent_dim=cfg.latent_dim, likelihood=cfg.likelihood, backend=be, dtype=cfg.dtype,
-                  seed=cfg.seed, activation=cfg.activation, fused=cfg.fused)
-    probabilistic = dict(prior=cfg.prior, pseudo_inputs=cfg.pseudo_inputs, objective=cfg.objective, samples=cfg.samples)
-    if cfg.levels > 1:
-        return hierarchical_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape),
-                                levels=cfg.levels, arch=cfg.arch, **common, **probabilistic)
-    if cfg.arch == "mlp" and cfg.model == "vae":
-        return mlp_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape), **common,
-                       **probabilistic)
-    if cfg.arch == "mlp":
-        return mlp_autoencoder(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape),
-                               **common)
-    if cfg.arch == "gated":
-        common.pop("activation")
-        return gated_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape),
-                         **common, **probabilistic)
-    build = conv_vae if cfg.model == "vae" else conv_autoencoder
-    return build(input_shape=tuple(image_shape), channels=cfg.channels, hidden=cfg.hidden[0] if cfg.hidden else None,
-                 downsample=cfg.downsample, **common)
-
-
-def loss_labels(cfg: TrainConfig) -> dict:
-    """What each loss column of a run is: ``train_loss``, ``test_loss``, ``valid_loss``, ``recon_kl`` (long
-    names, for metrics.jsonl, summary.json and curves.png) and ``train_short``, ``test_short`` (the console's)."""
-    if cfg.model == "ae":
-        name = "reconstruction NLL (no KL term)"
-        return {"train_loss": name, "test_loss": name, "valid_loss": name, "recon_kl": "reconstruction NLL; no KL",
-                "train_short": "recon", "test_short": "recon", "valid_short": "recon"}
-    elbo = "negative ELBO (one sample per image)"
-    bound = elbo if cfg.objective == "elbo" else f"negative IWAE bound (S={cfg.samples} samples per image)"
-    weighted = [what for what, on in (("the KL weighted by beta", cfg.kl_warmup > 0 or cfg.beta != 1),
-                                      ("free bits", cfg.free_bits > 0)) if on]
-    return {"train_loss": bound + (f", as trained: {' and '.join(weighted)}" if weighted else ""),
-            "test_loss": elbo, "valid_loss": (f"negative IWAE bound (k={cfg.valid_k} samples per image)"
-                                               if cfg.valid_k > 0 else bound.replace(" per image", " per image, beta = 1")),
-            "recon_kl": "per-sample means of -log p(x|z) and log q(z|x) - log p(z) (the analytic KL for the "
-                        "standard prior with the ELBO); recon + kl is the negative ELBO"
-                        + ("" if cfg.objective == "elbo" else ", not the IWAE loss"),
-            "train_short": "-ELBO" if cfg.objective == "elbo" else f"-IWAE{cfg.samples}", "test_short": "-ELBO",
-            "valid_short": f"-IWAE{cfg.valid_k}" if cfg.valid_k > 0 else
-            ("-ELBO" if cfg.objective == "elbo" else f"-IWAE{cfg.samples}")}
 
 
 def train_step(model, opt, opt_state, xb, eps, *, beta, free_bits, lr, sync=True, x_in=None):
@@ -191,34 +123,6 @@ def train_step(model, opt, opt_state, xb, eps, *, beta, free_bits, lr, sync=True
                                       x_in=x_in)
     opt_state = opt.step(model.params, model.grads, opt_state, lr=lr)
     return opt_state, loss, stats
-
-
-def iwae_test_nll(model, x, k, rng, *, chunk=None, progress=None, log=None) -> float:
-    """The test NLL as papers quote it: ``-mean`` of the IWAE bound with ``k`` samples per image.
-
-    ``x`` (N, D) on the model's backend, ``rng`` a generator of that backend;
-    the images go through :meth:`VAE.iwae_bound` ``chunk`` at a time (default
-    100 on the CPU, 1000 on a GPU, which needs large launches to be busy; the
-    progress bar counts images). ``log``, when given, gets a line at every
-    tenth of the images with the time spent and the time left (for a log file,
-    where no progress bar shows).
-    """
-    from tqdm.auto import tqdm
-
-    if chunk is None:
-        chunk = 1000 if model.backend.name == "cupy" else 100
-
-    bounds, n, t0, told = [], x.shape[0], time.perf_counter(), 0
-    with tqdm(total=n, desc=f"IWAE k={k}", unit="img", leave=False, file=sys.stderr,
-              disable=(not progress) if progress is not None else None) as bar:
-        for start in range(0, n, chunk):
-            bounds.append(model.iwae_bound(x[start:start + chunk], k, rng))
-            bar.update(bounds[-1].shape[0])
-            done = start + bounds[-1].shape[0]
-            if log is not None and (10 * done) // n > told:
-                told, spent = (10 * done) // n, time.perf_counter() - t0
-                log(f"IWAE k={k}: {done}/{n} images, {spent:.0f} s spent, about {spent * (n - done) / done:.0f} s left")
-    return -float(numpy.concatenate(bounds).mean())
 
 
 def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, overwrite: bool = False, log=print,
@@ -309,14 +213,6 @@ def _run_folder(out, mode, run_id, ckpt, comm):
         yield open_folder() if comm is None else comm.root_only(open_folder)
 
 
-def describe_os_error(err: OSError) -> str:
-    """One line for an OS error: what happened, and to which file."""
-    what = err.strerror or str(err)
-    if err.errno == 28:
-        what = f"disk full ({what})"
-    return f"{what}: {err.filename}" if err.filename else what
-
-
 class _Run:
     """The pieces of one run that every phase needs (not a public API: :func:`train` is)."""
 
@@ -355,7 +251,7 @@ class _Run:
         self._write_metrics()
         # a resumed run that had already stopped early (cut off in its final stage) only finishes
         stopped_early = ckpt is not None and self._early_stop()
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while not stopped_early and self.state.epoch < cfg.epochs:
                 if not self._run_epoch(stop, on_step):
                     return self._interrupted(mid_epoch=True)
@@ -592,8 +488,8 @@ class _Run:
         (steps, B, S, L) for an objective of S samples per image, on the device."""
         cfg, be = self.cfg, self.be
         n = self.data.train.shape[0]
-        perm = numpy.random.default_rng(_seeds(cfg.seed, epoch, 0)).permutation(n)
-        eps = be.rng(_seeds(cfg.seed, epoch, 1)).standard_normal(
+        perm = numpy.random.default_rng(seeds(cfg.seed, epoch, 0)).permutation(n)
+        eps = be.rng(seeds(cfg.seed, epoch, 1)).standard_normal(
             (self.steps_per_epoch, *self.model.noise_shape(cfg.batch_size)), dtype=numpy.dtype(cfg.dtype))
         return {"perm": be.asarray(perm), "eps": eps, "epoch": epoch}
 
@@ -603,16 +499,16 @@ class _Run:
         cfg, noise = self.cfg, self._noise
         idx = noise["perm"][b * cfg.batch_size:(b + 1) * cfg.batch_size]
         if self.data.levels:   # 8-bit images: dequantized (Gaussian) or grey levels as probabilities
-            gen = self.be.rng(_seeds(cfg.seed, noise["epoch"], 2 + b))
+            gen = self.be.rng(seeds(cfg.seed, noise["epoch"], 2 + b))
             xb = datasets.to_intensities(self.data.train[idx], cfg.likelihood, gen).astype(numpy.dtype(cfg.dtype))
         else:
             xb = self.data.train[idx].astype(numpy.dtype(cfg.dtype))
         if self.data.dynamic:
-            u = self.be.rng(_seeds(cfg.seed, noise["epoch"], 2 + b)).random(xb.shape, dtype=xb.dtype)
+            u = self.be.rng(seeds(cfg.seed, noise["epoch"], 2 + b)).random(xb.shape, dtype=xb.dtype)
             xb = (u < xb).astype(xb.dtype)
         x_in = None
         if cfg.input_noise > 0:
-            gen = self.be.rng(_seeds(cfg.seed, noise["epoch"], DENOISING_STREAM + b))
+            gen = self.be.rng(seeds(cfg.seed, noise["epoch"], DENOISING_STREAM + b))
             x_in = datasets.corrupt(xb, cfg.input_noise, gen, binary=self.data.binary)
         return xb, noise["eps"][b, :xb.shape[0]], x_in
 
@@ -825,100 +721,6 @@ class _Run:
         self._on_root(lambda: write_json(self.out / "metrics.jsonl", text))
 
 
-def load_trained(run, params: str = "auto", log=None, data_dir=None):
-    """A trained run's model with its parameters: ``(model, data, cfg, meta, params)``.
-
-    ``run`` is a run folder; ``params`` ``"best"`` (``best.npz``), ``"last"``
-    (the checkpoint's) or ``"auto"`` (best for a run trained with
-    ``--keep-best``). ``data`` is :func:`prepare_data`'s, as the run saw it;
-    ``data_dir`` replaces the folder the run recorded (the data moved), and
-    the data found there must be the run's (its SHA-256).
-    """
-    run = pathlib.Path(run)
-    _, meta, cfg = checkpoint.load_run(run / "checkpoint.npz")
-    if data_dir is not None:
-        cfg = dataclasses.replace(cfg, data_dir=str(pathlib.Path(data_dir).expanduser().absolute()))
-    if params == "auto":
-        params = "best" if cfg.keep_best and meta.get("best", {}).get("epoch", 0) > 0 else "last"
-    elif params == "best" and not (run / "best.npz").exists():
-        raise ValueError(f"--params best: {run} has no best.npz (the run was trained without --keep-best); "
-                         "use --params last")
-    be = backend_mod.get(cfg.backend)
-    data = prepare_data(cfg, be, log)
-    check_same_data(meta, data, run / "checkpoint.npz", cfg)
-    model = build_model(cfg, data.image_shape, be)
-    source = run / ("best.npz" if params == "best" else "checkpoint.npz")
-    pmeta = checkpoint.load_parameters(source, model, be, run_id=meta.get("run_id"))
-    return model, data, cfg, dict(meta, params_epoch=pmeta.get("epoch")), params
-
-
-def prepare_data(cfg: TrainConfig, be, log=None, progress=None) -> _Data:
-    """Load, subset and check the splits as the run ``cfg`` trains on them; refused before training if bad.
-
-    Returns the trainer's view: ``train`` on the backend (uint8 for 0/1 pixels
-    and 8-bit images), ``test`` (host intensities, for figures),
-    ``test_dev`` and ``valid_dev`` (on the backend; 8-bit images dequantized
-    once), ``image_shape``, ``levels`` and the loaded ``dataset``.
-    """
-    data = datasets.load(cfg.dataset, data_dir=cfg.data_dir, binarize=cfg.binarize, rng=cfg.seed, log=log,
-                         color=cfg.color, image_size=cfg.image_size, progress=progress,
-                         max_image_pixels=cfg.max_image_pixels)
-    x_train, x_test, test_labels = data.train, data.test, data.test_labels
-    test_attributes = None if data.attributes is None else data.attributes.get("test")
-    if cfg.limit is not None:
-        x_train = x_train[:cfg.limit]
-    if cfg.test_limit is not None and cfg.test_limit < x_test.shape[0]:
-        # evenly spaced, not the first N: MNIST's test split is ordered by class
-        keep = numpy.linspace(0, x_test.shape[0] - 1, cfg.test_limit).round().astype(numpy.int64)
-        x_test = x_test[keep]
-        test_labels = None if test_labels is None else test_labels[keep]
-        test_attributes = None if test_attributes is None else test_attributes[keep]
-    x_valid = data.valid if cfg.keep_best else None
-    if cfg.keep_best and x_valid is None:
-        raise ValueError(f"keep_best (--keep-best) needs a validation split and dataset {cfg.dataset!r} has none")
-    dtype = numpy.dtype(cfg.dtype)
-    if data.levels:   # 8-bit images: uint8 on the device; the test and validation splits dequantized once
-        gen = numpy.random.default_rng(_seeds(cfg.seed, 0, EVAL_DEQUANTIZATION_STREAM))
-        x_test, x_valid = (None if x is None else datasets.to_intensities(x, cfg.likelihood, gen)
-                           for x in (x_test, x_valid))
-        x_train = numpy.ascontiguousarray(x_train, dtype=numpy.uint8)
-    for name, x in (("training data", None if data.levels else x_train), ("validation data", x_valid),
-                    ("test data", x_test)):
-        if x is not None:
-            datasets.validate_images(x, cfg.likelihood, name=f"{cfg.dataset} {name}", expected_shape=data.image_shape)
-    # the training split lives on the device for the whole run: 0/1 pixels as uint8 (a quarter of the
-    # float32 size), expanded batch by batch
-    stored_as_bits = data.binary and not data.dynamic_binarization   # 0/1 pixels already (dynamic: probabilities)
-    stored_as_uint8 = stored_as_bits or bool(data.levels)
-    train_dev = be.asarray(numpy.ascontiguousarray(x_train, dtype=numpy.uint8 if stored_as_uint8 else dtype))
-    return _Data(train=train_dev, test=x_test, test_labels=test_labels, levels=data.levels, dataset=data,
-                 test_attributes=test_attributes, sha256=data_sha256(data.train, data.test),
-                 test_dev=be.asarray(x_test, dtype=dtype),
-                 valid_dev=None if x_valid is None else be.asarray(x_valid, dtype=dtype),
-                 image_shape=data.image_shape, dynamic=data.dynamic_binarization,
-                 binary=bool(data.binary or data.dynamic_binarization))
-
-
-def data_sha256(*splits) -> str:
-    """SHA-256 of the splits' pixels (dtype, shape and bytes, in order): what a checkpoint records of its data."""
-    h = hashlib.sha256()
-    for x in splits:
-        h.update(f"{x.dtype.str}{x.shape}".encode())
-        for start in range(0, x.shape[0], 4096):     # in blocks: a memory-mapped image cache stays on disk
-            h.update(numpy.ascontiguousarray(x[start:start + 4096]).tobytes())
-    return h.hexdigest()
-
-
-def check_same_data(meta: dict, data: _Data, path, cfg: TrainConfig) -> None:
-    """Refuse to continue (or evaluate) the run of checkpoint ``path`` on data other than its own."""
-    stored = meta.get("data_sha256")   # absent in checkpoints written before it was recorded
-    if stored is not None and stored != data.sha256:
-        where = f"--data-dir {cfg.data_dir}" if cfg.data_dir else f"the {cfg.dataset} data found"
-        raise ValueError(f"{path}: the run was trained on other data than {where} holds (data SHA-256 "
-                         f"{stored[:12]}..., found {data.sha256[:12]}...); point --data-dir at the run's own "
-                         "data, or start a new run")
-
-
 def _check_shards(n: int, batch_size: int, world_size: int) -> None:
     """Data-parallel: every rank must get at least one row of every batch, the last one included."""
     last = n % batch_size or batch_size
@@ -931,11 +733,6 @@ def _check_shards(n: int, batch_size: int, world_size: int) -> None:
 def _units(active, latent_dim) -> str:
     """'12/20', or per level, bottom first, '[31, 4]/40 per level'."""
     return f"{active}/{latent_dim}" if isinstance(active, int) else f"{active}/{latent_dim} per level"
-
-
-def _seeds(seed: int, epoch: int, stream: int) -> int:
-    """A 63-bit seed for one stream (0: shuffle, 1: eps, 2 + b: batch b's binarization) of one epoch."""
-    return int(numpy.random.SeedSequence([seed, epoch, stream]).generate_state(1, numpy.uint64)[0] >> numpy.uint64(1))
 
 
 def _checkpoint_path(resume) -> pathlib.Path:
@@ -957,28 +754,3 @@ def _versions():
     return out
 
 
-class _StopFlag:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's or mpiexec's stop) set a flag that the loop checks
-    between steps; a second one aborts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self):
-        try:
-            self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
-        except ValueError:  # not the main thread: Ctrl-C handling is the caller's business
-            self._previous = {}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)

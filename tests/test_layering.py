@@ -11,7 +11,8 @@ import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(REPO / "scratchvae").rglob("*.py"), *(REPO / "kernels").rglob("*.py")])
-UPPER = ("scratchvae.vae", "scratchvae.models", "scratchvae.train", "scratchvae.cli", "scratchvae.distributed")
+UPPER = ("scratchvae.model_base", "scratchvae.vae", "scratchvae.autoencoder", "scratchvae.models", "scratchvae.build",
+         "scratchvae.train", "scratchvae.reload", "scratchvae.cli", "scratchvae.distributed")
 # (module, imported name) of imports inside functions, each for an optional or heavy dependency
 LAZY = {("scratchvae/fused.py", "scratchvae.kernels"),                   # Numba: optional (fused=False)
         ("kernels/__init__.py", "scratchvae.kernels.cuda"),             # numba-cuda: only for CuPy arrays
@@ -60,6 +61,15 @@ def test_layers_never_import_the_model_or_the_trainer():
     for path in (REPO / "scratchvae" / "layers").rglob("*.py"):
         for module, _, _ in imports(path):
             assert not module.startswith(UPPER), (path.name, module)
+
+
+def test_every_function_of_the_trainer_fits_on_a_screen():
+    """train() and every function of the trainer's modules at most 60 lines (a job that grows gets a module)."""
+    trainer = ("train.py", "run_data.py", "build.py", "reload.py", "evaluation.py", "streams.py", "stop_signals.py")
+    long = [(name, f.name, f.end_lineno - f.lineno + 1) for name in trainer
+            for f in ast.walk(ast.parse((REPO / "scratchvae" / name).read_text()))
+            if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 > 60]
+    assert long == []
 
 
 def test_the_kernels_are_imported_in_one_place():

@@ -205,7 +205,8 @@ def test_bad_combinations_are_one_error_line(tmp_path, capsys, argv, needle):
 
 def test_an_iwae_run_keeps_the_best_epoch_by_its_own_bound(tmp_path):
     """Early stopping follows the training objective: an IWAE run's validation loss is its S-sample bound."""
-    from scratchvae.train import iwae_test_nll, load_trained
+    from scratchvae.evaluation import iwae_test_nll
+    from scratchvae.reload import load_trained
 
     run = tmp_path / "run"
     assert main([*TINY, "--objective", "iwae", "--samples", "5", "--keep-best", "--epochs", "1", "--no-figures",
