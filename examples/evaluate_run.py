@@ -25,9 +25,9 @@ import time
 
 from scratchvae.atomic import write_json
 from scratchvae.cli import USER_ERRORS, describe_error
-from scratchvae.runfolder import run_ids
 from scratchvae.evaluation import iwae_test_nll
 from scratchvae.reload import load_trained
+from scratchvae.runfolder import run_ids
 
 
 def evaluate(run: pathlib.Path, params: str, iwae_k: int, seed: int, progress, data_dir=None, log=None) -> dict:

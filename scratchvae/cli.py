@@ -19,9 +19,9 @@ import time
 
 from . import backend as backend_mod
 from . import checkpoint, datasets, distributed
+from .atomic import describe_os_error
 from .config import AE_UNUSED, CHOICES, RUN_DEFINING, TrainConfig
 from .runfolder import RunFolder, RunFolderError, new_run_folder, point_latest
-from .atomic import describe_os_error
 from .train import RunFailed, TrainingDiverged, train
 
 __all__ = ["build_parser", "config_from_args", "main", "USER_ERRORS", "describe_error", "IWAE_DEFAULT_SAMPLES"]

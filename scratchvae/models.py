@@ -34,7 +34,7 @@ from .layers import (
 )
 from .layers.base import float_dtype
 from .objectives import make as make_objective
-from .priors import PRIORS, VampPrior
+from .priors import make as make_prior
 from .vae import VAE
 
 __all__ = ["mlp_vae", "gated_vae", "conv_vae", "mlp_autoencoder", "conv_autoencoder", "hierarchical_vae",
@@ -116,12 +116,9 @@ def gated_vae(input_dim=784, hidden=(300, 300), latent_dim=40, likelihood="berno
 
 def _prior_and_objective(prior, pseudo_inputs, objective, samples, input_dim, encoder, seed):
     """The ``prior`` and ``objective`` keywords of :class:`~scratchvae.vae.VAE` for their names."""
-    if prior not in PRIORS:
-        raise ValueError(f"unknown prior {prior!r}; choose one of {PRIORS}")
-    made = None
-    if prior == "vampprior":   # its own generator: the layers' initialization stays that of the standard model
-        made = VampPrior(pseudo_inputs, input_dim, backend=encoder.backend, dtype=encoder.dtype,
-                         rng=numpy.random.SeedSequence([seed, 1]))
+    # its own generator: the layers' initialization stays that of the standard model
+    made = make_prior(prior, input_dim=input_dim, pseudo_inputs=pseudo_inputs, backend=encoder.backend,
+                      dtype=encoder.dtype, rng=numpy.random.SeedSequence([seed, 1]))
     return {"prior": made, "objective": make_objective(objective, samples)}
 
 

@@ -26,7 +26,7 @@ import numpy
 from .choices import PRIORS
 from .layers.base import Layer
 
-__all__ = ["StandardNormal", "VampPrior", "PRIORS"]
+__all__ = ["StandardNormal", "VampPrior", "PRIORS", "make"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -149,3 +149,11 @@ class VampPrior(Layer):
         return f"VampPrior(K={self.n_pseudo}, D={self.input_dim})"
 
 
+def make(name: str, *, input_dim: int, pseudo_inputs: int = 500, backend=None, dtype="float32", rng=None):
+    """The prior called ``name`` (one of :data:`PRIORS`): a new prior is its class, its line here and its name
+    in :mod:`scratchvae.choices`. ``pseudo_inputs`` is the VampPrior's K; ``rng`` seeds its pseudo-inputs."""
+    if name == "standard":
+        return StandardNormal()
+    if name == "vampprior":
+        return VampPrior(pseudo_inputs, input_dim, backend=backend, dtype=dtype, rng=rng)
+    raise ValueError(f"unknown prior {name!r}; choose one of {PRIORS}")
