@@ -14,19 +14,20 @@ def build_model(cfg: TrainConfig, image_shape, be):
     common = dict(latent_dim=cfg.latent_dim, likelihood=cfg.likelihood, backend=be, dtype=cfg.dtype,
                   seed=cfg.seed, activation=cfg.activation, fused=cfg.fused)
     probabilistic = dict(prior=cfg.prior, pseudo_inputs=cfg.pseudo_inputs, objective=cfg.objective, samples=cfg.samples)
+    dense = dict(common, init=cfg.init)   # the MLP-shaped models: their weights' initialization
     if cfg.levels > 1:
         return hierarchical_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape),
-                                levels=cfg.levels, arch=cfg.arch, **common, **probabilistic)
+                                levels=cfg.levels, arch=cfg.arch, **dense, **probabilistic)
     if cfg.arch == "mlp" and cfg.model == "vae":
-        return mlp_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape), **common,
+        return mlp_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape), **dense,
                        **probabilistic)
     if cfg.arch == "mlp":
         return mlp_autoencoder(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape),
-                               **common)
+                               **dense)
     if cfg.arch == "gated":
-        common.pop("activation")
+        dense.pop("activation")
         return gated_vae(input_dim=math.prod(image_shape), hidden=cfg.hidden, input_shape=tuple(image_shape),
-                         **common, **probabilistic)
+                         **dense, **probabilistic)
     build = conv_vae if cfg.model == "vae" else conv_autoencoder
     return build(input_shape=tuple(image_shape), channels=cfg.channels, hidden=cfg.hidden[0] if cfg.hidden else None,
                  downsample=cfg.downsample, **common)

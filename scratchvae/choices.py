@@ -10,3 +10,4 @@ PRIORS = ("standard", "vampprior")                   # scratchvae.priors
 OBJECTIVES = ("elbo", "iwae")                        # scratchvae.objectives
 MODELS = ("vae", "ae")                               # a VAE, or the plain autoencoder
 DTYPES = ("float32", "float64")
+INITS = ("uniform", "he")                           # Dense/GatedDense weights: PyTorch's default, or He normal

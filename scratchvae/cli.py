@@ -88,6 +88,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a("--levels", type=int, metavar="T", help="stochastic levels of --latent-dim each (default 1); 2 with --arch "
       "gated is the VampPrior paper's hierarchical VAE: q(z2|x), q(z1|x,z2), p(z1|z2), p(x|z1,z2), the prior on z2")
     a("--activation", choices=_offered("activation"), help="hidden activation (default relu)")
+    a("--init", choices=_offered("init"), help="the weights of the Dense and GatedDense layers (--arch mlp, gated): "
+      "uniform, PyTorch's default U(-k, k), k = 1/sqrt(fan_in) (default), or he, N(0, 2/fan_in) as in the VampPrior "
+      "code; biases stay uniform")
     a("--likelihood", choices=_offered("likelihood"), help="p(x|z): bernoulli (logits) or gaussian with a learned "
                                                               "per-pixel sigma (default bernoulli)")
     a("--prior", choices=_offered("prior"), help="p(z): standard N(0, I) (default), or vampprior, a "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .choices import ACTIVATIONS, ARCHS, BACKENDS, DOWNSAMPLING, DTYPES, LIKELIHOODS, MODELS, OBJECTIVES, PRIORS
+from .choices import ACTIVATIONS, ARCHS, BACKENDS, DOWNSAMPLING, DTYPES, INITS, LIKELIHOODS, MODELS, OBJECTIVES, PRIORS
 
 __all__ = ["TrainConfig", "RUN_DEFINING", "AE_UNUSED", "CHOICES"]
 
@@ -37,6 +37,7 @@ class TrainConfig:
     latent_dim: int = 20
     levels: int = 1                 # stochastic levels of latent_dim each (scratchvae.vae)
     activation: str = "relu"
+    init: str = "uniform"           # Dense/GatedDense weights: "uniform" (PyTorch's default) or "he" (He normal)
     likelihood: str = "bernoulli"
     model: str = "vae"
     prior: str = "standard"         # p(z): "standard" N(0, I) or "vampprior" (scratchvae.priors)
@@ -111,6 +112,9 @@ class TrainConfig:
         if self.arch == "gated" and (self.model != "vae" or self.activation != "relu"):
             raise ValueError("--arch gated is the VampPrior paper's VAE: its gates are its nonlinearity, so it "
                              f"takes no --activation, and it has no autoencoder twin (--model {self.model!r})")
+        if self.init != _DEFAULTS["init"] and self.arch == "conv":
+            raise ValueError(f"init (--init) {self.init!r} is for the Dense and GatedDense layers of --arch mlp and "
+                             "--arch gated; the conv VAE keeps PyTorch's default (drop --init)")
         if self.valid_k > 0 and not self.keep_best:
             raise ValueError(f"valid_k (--valid-k) sets the validation loss of keep_best (--keep-best); add it, "
                              f"or drop --valid-k (got valid_k={self.valid_k})")
@@ -181,7 +185,7 @@ class TrainConfig:
 
 # The fields whose values make a run what it is: a resumed run must keep them.
 RUN_DEFINING = ("dataset", "binarize", "color", "image_size", "arch", "hidden", "channels", "downsample", "latent_dim", "levels", "activation",
-                "likelihood", "model", "prior", "pseudo_inputs", "objective", "samples", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "input_noise", "seed", "dtype",
+                "init", "likelihood", "model", "prior", "pseudo_inputs", "objective", "samples", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "input_noise", "seed", "dtype",
                 "limit", "fused", "valid_k")
 # VAE-only settings: given to a plain autoencoder, they would silently do nothing.
 AE_UNUSED = ("beta", "kl_warmup", "free_bits", "iwae_k")
@@ -189,7 +193,7 @@ AE_UNUSED = ("beta", "kl_warmup", "free_bits", "iwae_k")
 _TYPES = {"backend": str, "dataset": str, "data_dir": (str, None), "binarize": (str, None), "color": str,
           "image_size": int, "max_image_pixels": int, "arch": str,
           "hidden": tuple, "channels": tuple, "downsample": str, "latent_dim": int, "levels": int,
-          "activation": str, "likelihood": str, "model": str,
+          "activation": str, "init": str, "likelihood": str, "model": str,
           "prior": str, "pseudo_inputs": int, "objective": str, "samples": int,
           "epochs": int, "batch_size": int, "lr": float, "lr_final": (float, None), "beta": float,
           "kl_warmup": float, "free_bits": float, "input_noise": float, "seed": int, "dtype": str, "limit": (int, None),
@@ -199,7 +203,7 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 #: The allowed values of each field with a fixed set (the command line offers the same; None: not given).
 CHOICES = {"arch": ARCHS, "model": MODELS, "likelihood": LIKELIHOODS, "dtype": DTYPES, "backend": BACKENDS,
            "binarize": (None, "static", "dynamic"), "activation": ACTIVATIONS, "downsample": DOWNSAMPLING,
-           "color": ("rgb", "gray"), "prior": PRIORS, "objective": OBJECTIVES}
+           "color": ("rgb", "gray"), "prior": PRIORS, "objective": OBJECTIVES, "init": INITS}
 
 
 def _name(key: str) -> str:

@@ -14,7 +14,7 @@ import numpy
 
 from .autoencoder import Autoencoder
 from .backend import resolve
-from .choices import DOWNSAMPLING
+from .choices import DOWNSAMPLING, INITS
 from .layers import (
     Clamp,
     Conv2d,
@@ -52,29 +52,33 @@ def _activation(name, fused=False, **kw):
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
 
 
-def _setting_up(backend, dtype, seed, hidden):
+def _setting_up(backend, dtype, seed, hidden, init):
     """What every MLP-shaped builder starts from: the weights' generator, the layers' backend and dtype
-    keywords, and the hidden widths (at least one)."""
+    keywords, the hidden widths (at least one), and the keywords of the layers with weights (the
+    generator and ``init``)."""
     kw = dict(backend=resolve(backend), dtype=float_dtype(dtype))
     hidden = tuple(int(h) for h in hidden)
     if not hidden:
         raise ValueError("hidden must name at least one layer width")
-    return numpy.random.default_rng(seed), kw, hidden
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    gen = numpy.random.default_rng(seed)
+    return gen, kw, hidden, dict(kw, rng=gen, init=init)
 
 
-def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused=False):
-    gen, kw, hidden = _setting_up(backend, dtype, seed, hidden)
+def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused=False, init="uniform"):
+    gen, kw, hidden, wkw = _setting_up(backend, dtype, seed, hidden, init)
     akw = dict(kw, fused=fused)   # the activations: Numba loops when fused
     enc, width = [], int(input_dim)
     for h in hidden:
-        enc += [Dense(width, h, rng=gen, **kw), _activation(activation, **akw)]
+        enc += [Dense(width, h, **wkw), _activation(activation, **akw)]
         width = h
-    heads = Dense(width, latent_dim, rng=gen, **kw), Dense(width, latent_dim, rng=gen, **kw)
+    heads = Dense(width, latent_dim, **wkw), Dense(width, latent_dim, **wkw)
     dec, width = [], int(latent_dim)
     for h in reversed(hidden):
-        dec += [Dense(width, h, rng=gen, **kw), _activation(activation, **akw)]
+        dec += [Dense(width, h, **wkw), _activation(activation, **akw)]
         width = h
-    dec.append(Dense(width, int(input_dim), rng=gen, **kw))
+    dec.append(Dense(width, int(input_dim), **wkw))
     enc[0].input_grad = False   # its input is data: skip dL/dx
     return Sequential(*enc), heads, Sequential(*dec)
 
@@ -83,32 +87,32 @@ def _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, 
 GATED_LOG_SIGMA_RANGE = (-3.0, 1.0)
 
 
-def _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed, fused=False):
+def _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed, fused=False, init="uniform"):
     """Tomczak & Welling's MLP: GatedDense hidden layers (no other activation), a linear mu head, a
     log_sigma head clamped to :data:`GATED_LOG_SIGMA_RANGE`, a linear output layer (logits or mean)."""
-    gen, kw, hidden = _setting_up(backend, dtype, seed, hidden)
+    gen, kw, hidden, wkw = _setting_up(backend, dtype, seed, hidden, init)
     enc, width = [], int(input_dim)
     for h in hidden:
-        enc.append(GatedDense(width, h, rng=gen, fused=fused, **kw))
+        enc.append(GatedDense(width, h, fused=fused, **wkw))
         width = h
-    mu = Dense(width, latent_dim, rng=gen, **kw)
-    log_sigma = Sequential(Dense(width, latent_dim, rng=gen, **kw), Clamp(*GATED_LOG_SIGMA_RANGE, **kw))
+    mu = Dense(width, latent_dim, **wkw)
+    log_sigma = Sequential(Dense(width, latent_dim, **wkw), Clamp(*GATED_LOG_SIGMA_RANGE, **kw))
     dec, width = [], int(latent_dim)
     for h in reversed(hidden):
-        dec.append(GatedDense(width, h, rng=gen, fused=fused, **kw))
+        dec.append(GatedDense(width, h, fused=fused, **wkw))
         width = h
-    dec.append(Dense(width, int(input_dim), rng=gen, **kw))
+    dec.append(Dense(width, int(input_dim), **wkw))
     enc[0].input_grad = False   # its input is data: skip dL/dx
     return Sequential(*enc), (mu, log_sigma), Sequential(*dec)
 
 
 def gated_vae(input_dim=784, hidden=(300, 300), latent_dim=40, likelihood="bernoulli", backend=None,
               dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None,
-              prior="standard", pseudo_inputs=500, objective="elbo", samples=1) -> VAE:
+              prior="standard", pseudo_inputs=500, objective="elbo", samples=1, init="uniform") -> VAE:
     """The VampPrior paper's MLP VAE: GatedDense layers ``input_dim -> hidden...``, the encoder's log
     variance clamped to [-6, 2]; the decoder mirrors it. Weights from ``seed``; ``prior``, ``pseudo_inputs``,
-    ``objective`` and ``samples`` as for :func:`mlp_vae`."""
-    encoder, (mu, log_sigma), decoder = _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed, fused)
+    ``objective``, ``samples`` and ``init`` as for :func:`mlp_vae`."""
+    encoder, (mu, log_sigma), decoder = _gated_parts(input_dim, hidden, latent_dim, backend, dtype, seed, fused, init)
     return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
                gaussian_log_sigma=gaussian_log_sigma, fused=fused,
                **_prior_and_objective(prior, pseudo_inputs, objective, samples, input_dim, encoder, seed))
@@ -124,27 +128,31 @@ def _prior_and_objective(prior, pseudo_inputs, objective, samples, input_dim, en
 
 def mlp_vae(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",
             backend=None, dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None,
-            prior="standard", pseudo_inputs=500, objective="elbo", samples=1) -> VAE:
+            prior="standard", pseudo_inputs=500, objective="elbo", samples=1, init="uniform") -> VAE:
     """An MLP VAE: input_dim -> hidden... -> (mu, log_sigma) of latent_dim; the decoder mirrors it.
 
     With the defaults, the 784-400-20 ReLU model of Kingma & Welling.
-    Weights are initialized from ``seed`` (PyTorch's default scheme).
+    Weights are initialized from ``seed``: ``init="uniform"``, PyTorch's default
+    scheme, or ``"he"``, He-normal weights (the VampPrior code's).
     ``input_shape`` (e.g. (1, 28, 28)) only tells the model, and the figures,
     how a flat row of ``input_dim`` pixels is an image; default (input_dim,).
     ``prior``: ``"standard"`` (N(0, I)) or ``"vampprior"`` with
     ``pseudo_inputs`` components (:mod:`scratchvae.priors`); ``objective``:
     ``"elbo"`` or ``"iwae"`` with ``samples`` >= 2 (:mod:`scratchvae.objectives`).
     """
-    encoder, (mu, log_sigma), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused)
+    encoder, (mu, log_sigma), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused,
+                                                   init)
     return VAE(encoder, mu, log_sigma, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
                gaussian_log_sigma=gaussian_log_sigma, fused=fused,
                **_prior_and_objective(prior, pseudo_inputs, objective, samples, input_dim, encoder, seed))
 
 
 def mlp_autoencoder(input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",
-                    backend=None, dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None) -> Autoencoder:
+                    backend=None, dtype="float32", seed=0, gaussian_log_sigma="learned", fused=True, input_shape=None,
+                    init="uniform") -> Autoencoder:
     """The plain-autoencoder twin of :func:`mlp_vae` (same layers, no log_sigma head)."""
-    encoder, (code, _), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused)
+    encoder, (code, _), decoder = _mlp_parts(input_dim, hidden, latent_dim, activation, backend, dtype, seed, fused,
+                                             init)
     return Autoencoder(encoder, code, decoder, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
                        gaussian_log_sigma=gaussian_log_sigma, fused=fused)
 
@@ -289,24 +297,24 @@ def conv_autoencoder(input_shape=(1, 28, 28), channels=(32, 64), latent_dim=20, 
                        gaussian_log_sigma=gaussian_log_sigma, fused=fused)
 
 
-def _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation, backend, dtype, seed, fused):
+def _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation, backend, dtype, seed, fused, init="uniform"):
     """The networks of a ``levels``-level model (the names of :class:`~scratchvae.vae.VAE`), gated or MLP."""
-    gen, kw, hidden = _setting_up(backend, dtype, seed, hidden)
+    gen, kw, hidden, wkw = _setting_up(backend, dtype, seed, hidden, init)
     H, Z, D = hidden[-1], int(latent_dim), int(input_dim)
 
     def stack(width, widths, data_input=False):
         layers = []
         for h in widths:
-            layers += ([GatedDense(width, h, rng=gen, fused=fused, **kw)] if arch == "gated" else
-                       [Dense(width, h, rng=gen, **kw), _activation(activation, fused=fused, **kw)])
+            layers += ([GatedDense(width, h, fused=fused, **wkw)] if arch == "gated" else
+                       [Dense(width, h, **wkw), _activation(activation, fused=fused, **kw)])
             width = h
         if data_input:
             layers[0].input_grad = False   # its input is data: skip dL/dx
         return Sequential(*layers)
 
     def heads(prefix):
-        return {f"{prefix}mu": Dense(H, Z, rng=gen, **kw),
-                f"{prefix}log_sigma": Sequential(Dense(H, Z, rng=gen, **kw), Clamp(*GATED_LOG_SIGMA_RANGE, **kw))}
+        return {f"{prefix}mu": Dense(H, Z, **wkw),
+                f"{prefix}log_sigma": Sequential(Dense(H, Z, **wkw), Clamp(*GATED_LOG_SIGMA_RANGE, **kw))}
 
     T = int(levels)
     parts = {"encoder": stack(D, hidden, data_input=True), **heads("")}
@@ -317,14 +325,14 @@ def _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation,
     for l in range(1, T + 1):
         parts[f"decoder.z{l}"] = stack(Z, (hidden[-1],))
     widths = hidden[::-1][1:] or (H,)             # the joint layers after the concatenation of the T branches
-    parts["decoder"] = Sequential(*stack(T * H, widths).layers, Dense(widths[-1], D, rng=gen, **kw))
+    parts["decoder"] = Sequential(*stack(T * H, widths).layers, Dense(widths[-1], D, **wkw))
     return parts
 
 
 def hierarchical_vae(input_dim=784, hidden=(300, 300), latent_dim=40, levels=2, arch="gated", prior="standard",
                      pseudo_inputs=500, objective="elbo", samples=1, likelihood="bernoulli", backend=None,
                      dtype="float32", seed=0, fused=True, activation="relu", input_shape=None,
-                     gaussian_log_sigma="learned") -> VAE:
+                     gaussian_log_sigma="learned", init="uniform") -> VAE:
     """A VAE of ``levels`` stochastic levels of ``latent_dim`` dimensions each (the VampPrior paper's HVAE
     for ``levels=2``, ``arch="gated"``, ``hidden=(300, 300)``, ``latent_dim=40``).
 
@@ -337,7 +345,8 @@ def hierarchical_vae(input_dim=784, hidden=(300, 300), latent_dim=40, levels=2, 
     levels = _positive_int("levels", levels)
     if arch not in ("gated", "mlp"):
         raise ValueError(f"hierarchical_vae: arch must be 'gated' or 'mlp', got {arch!r}")
-    parts = _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation, backend, dtype, seed, fused)
+    parts = _hierarchical_parts(input_dim, hidden, latent_dim, levels, arch, activation, backend, dtype, seed, fused,
+                                init)
     top = [parts.pop(name) for name in ("encoder", "mu", "log_sigma", "decoder")]
     return VAE(*top, lower_levels=parts, likelihood=likelihood, input_shape=_flat_shape(input_dim, input_shape),
                gaussian_log_sigma=gaussian_log_sigma, fused=fused,

@@ -1,4 +1,6 @@
 """GatedDense and the hard clamp: float64 gradient checks against central finite differences."""
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -135,3 +137,18 @@ def test_gated_arch_trains_from_the_command_line(tmp_path, capsys):
     assert main(["--arch", "gated", "--activation", "tanh", "--out", str(tmp_path / "bad")]) == 1
     err = capsys.readouterr().err
     assert "error: --arch gated" in err and "--activation" in err
+
+
+@pytest.mark.parametrize("layer", ["dense", "gated"])
+def test_he_init_draws_weights_of_variance_two_over_fan_in_and_leaves_the_biases_uniform(layer):
+    from scratchvae.layers import Dense, GatedDense
+    make = {"dense": Dense, "gated": GatedDense}[layer]
+    he, uniform = (make(400, 300, rng=0, dtype="float64", init=init) for init in ("he", "uniform"))
+    for name, p in he.params.items():
+        if p.ndim == 2:   # the weights: N(0, 2/400), std 0.0707 (the uniform's is 1/sqrt(3 * 400) = 0.0289)
+            assert abs(p.std() / math.sqrt(2 / 400) - 1) < 0.01 and abs(p.mean()) < 1e-3, name
+            assert abs(uniform.params[name].std() / math.sqrt(1 / 1200) - 1) < 0.01, name
+        else:             # the biases: U(-1/20, 1/20) either way
+            assert np.abs(p).max() <= 0.05 and abs(p.std() / math.sqrt(1 / 1200) - 1) < 0.15, name
+    with pytest.raises(ValueError, match="init must be one of"):
+        make(4, 3, rng=0, init="xavier")

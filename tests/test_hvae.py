@@ -256,3 +256,20 @@ def test_draw_figures_of_a_run_trained_without_them(tmp_path, capsys):
     assert {"samples.png", "posterior.png", "pseudo_inputs.png", "curves.png", "figures.json"} <= drawn
     summary = json.loads((run / "figures" / "figures.json").read_text())
     assert len(summary["figures"]["posterior"]["active_units"]) == 2
+
+
+def test_he_init_is_a_run_defining_flag_of_the_mlp_shaped_models(tmp_path, capsys):
+    tiny = ["--arch", "gated", "--hidden", "8", "--latent-dim", "2", "--levels", "2", "--limit", "100",
+            "--test-limit", "20", "--no-figures"]
+    assert main([*tiny, "--init", "he", "--epochs", "1", "--out", str(tmp_path / "he")]) == 0
+    summary = json.loads((tmp_path / "he" / "summary.json").read_text())
+    assert summary["config"]["init"] == "he"
+    capsys.readouterr()
+    assert main([*tiny, "--init", "uniform", "--epochs", "2", "--resume", str(tmp_path / "he")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "init" in err, err
+    assert main(["--arch", "conv", "--init", "he", "--epochs", "1", "--out", str(tmp_path / "conv")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "init (--init) 'he' is for the Dense and GatedDense layers" in err, err
+    he = hierarchical_vae(init="he", seed=1)
+    assert abs(float(he.params["q1.joint.0.W"].std()) / math.sqrt(2 / 600) - 1) < 0.02

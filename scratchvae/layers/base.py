@@ -11,9 +11,12 @@ A layer is a thin stateful wrapper around a pure ``*_forward`` /
 """
 from __future__ import annotations
 
+import math
+
 import numpy
 
 from ..backend import resolve
+from ..choices import INITS
 
 __all__ = ["Layer", "init_rng", "float_dtype", "gather_params", "zero_grads", "walk"]
 
@@ -27,6 +30,18 @@ def float_dtype(dtype) -> numpy.dtype:
     if dt not in (numpy.float32, numpy.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
     return dt
+
+
+def init_weights(gen, init, shape):
+    """A weight matrix (fan_in, fan_out) drawn as ``init`` says: ``"uniform"``, U(-k, k) with
+    k = 1/sqrt(fan_in) (PyTorch's default for a linear layer), or ``"he"``, N(0, 2/fan_in) (He et al. 2015,
+    the VampPrior code's initialization)."""
+    if init == "uniform":
+        k = 1.0 / math.sqrt(shape[0])
+        return gen.uniform(-k, k, size=shape)
+    if init == "he":
+        return gen.normal(0.0, math.sqrt(2.0 / shape[0]), size=shape)
+    raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
 
 def init_rng(rng):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .base import Layer, init_rng
+from .base import Layer, init_rng, init_weights
 
 __all__ = ["Dense", "affine_forward", "affine_backward"]
 
@@ -73,7 +73,8 @@ class Dense(Layer):
     ``params["W"]`` has shape (in_features, out_features) and ``params["b"]``
     shape (out_features,).  Initialization follows PyTorch's default for
     ``nn.Linear``: W and b are drawn from U(-k, k) with k = 1/sqrt(in_features),
-    using ``rng`` (a NumPy generator or a seed).
+    using ``rng`` (a NumPy generator or a seed); ``init="he"`` draws W from
+    N(0, 2/in_features) instead (He et al. 2015; b as before).
 
     Input (B, in_features) -> output (B, out_features).
 
@@ -86,7 +87,7 @@ class Dense(Layer):
     input_grad = True
 
     def __init__(self, in_features: int, out_features: int, *, order: str = "C", backend=None, dtype="float32",
-                 rng=None):
+                 rng=None, init: str = "uniform"):
         super().__init__(backend=backend, dtype=dtype)
         if order not in ("C", "F"):
             raise ValueError(f"Dense: order must be 'C' or 'F', got {order!r}")
@@ -96,7 +97,7 @@ class Dense(Layer):
         self.in_features, self.out_features = int(in_features), int(out_features)
         gen = init_rng(rng)
         k = 1.0 / math.sqrt(self.in_features)
-        self._add_param("W", gen.uniform(-k, k, size=(self.in_features, self.out_features)))
+        self._add_param("W", init_weights(gen, init, (self.in_features, self.out_features)))
         self._add_param("b", gen.uniform(-k, k, size=(self.out_features,)))
 
     def forward(self, x):

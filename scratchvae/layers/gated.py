@@ -19,7 +19,7 @@ import math
 
 from ..fused import kernels as fused_kernels
 from ..losses import sigmoid
-from .base import Layer, init_rng
+from .base import Layer, init_rng, init_weights
 
 __all__ = ["GatedDense", "gated_forward", "gated_backward"]
 
@@ -56,7 +56,8 @@ class GatedDense(Layer):
     """``h = (x W + b) * sigmoid(x V + c)``: (B, in_features) -> (B, out_features).
 
     W, b and V, c are initialized as two :class:`~scratchvae.layers.Dense`
-    layers are (PyTorch's ``nn.Linear`` default: U(-k, k), k = 1/sqrt(in_features)).
+    layers are (PyTorch's ``nn.Linear`` default: U(-k, k), k = 1/sqrt(in_features);
+    ``init="he"``: W and V from N(0, 2/in_features), as the VampPrior code initializes them).
     ``input_grad = False`` skips dL/dx (a layer whose input is data).
     ``fused=True``: on NumPy arrays, the elementwise lines run as one Numba
     pass each (:mod:`scratchvae.kernels`); the array code is the definition.
@@ -65,7 +66,7 @@ class GatedDense(Layer):
     input_grad = True
 
     def __init__(self, in_features: int, out_features: int, *, backend=None, dtype="float32", rng=None,
-                 fused: bool = False):
+                 fused: bool = False, init: str = "uniform"):
         super().__init__(backend=backend, dtype=dtype)
         self._kernels = fused_kernels() if fused and self.backend.name == "numpy" else None
         if in_features < 1 or out_features < 1:
@@ -76,7 +77,7 @@ class GatedDense(Layer):
         k = 1.0 / math.sqrt(self.in_features)
         for name, shape in (("W", (self.in_features, self.out_features)), ("b", (self.out_features,)),
                             ("V", (self.in_features, self.out_features)), ("c", (self.out_features,))):
-            self._add_param(name, gen.uniform(-k, k, size=shape))
+            self._add_param(name, init_weights(gen, init, shape) if len(shape) == 2 else gen.uniform(-k, k, size=shape))
 
     def forward(self, x):
         """x: (B, in_features) -> (B, out_features)."""
