@@ -176,6 +176,7 @@ def restore(path, arrays: dict, model, opt_state, be) -> None:
     Every array is checked against its target (name, shape, dtype) and must be
     finite; nothing unknown may be left over.
     """
+    arrays = _top_level_names(arrays, getattr(model, "levels", 1))
     for name, p in model.params.items():
         targets = [("param", p)]
         if opt_state is not None:
@@ -198,6 +199,24 @@ def restore(path, arrays: dict, model, opt_state, be) -> None:
     extra = {k.split("/", 1)[1] for k in arrays} - set(model.params)
     if extra:
         raise CheckpointError(f"checkpoint {path} does not fit the model: unknown parameters {sorted(extra)}")
+
+
+def _top_level_names(arrays: dict, levels: int) -> dict:
+    """The arrays with the names of today's models: a hierarchy's top level was first written as
+    ``q{T}.x``, ``q{T}.mu`` and ``q{T}.log_sigma``; it now has the one-level names ``encoder``, ``mu``
+    and ``log_sigma`` (the same arrays, so such a checkpoint loads, resumes and evaluates unchanged)."""
+    old = {f"q{levels}.x.": "encoder.", f"q{levels}.mu.": "mu.", f"q{levels}.log_sigma.": "log_sigma."}
+    if levels < 2 or not any(k.split("/", 1)[1].startswith(tuple(old)) for k in arrays):
+        return arrays
+    renamed = {}
+    for key, a in arrays.items():
+        prefix, name = key.split("/", 1)
+        for was, now in old.items():
+            if name.startswith(was):
+                name = now + name[len(was):]
+                break
+        renamed[f"{prefix}/{name}"] = a
+    return renamed
 
 
 def check_run_meta(meta: dict, path) -> dict:

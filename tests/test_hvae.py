@@ -273,3 +273,27 @@ def test_he_init_is_a_run_defining_flag_of_the_mlp_shaped_models(tmp_path, capsy
     assert err.count("\n") == 1 and "init (--init) 'he' is for the Dense and GatedDense layers" in err, err
     he = hierarchical_vae(init="he", seed=1)
     assert abs(float(he.params["q1.joint.0.W"].std()) / math.sqrt(2 / 600) - 1) < 0.02
+
+
+def test_a_checkpoint_with_the_first_top_level_names_loads():
+    """A hierarchy's top level was first saved as q{T}.x, q{T}.mu, q{T}.log_sigma; such files still load."""
+    from scratchvae import checkpoint
+    from scratchvae.optim import Adam
+    model, fresh = small(levels=3, seed=1), small(levels=3, seed=2)
+    be = model.backend
+    state = Adam().init(model.params)
+    arrays = checkpoint.run_arrays(model, state, be)
+    old = {}
+    for key, a in arrays.items():
+        prefix, name = key.split("/", 1)
+        for now, was in (("encoder.", "q3.x."), ("mu.", "q3.mu."), ("log_sigma.", "q3.log_sigma.")):
+            if name.startswith(now):
+                name = was + name[len(now):]
+        old[f"{prefix}/{name}"] = a
+    assert "param/q3.x.0.W" in old and "param/encoder.0.W" not in old
+    fresh_state = Adam().init(fresh.params)
+    checkpoint.restore("old.npz", old, fresh, fresh_state, be)
+    for name in model.params:
+        np.testing.assert_array_equal(fresh.params[name], model.params[name])
+    x, eps = data(model, 2)
+    assert fresh.loss_and_grad(x, eps=eps)[0] == model.loss_and_grad(x, eps=eps)[0]
