@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     try:
         model, data, cfg, meta, params = load_trained(run, args.params)
         drawn = figures.save_all(model, out, data.test, np.random.default_rng(cfg.seed), labels=data.test_labels,
-                                 history=meta["history"], run_id=meta.get("run_id"))
+                                 history=meta["history"], run_id=meta.get("run_id"), epoch=meta["params_epoch"])
     except (*USER_ERRORS, OSError) as err:
         print(f"error: {describe_error(err)}", file=sys.stderr)
         return 1

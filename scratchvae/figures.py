@@ -636,11 +636,13 @@ def plot_interpolation(model, x_test, path, rng, labels=None, n_pairs=6, steps=1
     })
 
 
-def plot_posterior(history, path, run_id=None):
+def plot_posterior(history, path, run_id=None, epoch=None):
     """Posterior collapse made visible: the KL of each latent dimension and the active units.
 
-    Left: the last epoch's test KL per dimension, a bar per dimension, dark
-    where the dimension is active (``Var_x(E_q[z_j]) > 0.01``, Burda et al.).
+    Left: the test KL per dimension of epoch ``epoch`` (the epoch of the
+    parameters the other figures use, e.g. the best one; default the last),
+    a bar per dimension, dark where the dimension is active
+    (``Var_x(E_q[z_j]) > 0.01``, Burda et al.).
     Right: the number of active units per epoch.
 
     Parameters
@@ -658,11 +660,11 @@ def plot_posterior(history, path, run_id=None):
     """
     levels = [h for h in history if h.get("latent_activity") is not None and isinstance(h["active_units"], list)]
     if levels:
-        return _plot_posterior_levels(levels, path, run_id)
+        return _plot_posterior_levels(levels, path, run_id, _record_of(levels, epoch))
     rows = [h for h in history if h.get("kl_per_dim") is not None]
     if not rows:
         raise ValueError("plot_posterior needs epochs with kl_per_dim (a VAE's history)")
-    last = rows[-1]
+    last = _record_of(rows, epoch)
     kl = np.asarray(last["kl_per_dim"], dtype=np.float64)
     active = np.asarray(last["latent_activity"], dtype=np.float64) > 0.01
     fig = Figure(figsize=(11, 3.6), layout="constrained")
@@ -679,6 +681,7 @@ def plot_posterior(history, path, run_id=None):
     ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     epochs = [h.get("epoch", i + 1) for i, h in enumerate(rows)]
     ax2.plot(epochs, [h["active_units"] for h in rows], "-o", ms=4)
+    ax2.axvline(last.get("epoch", len(rows)), color="gray", lw=0.8, ls=":")   # the epoch the bars show
     ax2.set_ylim(0, kl.size + 0.5)
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("active units")
@@ -690,11 +693,15 @@ def plot_posterior(history, path, run_id=None):
                         "collapsed": np.flatnonzero(~active)})
 
 
-def _plot_posterior_levels(rows, path, run_id):
+def _record_of(rows, epoch):
+    """The record of ``epoch`` among ``rows`` (the last one when ``epoch`` is None or not recorded)."""
+    return next((h for h in rows if epoch is not None and h.get("epoch") == epoch), rows[-1])
+
+
+def _plot_posterior_levels(rows, path, run_id, last):
     """posterior.png of a hierarchy: per level (bottom first) Burda et al.'s activity Var_x E[z_j] of every
-    dimension at the last epoch, and the active units per level per epoch. The collapse of the upper
-    level is the known failure of hierarchical VAEs: its bars then sit under the 0.01 line."""
-    last = rows[-1]
+    dimension at the epoch of record ``last``, and the active units per level per epoch. The collapse of the
+    upper level is the known failure of hierarchical VAEs: its bars then sit under the 0.01 line."""
     activity = [np.asarray(a, dtype=np.float64) for a in last["latent_activity"]]
     fig = Figure(figsize=(11, 2.6 * len(activity)), layout="constrained")
     axes = fig.subplots(len(activity), 2, width_ratios=[2, 1], squeeze=False)
@@ -711,6 +718,7 @@ def _plot_posterior_levels(rows, path, run_id):
                       f"{act.size} active", fontsize=10)
         ax1.legend(fontsize=8)
         ax2.plot(epochs, [h["active_units"][level - 1] for h in rows], "-o", ms=3)
+        ax2.axvline(last.get("epoch", len(rows)), color="gray", lw=0.8, ls=":")   # the epoch the bars show
         ax2.set_ylim(0, act.size + 0.5)
         ax2.set_title(f"active units of z{level} per epoch", fontsize=10)
         ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -807,7 +815,7 @@ def plot_pseudo_inputs(model, path, n=100, run_id=None):
     return to_jsonable({"path": os.fspath(path), "n": n, "K": int(u.shape[0]), "mean_intensity": float(u.mean())})
 
 
-def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None, noisy=None):
+def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None, noisy=None, epoch=None):
     """Write every figure into ``out_dir``.
 
     Files: ``samples.png``, ``reconstructions.png``, ``pseudo_inputs.png`` (a VampPrior's), ``curves.png`` (only
@@ -830,6 +838,9 @@ def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None
         (``scratchvae-run-id``); every ``plot_*`` function takes it too.
     noisy : array_like, shape of ``x_test``, optional
         Corrupted copies of ``x_test`` (a denoising model): adds ``denoising.png``.
+    epoch : int, optional
+        The epoch whose parameters ``model`` holds (the best one of a ``--keep-best`` run):
+        ``posterior.png`` shows that epoch's record; default the last.
 
     Returns
     -------
@@ -846,7 +857,7 @@ def save_all(model, out_dir, x_test, rng, labels=None, history=None, run_id=None
     if history:
         results["curves"] = plot_curves(history, p("curves"), run_id=run_id)
         if any(h.get("kl_per_dim") is not None or isinstance(h.get("active_units"), list) for h in history):
-            results["posterior"] = plot_posterior(history, p("posterior"), run_id=run_id)
+            results["posterior"] = plot_posterior(history, p("posterior"), run_id=run_id, epoch=epoch)
     results["latent"] = plot_latent(model, x_test, p("latent"), labels=labels, run_id=run_id)
     results["manifold"] = plot_manifold(model, p("manifold"), x_test=x_test, run_id=run_id)
     if len(x_test) >= 2:

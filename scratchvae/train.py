@@ -619,7 +619,7 @@ class _Run:
                                          binary=self.data.binary)
             summary["figures"] = figures.save_all(self.model, self.out, self.data.test, numpy.random.default_rng(cfg.seed),
                                                   labels=self.data.test_labels, history=st.history, run_id=st.run_id,
-                                                  noisy=noisy)
+                                                  noisy=noisy, epoch=summary.get("best_epoch"))
             attributes = self._attribute_figure(figures)
             if attributes is not None:
                 summary["figures"]["attribute_vectors"] = attributes

@@ -405,3 +405,16 @@ def test_what_the_figures_show_is_computed_without_matplotlib():
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "ok True"
+
+
+def test_the_posterior_shows_the_epoch_whose_parameters_the_figures_use(tmp_path):
+    """A --keep-best run draws its figures with the best epoch's parameters: posterior.png shows that epoch's
+    activity, not the last one's (one level and a hierarchy)."""
+    one = [{"epoch": e, "kl_per_dim": [1.0, 0.5, 0.0], "latent_activity": act, "active_units": n}
+           for e, act, n in ((1, [1.0, 1.0, 1.0], 3), (2, [1.0, 1.0, 0.0], 2), (3, [1.0, 0.0, 0.0], 1))]
+    two = [{"epoch": e, "latent_activity": [act, act], "active_units": [n, n]}
+           for e, act, n in ((1, [1.0, 1.0, 1.0], 3), (2, [1.0, 1.0, 0.0], 2), (3, [1.0, 0.0, 0.0], 1))]
+    assert figures.plot_posterior(one, tmp_path / "a.png")["active_units"] == 1                # the last by default
+    assert figures.plot_posterior(one, tmp_path / "b.png", epoch=2)["active_units"] == 2
+    assert figures.plot_posterior(two, tmp_path / "c.png", epoch=2)["active_units"] == [2, 2]
+    assert figures.plot_posterior(two, tmp_path / "d.png", epoch=1)["collapsed"] == [[], []]
