@@ -83,10 +83,10 @@ class ModelBase:
         """Reset every gradient to zero, in place (one fill of ``flat_grads``)."""
         self.flat_grads.fill(0)
 
-    def _noise(self, B, rng, eps):
-        """One batch's eps, shaped by :meth:`noise_shape`: the given one (checked), or standard normal from
-        ``rng``."""
-        shape = self.noise_shape(B)
+    def _noise(self, B, rng, eps, shape=None):
+        """One batch's eps, shaped by :meth:`noise_shape` (or ``shape``): the given one (checked), or standard
+        normal from ``rng``."""
+        shape = self.noise_shape(B) if shape is None else shape
         if eps is None:
             if rng is None:
                 raise ValueError("loss_and_grad needs rng (to draw eps) or eps")

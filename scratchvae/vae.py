@@ -404,12 +404,7 @@ class VAE(ModelBase):
     def _one_sample(self, B, rng, eps=None):
         """eps for one sample per image, (B, 1, T, L): given as (B, L) for one level or (B, 1, T, L), or drawn."""
         shape = (B, self.latent_dim) if self.levels == 1 else (B, 1, self.levels, self.latent_dim)
-        if eps is None:
-            eps = rng.standard_normal(shape, dtype=self.dtype)
-        eps = self.backend.asarray(eps, dtype=self.dtype)
-        if eps.shape != shape:
-            raise ValueError(f"eps has shape {tuple(eps.shape)}, expected {shape}")
-        return eps.reshape(B, 1, self.levels, self.latent_dim)
+        return self._noise(B, rng, eps, shape).reshape(B, 1, self.levels, self.latent_dim)
 
     def evaluate(self, x, rng, batch_size: int | None = None) -> dict:
         """Negative ELBO (one sample, beta = 1, no free bits), recon and KL (every level's): per-example
