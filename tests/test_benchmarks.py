@@ -4,6 +4,7 @@ They check that each script runs end to end and writes its JSON report with
 the expected keys; they never assert timing figures.
 """
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -208,7 +209,17 @@ def test_bench_run_smallest(tmp_path):
     data, stdout = _run_script("bench_run", "--epochs", "1", "--limit", "256", "--rounds", "1", "--settle", "0",
                                "--threads", "1", tmp_path=tmp_path)
     assert len(data["runs"]["scratchvae"]) == 1 and len(data["runs"]["scratchvae"][0]["seconds"]) == 1
-    assert data["median_total_s"]["scratchvae"] > 0 and "total" in stdout
+    assert data["median_total_s"]["scratchvae"] > 0 and "whole run" in stdout
+    assert data["median_process_s"]["scratchvae"] >= data["median_total_s"]["scratchvae"]
+
+
+def test_bench_run_images_smallest(tmp_path):
+    """The image run: a generated CelebA-layout folder, decoded, cached and trained on by the real command."""
+    data, stdout = _run_script("bench_run", "--run", "celeba-conv", "--images", "20", "--epochs", "1", "--rounds", "1",
+                               "--settle", "0", "--threads", "1", tmp_path=tmp_path)
+    (run,) = data["runs"]["scratchvae"]
+    assert data["run"] == "celeba-conv" and data["images"] == 20 and len(run["seconds"]) == 1
+    assert run["process_s"] > run["seconds"][0] > 0 and math.isfinite(run["test_loss"])
 
 
 @pytest.fixture()
