@@ -271,11 +271,16 @@ def im2col_chwb(x, cols, kernel_size, stride, padding):
     return cols
 
 
-def col2im_chwb(cols, x, kernel_size, stride, padding):
-    """Fused :func:`scratchvae.layers.conv.col2im` into the CHWB image ``x`` (C, H, W, B), overwritten;
-    bit-identical to the array code. Returns ``x``."""
+def col2im_chwb(cols, x, kernel_size, stride, padding, bias=None):
+    """Fused :func:`scratchvae.layers.conv.col2im` into the CHWB image ``x`` (C, H, W, B), overwritten,
+    plus ``bias`` (C,) per channel if given; bit-identical to the array code. Returns ``x``."""
     cols6 = _check_fold("col2im_chwb", x, cols, kernel_size, stride, padding)
-    cpu.col2im_chwb_kernel(cols6, x, stride[0], stride[1], padding[0], padding[1])
+    if bias is None:
+        bias = numpy.empty(0, dtype=x.dtype)
+    elif not isinstance(bias, numpy.ndarray) or bias.shape != (x.shape[0],) or bias.dtype != x.dtype:
+        raise ValueError(f"col2im_chwb: bias must be a NumPy {x.dtype} array of shape {(x.shape[0],)}, got "
+                         f"{getattr(bias, 'dtype', type(bias).__name__)} {getattr(bias, 'shape', '')}")
+    cpu.col2im_chwb_kernel(cols6, x, stride[0], stride[1], padding[0], padding[1], bias)
     return x
 
 

@@ -403,13 +403,16 @@ def im2col_chwb_kernel(x, cols, sh, sw, ph, pw):
 
 
 @njit(cache=True, error_model="numpy")
-def col2im_chwb_kernel(cols, x, sh, sw, ph, pw):
+def col2im_chwb_kernel(cols, x, sh, sw, ph, pw, bias):
     """``x[c, h, w, :] = sum of cols[c, u, v, i, j, :]`` over ``i*sh + u - ph == h``,
-    ``j*sw + v - pw == w``: the adjoint of :func:`im2col_chwb_kernel`, into ``x`` (overwritten).
+    ``j*sw + v - pw == w``, plus ``bias[c]`` when ``bias`` has C entries (none when it has 0):
+    the adjoint of :func:`im2col_chwb_kernel`, into ``x`` (overwritten).
 
     The sums run over (u, v) in the same order as the array code of
     :func:`scratchvae.layers.conv.col2im` (one strided add per kernel
-    offset), so the results are bit-identical to it.
+    offset), and the bias is added after them, so the results are
+    bit-identical to it; the bias pass runs on each channel while it is
+    still in cache.
     """
     C, H, W, B = x.shape
     kh, kw, Ho, Wo = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
@@ -429,6 +432,11 @@ def col2im_chwb_kernel(cols, x, sh, sw, ph, pw):
                         src = cols[c, u, v, i, j]
                         for b in range(B):
                             dst[b] += src[b]
+        if bias.size:
+            bc = bias[c]
+            xc = x[c].reshape(H * W * B)
+            for k in range(H * W * B):
+                xc[k] += bc
 
 
 # ----------------------------------------------------------------------------

@@ -589,6 +589,10 @@ def test_fused_unfold_is_bit_identical_to_the_array_code(B, C, H, W, kh, kw, sh,
     back_fused = col2im(cols, (B, C, H, W), *args, layout="CHWB", workspace=Workspace(kernels))
     assert back_fused.dtype == np.dtype(dtype) and back_fused.flags.c_contiguous
     np.testing.assert_array_equal(back_fused, back_plain)               # same sums in the same order
+    bias = rng.standard_normal(C).astype(dtype)                         # and the bias added after them
+    with_bias = col2im(cols, (B, C, H, W), *args, layout="CHWB", workspace=Workspace(kernels), bias=bias)
+    np.testing.assert_array_equal(with_bias, col2im(cols, (B, C, H, W), *args, layout="CHWB", bias=bias))
+    np.testing.assert_array_equal(with_bias, back_plain + bias[:, None, None, None])
 
 
 @pytest.mark.parametrize("downsample", ["stride", "pool"])
@@ -615,3 +619,5 @@ def test_fused_unfold_checks_its_arrays():
         kernels.im2col_chwb(x, np.zeros((2, 75), np.float32), (4, 4), (2, 2), (1, 1))
     with pytest.raises(TypeError, match="differs from the image's float32"):
         kernels.im2col_chwb(x, np.zeros((32, 12), np.float64), (4, 4), (2, 2), (1, 1))
+    with pytest.raises(ValueError, match=r"col2im_chwb: bias must be a NumPy float32 array of shape \(2,\), got float32 \(3,\)"):
+        kernels.col2im_chwb(np.zeros((32, 12), np.float32), x, (4, 4), (2, 2), (1, 1), bias=np.zeros(3, np.float32))

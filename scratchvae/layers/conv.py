@@ -25,6 +25,10 @@ arrays::
     Conv2d backward    dW2   = dout2 @ cols.T            (C_out, C*kh*kw)
                        dcols = W2.T @ dout2  -> col2im   (C*kh*kw, Ho*Wo*B)
 
+(Conv2d carries its bias inside the first two: a row of ones under
+``cols`` and the bias column beside ``W2``; ConvTranspose2d adds its bias
+in col2im's pass.)
+
 To build ``cols``, the input is copied once (padded) into the channel-major,
 batch-innermost layout (C, Hp, Wp, B); then a loop over the ``kh*kw`` kernel
 offsets (not over pixels or images) copies one strided slice per offset.  With
@@ -124,7 +128,7 @@ def _fused(workspace, xp, layout) -> bool:
     return workspace is not None and workspace.kernels is not None and layout == "CHWB" and xp.__name__ == "numpy"
 
 
-def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW"):
+def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW", out=None):
     """Unfold the patches of ``x`` into columns (batch innermost).
 
     ``x`` is first copied, zero-padded, into the channel-major layout
@@ -141,6 +145,8 @@ def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW"
         Reuse its ``"pad"`` and ``"cols"`` buffers; ``cols`` is then one of
         them (overwritten by the next call).
     layout : "NCHW" or "CHWB"
+    out : C-contiguous array, shape (C*kh*kw, Ho*Wo*B), optional
+        Write the columns here (then ``cols`` is ``out``).
 
     Returns
     -------
@@ -159,9 +165,13 @@ def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW"
     Ho, Wo = conv_output_size((H, W), (kh, kw), (sh, sw), (ph, pw))
     if Ho < 1 or Wo < 1:
         raise ValueError(f"im2col: input size {(H, W)} with padding {(ph, pw)} is smaller than the kernel {(kh, kw)}")
+    if out is None:
+        out = _buffer(workspace, "cols", (C * kh * kw, Ho * Wo * B), x.dtype, xp)
+    elif tuple(out.shape) != (C * kh * kw, Ho * Wo * B) or not out.flags.c_contiguous:
+        raise ValueError(f"im2col: out must be C-contiguous of shape {(C * kh * kw, Ho * Wo * B)}, got "
+                         f"{tuple(out.shape)}")
     if _fused(workspace, xp, layout):   # one Numba pass, padding included (bit-identical)
-        cols = _buffer(workspace, "cols", (C * kh * kw, Ho * Wo * B), x.dtype, xp)
-        return workspace.kernels.im2col_chwb(xp.ascontiguousarray(x), cols, (kh, kw), (sh, sw), (ph, pw))
+        return workspace.kernels.im2col_chwb(xp.ascontiguousarray(x), out, (kh, kw), (sh, sw), (ph, pw))
     x_t = _buffer(workspace, "pad", (C, H + 2 * ph, W + 2 * pw, B), x.dtype, xp)  # (C, Hp, Wp, B)
     if ph:
         x_t[:, :ph] = 0
@@ -170,17 +180,16 @@ def im2col(x, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW"
         x_t[:, :, :pw] = 0
         x_t[:, :, pw + W:] = 0
     x_t[:, ph:ph + H, pw:pw + W, :] = x if layout == "CHWB" else x.transpose(1, 2, 3, 0)  # (C, H, W, B)
-    cols = _buffer(workspace, "cols", (C * kh * kw, Ho * Wo * B), x.dtype, xp)
-    cols6 = cols.reshape(C, kh, kw, Ho, Wo, B)
+    cols6 = out.reshape(C, kh, kw, Ho, Wo, B)
     for u in range(kh):
         u_end = u + sh * (Ho - 1) + 1
         for v in range(kw):
             v_end = v + sw * (Wo - 1) + 1
             cols6[:, u, v] = x_t[:, u:u_end:sh, v:v_end:sw, :]  # (C, Ho, Wo, B)
-    return cols
+    return out
 
 
-def col2im(cols, x_shape, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW"):
+def col2im(cols, x_shape, kernel_size, stride=1, padding=0, *, workspace=None, layout="NCHW", bias=None):
     """Fold columns back into an image, summing overlaps: the adjoint of :func:`im2col`.
 
     Each of the ``kh*kw`` kernel offsets adds one block of ``cols`` into a
@@ -200,12 +209,17 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, *, workspace=None, l
         Reuse its ``"pad"`` buffer.
     layout : "NCHW" or "CHWB"
         The layout of the returned image.
+    bias : array, shape (C,), optional
+        Added to every pixel of its channel after the sums (one pass less
+        for a transposed convolution's bias: the fused loop adds it while
+        the channel is in cache).
 
     Returns
     -------
     x : new C-contiguous array, shape (B, C, H, W) (or (C, H, W, B)), dtype of ``cols``
         ``x[b, c, h, w] = sum of cols[(c, u, v), (i, j, b)]`` over all
-        ``(u, v, i, j)`` with ``i*sh + u - ph == h`` and ``j*sw + v - pw == w``.
+        ``(u, v, i, j)`` with ``i*sh + u - ph == h`` and ``j*sw + v - pw == w``
+        (plus ``bias[c]``).
     """
     xp = array_module(cols)
     kh, kw = as_pair(kernel_size, "kernel_size")
@@ -219,7 +233,7 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, *, workspace=None, l
         raise ValueError(f"col2im: cols has shape {tuple(cols.shape)}, expected {(C * kh * kw, Ho * Wo * B)}")
     if _fused(workspace, xp, layout):   # one Numba pass into a new image (bit-identical)
         return workspace.kernels.col2im_chwb(xp.ascontiguousarray(cols), xp.empty((C, H, W, B), dtype=cols.dtype),
-                                             (kh, kw), (sh, sw), (ph, pw))
+                                             (kh, kw), (sh, sw), (ph, pw), bias=bias)
     cols6 = cols.reshape(C, kh, kw, Ho, Wo, B)
     x_t = _buffer(workspace, "pad", (C, H + 2 * ph, W + 2 * pw, B), cols.dtype, xp, zero=True)  # (C, Hp, Wp, B)
     for u in range(kh):
@@ -228,6 +242,8 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, *, workspace=None, l
             v_end = v + sw * (Wo - 1) + 1
             x_t[:, u:u_end:sh, v:v_end:sw, :] += cols6[:, u, v]  # (C, Ho, Wo, B)
     crop = x_t[:, ph:ph + H, pw:pw + W, :]  # (C, H, W, B)
+    if bias is not None:
+        crop += bias[:, None, None, None]
     if check_layout(layout) == "CHWB":
         return crop.copy() if workspace is not None or ph or pw else crop
     return xp.ascontiguousarray(crop.transpose(3, 0, 1, 2))  # (B, C, H, W)
@@ -239,6 +255,12 @@ def conv2d_forward(x, W, b, stride=1, padding=0, *, workspace=None, layout="NCHW
     """2-D convolution (cross-correlation, like PyTorch's ``conv2d``).
 
     ``out[b, o, i, j] = bias[o] + sum_{c,u,v} W[o, c, u, v] * x_pad[b, c, i*sh + u, j*sw + v]``
+
+    The bias rides in the matrix product: below the unfolded columns sits
+    a row of ones, and beside the flattened weight the bias column, so that
+    ``[W2 | b] @ [cols; 1] = W2 @ cols + b 1^T`` is the output in one
+    product, with no pass of its own (and the backward's ``db`` comes out of
+    the ``dW`` product the same way).
 
     Parameters
     ----------
@@ -255,27 +277,31 @@ def conv2d_forward(x, W, b, stride=1, padding=0, *, workspace=None, layout="NCHW
     -------
     out : new C-contiguous array, shape (B, C_out, Ho, Wo) (or (C_out, Ho, Wo, B)),
         ``Ho = (H + 2*ph - kh) // sh + 1`` (likewise ``Wo``).
-    cache : tuple ``(cols, W, x_shape, stride, padding, layout)`` for
+    cache : tuple ``(cols1, W, x_shape, stride, padding, layout)`` for
         :func:`conv2d_backward`; ``x_shape`` is (B, C_in, H, W) and
-        ``cols = im2col(x)`` has shape (C_in*kh*kw, Ho*Wo*B).
+        ``cols1`` is ``im2col(x)`` (C_in*kh*kw, Ho*Wo*B) with a row of ones
+        below it.
     """
     xp = array_module(x, W, b)
     stride, padding = as_pair(stride, "stride"), as_pair(padding, "padding")
     x_shape = _nchw_shape(x, check_layout(layout))
     B = x_shape[0]
     C_out, C_in, kh, kw = W.shape
+    K = C_in * kh * kw
     Ho, Wo = conv_output_size(x_shape[2:], (kh, kw), stride, padding)
-    cols = im2col(x, (kh, kw), stride, padding, workspace=workspace, layout=layout)  # (C_in*kh*kw, Ho*Wo*B)
+    cols1 = _buffer(workspace, "cols1", (K + 1, Ho * Wo * B), x.dtype, xp)  # (K+1, Ho*Wo*B)
+    im2col(x, (kh, kw), stride, padding, workspace=workspace, layout=layout, out=cols1[:K])
+    cols1[K] = 1                                                              # the row of ones
+    W2b = xp.concatenate([W.reshape(C_out, K), b[:, None]], axis=1)           # [W2 | b]  (C_out, K+1)
     if layout == "CHWB":  # the product is the output: write it into a fresh array
         out2 = xp.empty((C_out, Ho * Wo * B), dtype=x.dtype)
     else:
         out2 = _buffer(workspace, "out2", (C_out, Ho * Wo * B), x.dtype, xp)
-    xp.matmul(W.reshape(C_out, C_in * kh * kw), cols, out=out2)  # (C_out, Ho*Wo*B)
-    out2 += b[:, None]
+    xp.matmul(W2b, cols1, out=out2)  # W2 @ cols + b 1^T   (C_out, Ho*Wo*B)
     out = out2.reshape(C_out, Ho, Wo, B)  # (C_out, Ho, Wo, B)
     if layout == "NCHW":
         out = xp.ascontiguousarray(out.transpose(3, 0, 1, 2))  # (B, C_out, Ho, Wo)
-    return out, (cols, W, x_shape, stride, padding, layout)
+    return out, (cols1, W, x_shape, stride, padding, layout)
 
 
 def conv2d_backward(dout, cache, *, workspace=None, need_dx=True):
@@ -295,26 +321,27 @@ def conv2d_backward(dout, cache, *, workspace=None, need_dx=True):
     -------
     dx : array, shape (B, C_in, H, W) (or (C_in, H, W, B))   ``col2im(W2.T @ dout2)``
     dW : array, shape (C_out, C_in, kh, kw)   ``dout2 @ cols.T``
-    db : array, shape (C_out,)   ``dout.sum((0, 2, 3))``
+    db : array, shape (C_out,)   ``dout2 @ 1`` = ``dout.sum((0, 2, 3))``
 
     where ``dout2`` is ``dout`` laid out as (C_out, Ho*Wo*B) and ``W2`` is
-    ``W`` flattened to (C_out, C_in*kh*kw).
+    ``W`` flattened to (C_out, C_in*kh*kw); ``dW`` and ``db`` are the two
+    blocks of one product, ``dout2 @ [cols; 1].T = [dout2 @ cols.T | dout2 @ 1]``.
     """
-    cols, W, x_shape, stride, padding, layout = cache
-    xp = array_module(dout, cols, W)
+    cols1, W, x_shape, stride, padding, layout = cache
+    xp = array_module(dout, cols1, W)
     C_out, C_in, kh, kw = W.shape
+    K, N = C_in * kh * kw, cols1.shape[1]
     if layout == "CHWB":
-        dout2 = xp.ascontiguousarray(dout).reshape(C_out, cols.shape[1])  # (C_out, Ho*Wo*B), a view
+        dout2 = xp.ascontiguousarray(dout).reshape(C_out, N)  # (C_out, Ho*Wo*B), a view
     else:
-        dout2 = _buffer(workspace, "dout2", (C_out, cols.shape[1]), dout.dtype, xp)
+        dout2 = _buffer(workspace, "dout2", (C_out, N), dout.dtype, xp)
         dout2.reshape(C_out, *dout.shape[2:], dout.shape[0])[...] = dout.transpose(1, 2, 3, 0)  # (C_out, Ho*Wo*B)
-    W2 = W.reshape(C_out, C_in * kh * kw)  # (C_out, C_in*kh*kw)
-    dW = xp.matmul(dout2, cols.T).reshape(W.shape)  # (C_out, C_in, kh, kw)
-    db = dout2.sum(axis=1)  # (C_out,)
+    dWb = xp.matmul(dout2, cols1.T)  # [dW2 | db]  (C_out, K+1)
+    dW, db = dWb[:, :K].reshape(W.shape), dWb[:, K]  # (C_out, C_in, kh, kw), (C_out,)
     if not need_dx:  # the input is data: skip a matrix product and col2im
         return None, dW, db
-    dcols = _buffer(workspace, "dcols", cols.shape, cols.dtype, xp)
-    xp.matmul(W2.T, dout2, out=dcols)  # (C_in*kh*kw, Ho*Wo*B)
+    dcols = _buffer(workspace, "dcols", (K, N), cols1.dtype, xp)
+    xp.matmul(W.reshape(C_out, K).T, dout2, out=dcols)  # W2.T @ dout2   (C_in*kh*kw, Ho*Wo*B)
     dx = col2im(dcols, x_shape, (kh, kw), stride, padding, workspace=workspace, layout=layout)  # (B, C_in, H, W)
     return dx, dW, db
 
@@ -362,8 +389,7 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0, output_padding=0, *, 
     cols = _buffer(workspace, "cols", (C_out * kh * kw, H_in * W_in * B), x.dtype, xp)
     xp.matmul(W2.T, x2, out=cols)  # (C_out*kh*kw, H*W*B)
     out_shape = (B, C_out, Ho, Wo)
-    out = col2im(cols, out_shape, (kh, kw), stride, padding, workspace=workspace, layout=layout)
-    out += b[:, None, None, None] if layout == "CHWB" else b[:, None, None]  # (C_out, Ho, Wo, B) or (B, C_out, Ho, Wo)
+    out = col2im(cols, out_shape, (kh, kw), stride, padding, workspace=workspace, layout=layout, bias=b)
     return out, (x2, W, out_shape, stride, padding, layout)
 
 
