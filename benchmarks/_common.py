@@ -141,16 +141,48 @@ def cpu_flags() -> list:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return sorted(f for f in flags if f.startswith(("avx", "fma", "sse4")))
+                    return sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "amx")))
     except OSError:
         pass
     return []
 
 
+def cpu_id() -> dict:
+    """Vendor, family, model and stepping from /proc/cpuinfo (a VM's model name may be just "AMD EPYC")."""
+    keys = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "stepping": "stepping"}
+    out = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in keys and keys[key] not in out:
+                    out[keys[key]] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    return out
+
+
+def cpu_label(model: str, flags: list, ident: dict) -> str:
+    """The CPU as a figure should name it: the model name, the AMD core generation where the family
+    and flags tell it, and the widest vector ISA, e.g. "AMD EPYC Zen 4 (AVX-512)"."""
+    isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    if "amx_tile" in flags:
+        isa += ", AMX"
+    family = ident.get("family", "")
+    zen = {"23": "Zen 2", "25": "Zen 4" if "avx512f" in flags else "Zen 3", "26": "Zen 5"}.get(family)
+    if ident.get("vendor") == "AuthenticAMD" and zen and "Zen" not in model:
+        model = f"{model} {zen}"
+    return f"{model} ({isa})"
+
+
 def machine_info() -> dict:
+    model, flags, ident = cpu_model(), cpu_flags(), cpu_id()
     return {"hostname": socket.gethostname(), "platform": platform.platform(), "machine": platform.machine(),
-            "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "scheduling": scheduling()}
+            "cpu_model": model, "cpu_flags": flags, "cpu_id": ident, "cpu": cpu_label(model, flags, ident),
+            "cores": os.cpu_count(), "python": platform.python_version(), "scheduling": scheduling()}
 
 
 def versions(torch=None) -> dict:

@@ -304,7 +304,7 @@ def main(argv=None) -> int:
               "speedup_total": totals["torch"] / totals["scratchvae"],
               "speedup_whole_run": wall["torch"] / wall["scratchvae"]}
     path = args.json or C.default_json_path("bench_run" if args.run == "mnist" else "bench_run-celeba-conv")
-    print("wrote", C.write_json(path, report))
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; wrote {C.write_json(path, report)}")
     return 0
 
 

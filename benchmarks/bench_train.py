@@ -633,8 +633,8 @@ def main(argv=None, log=print) -> dict:
         log(f"cupy: skipped ({cupy_reason})")
     for w in report["warnings"]:
         log("WARNING: " + w)
-    log(f"load average start {report['load_average']['start']} end {report['load_average']['end']}; "
-        f"{report['seconds']:.0f} s; JSON: {out}")
+    log(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; load average start "
+        f"{report['load_average']['start']} end {report['load_average']['end']}; {report['seconds']:.0f} s; JSON: {out}")
     report["json_path"] = str(out)
     return report
 

@@ -260,3 +260,16 @@ def test_count_launches_of_a_training_step(count_launches):
     # which copies params, m and v (one flat copy each), and checks them finite: isfinite and all of each
     # flat buffer and one all of the three flags (the divergence check, read with the loss sums)
     assert result["check_step"] == result["per_step"] + 3 + 2 + 7
+
+
+def test_cpu_label_names_the_core_generation_and_vector_width():
+    sys.path.insert(0, str(BENCH))
+    import _common as C
+    amd = {"vendor": "AuthenticAMD", "family": "25", "model": "1"}
+    assert C.cpu_label("AMD EPYC", ["avx2", "fma"], amd) == "AMD EPYC Zen 3 (AVX2)"
+    assert C.cpu_label("AMD EPYC", ["avx2", "avx512f"], amd) == "AMD EPYC Zen 4 (AVX-512)"
+    assert C.cpu_label("AMD EPYC 9R14 Zen 4", ["avx512f"], amd) == "AMD EPYC 9R14 Zen 4 (AVX-512)"
+    assert C.cpu_label("Intel(R) Xeon(R) Processor", ["avx2", "avx512f", "amx_tile"],
+                       {"vendor": "GenuineIntel", "family": "6"}) == "Intel(R) Xeon(R) Processor (AVX-512, AMX)"
+    info = C.machine_info()
+    assert info["cpu"].endswith(")") and info["cpu_model"] in info["cpu"]
