@@ -345,6 +345,49 @@ def mnist(split="train"):
     return {"train": data.train, "test": data.test, "valid": data.valid}[split]
 
 
+#: The image model of docs/images.md and ``bench_run.py --run celeba-conv``: the conv VAE on 64 x 64 colour.
+IMAGE_SIZE = 64
+IMAGE_MODEL = dict(channels=(32, 64, 128, 256), hidden=512, latent_dim=64)
+
+
+def write_celeba_folder(root: pathlib.Path, n: int, seed: int = 0) -> pathlib.Path:
+    """``n`` generated 178 x 218 JPEGs in the CelebA layout (80% train, 10% valid, 10% test): a soft
+    ellipse of one colour on a vertical gradient of two others, with a little noise; one attribute."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "img_align_celeba").mkdir(parents=True)
+    yy, xx = np.mgrid[0:218, 0:178].astype(np.float32)
+    attributes, partition = [], []
+    for i in range(n):
+        top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        a = top + (bottom - top) * (yy / 217)[..., None]                                   # (218, 178, 3)
+        cy, cx, ry, rx = rng.uniform(80, 140), rng.uniform(60, 118), rng.uniform(30, 70), rng.uniform(25, 55)
+        inside = np.exp(-((((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) ** 2))           # (218, 178), soft edge
+        a += inside[..., None] * (rng.uniform(0, 255, 3) - a)
+        a += rng.normal(0.0, 6.0, a.shape)
+        name = f"{i + 1:06d}.jpg"
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(root / "img_align_celeba" / name, quality=90)
+        attributes.append(f"{name} {1 if ry * rx > 1500 else -1:2d}")
+        partition.append(f"{name} {0 if i < 0.8 * n else (1 if i < 0.9 * n else 2)}")
+    (root / "list_attr_celeba.txt").write_text(f"{n}\nBig\n" + "\n".join(attributes) + "\n")
+    (root / "list_eval_partition.txt").write_text("\n".join(partition) + "\n")
+    return root
+
+
+def image_data(n=300, seed=0):
+    """``n`` generated CelebA-layout images decoded by scratchvae (as a run decodes them, into a
+    throw-away cache), as float32 intensities x/255, (N, 3*64*64)."""
+    import tempfile
+
+    from scratchvae.datasets.images import load_celeba
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_celeba_folder(pathlib.Path(tmp) / "celeba", n, seed)
+        data = load_celeba(root, image_size=IMAGE_SIZE, cache_dir=pathlib.Path(tmp) / "cache")
+        return (data.train.astype("float32") / 255).reshape(data.train.shape[0], -1)
+
+
 # -- PyTorch twins -----------------------------------------------------------------------------
 
 GATED_MODELS = ("vampprior", "iwae", "hvae")

@@ -115,36 +115,10 @@ def run_torch(epochs, threads, out, limit=None) -> dict:
 
 # -- the image run: a CelebA-layout folder, 64 x 64 colour, the conv VAE ----------------------------------
 
-IMAGE_SIZE, IMAGE_BATCH, IMAGE_LATENT = 64, 64, 64
-IMAGE_MODEL = dict(channels=(32, 64, 128, 256), hidden=512, latent_dim=IMAGE_LATENT)
+IMAGE_SIZE, IMAGE_BATCH, IMAGE_LATENT = C.IMAGE_SIZE, 64, C.IMAGE_MODEL["latent_dim"]
+IMAGE_MODEL = C.IMAGE_MODEL
 IMAGE_RECIPE = ["--dataset", "celeba", "--image-size", str(IMAGE_SIZE), "--arch", "conv", "--channels", "32,64,128,256",
                 "--hidden", "512", "--latent-dim", str(IMAGE_LATENT), "--batch-size", str(IMAGE_BATCH)]
-
-
-def write_celeba_folder(root: pathlib.Path, n: int, seed: int = 0) -> pathlib.Path:
-    """``n`` generated 178 x 218 JPEGs in the CelebA layout (80% train, 10% valid, 10% test): a soft
-    ellipse of one colour on a vertical gradient of two others, with a little noise; one attribute."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    (root / "img_align_celeba").mkdir(parents=True)
-    yy, xx = np.mgrid[0:218, 0:178].astype(np.float32)
-    attributes, partition = [], []
-    for i in range(n):
-        top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        a = top + (bottom - top) * (yy / 217)[..., None]                                   # (218, 178, 3)
-        cy, cx, ry, rx = rng.uniform(80, 140), rng.uniform(60, 118), rng.uniform(30, 70), rng.uniform(25, 55)
-        inside = np.exp(-((((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) ** 2))           # (218, 178), soft edge
-        a += inside[..., None] * (rng.uniform(0, 255, 3) - a)
-        a += rng.normal(0.0, 6.0, a.shape)
-        name = f"{i + 1:06d}.jpg"
-        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(root / "img_align_celeba" / name, quality=90)
-        attributes.append(f"{name} {1 if ry * rx > 1500 else -1:2d}")
-        partition.append(f"{name} {0 if i < 0.8 * n else (1 if i < 0.9 * n else 2)}")
-    (root / "list_attr_celeba.txt").write_text(f"{n}\nBig\n" + "\n".join(attributes) + "\n")
-    (root / "list_eval_partition.txt").write_text("\n".join(partition) + "\n")
-    return root
 
 
 def torch_image_worker(data_dir: str, epochs: int, out: str, seed: int = 0) -> None:
@@ -264,7 +238,7 @@ def main(argv=None) -> int:
         tmp = pathlib.Path(tmp)
         if args.run == "celeba-conv":
             t0 = time.perf_counter()
-            data_dir = write_celeba_folder(tmp / "celeba", args.images)
+            data_dir = C.write_celeba_folder(tmp / "celeba", args.images)
             print(f"wrote {args.images} CelebA-layout images in {time.perf_counter() - t0:.1f} s", flush=True)
         for r in range(args.rounds):
             for side in (sides if r % 2 == 0 else sides[::-1]):

@@ -2,7 +2,9 @@
 """Where does a scratchvae training step spend its time?
 
 One step = ``zero_grad`` + ``loss_and_grad`` (fused, ``check_data=False``,
-eps given) + ``Adam.step``, float32, NumPy, real binarized-MNIST batches.
+eps given) + ``Adam.step``, float32, NumPy, real binarized-MNIST batches
+(``image:B``: the 64 x 64 colour conv VAE of docs/images.md on generated
+CelebA-layout images, decoded by scratchvae).
 
 Method: manual timers, installed by wrapping library functions IN THIS
 PROCESS ONLY (the library's files are untouched):
@@ -39,7 +41,7 @@ objective, the likelihood kernel, Adam), and for the VampPrior the
 pseudo-inputs' encoder pass is measured on its own: the encoder and heads,
 forward and backward, on B + K rows against B rows.
 
-    python benchmarks/profile_step.py [--configs mlp:128,mlp:1024,conv:128] [--rounds R] [--threads N]
+    python benchmarks/profile_step.py [--configs mlp:128,mlp:1024,conv:128,image:64] [--rounds R] [--threads N]
 """
 from __future__ import annotations
 
@@ -271,6 +273,8 @@ def build(kind, seed):
     from scratchvae.optim import Adam
     if kind in C.GATED_MODELS:
         model = C.gated_model(kind, seed=seed)
+    elif kind == "image":   # the conv VAE of docs/images.md, 64 x 64 colour
+        model = conv_vae((3, C.IMAGE_SIZE, C.IMAGE_SIZE), seed=seed, **C.IMAGE_MODEL)
     else:
         model = mlp_vae(seed=seed) if kind == "mlp" else conv_vae(seed=seed)
     opt = Adam(lr=1e-3)
@@ -444,7 +448,7 @@ def tables(results) -> str:
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="mlp:128,mlp:1024,conv:128", help="comma list of model:batch")
+    p.add_argument("--configs", default="mlp:128,mlp:1024,conv:128", help="comma list of model:batch (mlp, conv, image, vampprior, iwae, hvae)")
     p.add_argument("--quick", action="store_true", help="2 short rounds")
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 5, --quick 2)")
     p.add_argument("--block-seconds", type=float, default=None, help="steps per round: about this long (default 1 s)")
@@ -464,8 +468,9 @@ def main(argv=None, log=print) -> dict:
     configs = []
     for item in args.configs.split(","):
         kind, _, b = item.strip().partition(":")
-        if kind not in ("mlp", "conv", *C.GATED_MODELS) or not b.isdigit():
-            raise SystemExit(f"bad --configs item {item!r}; expected mlp:128, conv:128, vampprior:100 or iwae:100")
+        if kind not in ("mlp", "conv", "image", *C.GATED_MODELS) or not b.isdigit():
+            raise SystemExit(f"bad --configs item {item!r}; expected mlp:128, conv:128, image:64, vampprior:100 "
+                             "or iwae:100")
         configs.append((kind, int(b)))
     env_note = C.preset_thread_env(args.threads)
     import numpy  # noqa: F401
@@ -480,11 +485,12 @@ def main(argv=None, log=print) -> dict:
     if warn:
         report["warnings"].append(warn)
     t_start = time.perf_counter()
-    X = C.mnist("train")
+    X = C.mnist("train") if any(kind != "image" for kind, _ in configs) else None
+    X_image = C.image_data() if any(kind == "image" for kind, _ in configs) else None
     with C.thread_limits(args.threads) as tinfo:
         report["threads"] = tinfo
         for kind, B in configs:
-            report["results"].append(profile_config(kind, B, X, args, log))
+            report["results"].append(profile_config(kind, B, X_image if kind == "image" else X, args, log))
     report["load_average"]["end"] = C.load_average()
     report["seconds"] = time.perf_counter() - t_start
     out = C.write_json(args.json or C.default_json_path("profile_step"), report)
