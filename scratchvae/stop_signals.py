@@ -8,16 +8,18 @@ __all__ = ["StopFlag"]
 
 class StopFlag:
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler's or mpiexec's stop) set a flag that the loop checks
-    between steps; a second one aborts at once."""
+    between steps; a second one aborts at once. With ``immediate`` set (a stage with no step to stop
+    after, like the final test evaluation) the first one aborts at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
+        self.immediate = False
         self._previous = {}
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested or self.immediate:
             raise KeyboardInterrupt
         self.requested = True
 

@@ -260,7 +260,10 @@ class _Run:
                     break
                 if self._stop_agreed(stop):
                     return self._interrupted(mid_epoch=False)
-        return self._finish()
+            # the final stage (the test evaluation, an hour at k = 5000) checks no flag: a signal ends it at
+            # once, and --resume finishes it (the checkpoint of the last epoch is already written)
+            stop.immediate = True
+            return self._finish()
 
     def _agree(self, action, root_first=False):
         """``action()``; in a data-parallel run, every rank raises when it raised on any."""

@@ -339,6 +339,26 @@ def test_a_run_cut_off_after_its_early_stop_only_finishes_on_resume(tmp_path, mo
     assert math.isfinite(s["test_nll_iwae"])
 
 
+def test_one_ctrl_c_ends_the_final_evaluation(tmp_path, monkeypatch):
+    """The final IWAE bound has no step to stop after: the first SIGINT ends it (it used to set a flag that
+    nothing read, and the hour-long evaluation went on); --resume then finishes the run."""
+    import signal
+
+    import scratchvae.train as train_mod
+
+    def interrupted_once(*args, **kw):
+        signal.raise_signal(signal.SIGINT)      # the handler runs here, as on a real Ctrl-C
+        return 1.0
+    monkeypatch.setattr(train_mod, "iwae_test_nll", interrupted_once)
+    cfg = small(tmp_path / "run", epochs=2, iwae_k=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=quiet)
+    assert not (tmp_path / "run" / "summary.json").exists()
+    monkeypatch.undo()
+    s = train(cfg, resume=tmp_path / "run", log=quiet)
+    assert s["epochs"] == 2 and len(s["history"]) == 2 and math.isfinite(s["test_nll_iwae"])
+
+
 def test_patience_needs_keep_best():
     with pytest.raises(ValueError, match=r"patience \(--patience\) needs keep_best"):
         TrainConfig(patience=3)
