@@ -91,34 +91,36 @@ def torch_worker(epochs: int, out: str, seed: int = 0, limit: int | None = None)
                                              "threads": torch.get_num_threads()}))
 
 
-def run_scratchvae(epochs, threads, folder, limit=None) -> dict:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+def run_scratchvae(epochs, threads, folder, extra_args=(), extra_env=None) -> dict:
+    """``examples/train_mnist.py --no-figures`` in its own process: its epoch times, last test loss and
+    wall-clock time."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), **(extra_env or {}))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "examples" / "train_mnist.py"), "--epochs", str(epochs),
-                    "--no-figures", "--out", str(folder)] + (["--limit", str(limit)] if limit else []),
-                   check=True, env=env, capture_output=True, text=True)
+    subprocess.run([sys.executable, str(REPO / "examples" / "train_mnist.py"), *extra_args, "--epochs", str(epochs),
+                    "--no-figures", "--out", str(folder)], check=True, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return {"seconds": [h["seconds"] for h in history], "test_loss": history[-1]["test_loss"], "process_s": wall}
 
 
-def run_torch(epochs, threads, out, limit=None) -> dict:
+def run_torch(epochs, threads, out, worker_args) -> dict:
+    """This script's PyTorch worker (``worker_args``: which one and its options) in its own process."""
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--torch-worker", out, "--epochs", str(epochs)]
-                   + (["--limit", str(limit)] if limit else []), check=True, env=env, capture_output=True, text=True)
+    subprocess.run([sys.executable, __file__, *worker_args, "--epochs", str(epochs)], check=True, env=env,
+                   capture_output=True, text=True)
     wall = time.perf_counter() - t0
     result = json.loads(pathlib.Path(out).read_text())
     return {"seconds": [e["seconds"] for e in result["epochs"]], "test_loss": result["epochs"][-1]["test_loss"],
-            "process_s": wall, "torch": result["torch"], "threads": result["threads"]}
+            "process_s": wall, "decode_s": result.get("decode_s"), "torch": result["torch"], "threads": result["threads"]}
 
 
 # -- the image run: a CelebA-layout folder, 64 x 64 colour, the conv VAE ----------------------------------
 
 IMAGE_SIZE, IMAGE_BATCH, IMAGE_LATENT = C.IMAGE_SIZE, 64, C.IMAGE_MODEL["latent_dim"]
-IMAGE_MODEL = C.IMAGE_MODEL
-IMAGE_RECIPE = ["--dataset", "celeba", "--image-size", str(IMAGE_SIZE), "--arch", "conv", "--channels", "32,64,128,256",
-                "--hidden", "512", "--latent-dim", str(IMAGE_LATENT), "--batch-size", str(IMAGE_BATCH)]
+IMAGE_RECIPE = ["--dataset", "celeba", "--image-size", str(IMAGE_SIZE), "--arch", "conv",
+                "--channels", ",".join(map(str, C.IMAGE_MODEL["channels"])), "--hidden", str(C.IMAGE_MODEL["hidden"]),
+                "--latent-dim", str(IMAGE_LATENT), "--batch-size", str(IMAGE_BATCH)]
 
 
 def torch_image_worker(data_dir: str, epochs: int, out: str, seed: int = 0) -> None:
@@ -154,7 +156,7 @@ def torch_image_worker(data_dir: str, epochs: int, out: str, seed: int = 0) -> N
     x_train = torch.from_numpy(np.ascontiguousarray(pixels[split == 0]))                  # uint8 (N, C*H*W)
     x_test = torch.from_numpy(np.asarray(pixels[split == 2], dtype=np.float32) / 255)
     decode_s = time.perf_counter() - t0
-    net = C.torch_twin(torch, conv_vae((3, IMAGE_SIZE, IMAGE_SIZE), seed=seed, **IMAGE_MODEL))
+    net = C.torch_twin(torch, conv_vae((3, IMAGE_SIZE, IMAGE_SIZE), seed=seed, **C.IMAGE_MODEL))
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
 
     def test_loss():
@@ -179,30 +181,6 @@ def torch_image_worker(data_dir: str, epochs: int, out: str, seed: int = 0) -> N
         os.replace(checkpoint.with_suffix(".pt.tmp"), checkpoint)
     pathlib.Path(out).write_text(json.dumps({"epochs": epochs_out, "decode_s": decode_s, "initial_test_loss": initial,
                                              "torch": torch.__version__, "threads": torch.get_num_threads()}))
-
-
-def run_scratchvae_images(epochs, threads, data_dir, folder) -> dict:
-    """scratchvae's whole image run, from a fresh image cache (decoding and caching inside the run)."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               XDG_CACHE_HOME=str(folder.with_name(folder.name + "-cache")))
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "examples" / "train_mnist.py"), *IMAGE_RECIPE, "--data-dir",
-                    str(data_dir), "--epochs", str(epochs), "--no-figures", "--out", str(folder)],
-                   check=True, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return {"seconds": [h["seconds"] for h in history], "test_loss": history[-1]["test_loss"], "process_s": wall}
-
-
-def run_torch_images(epochs, threads, data_dir, out) -> dict:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--torch-image-worker", out, "--data-dir", str(data_dir),
-                    "--epochs", str(epochs)], check=True, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    result = json.loads(pathlib.Path(out).read_text())
-    return {"seconds": [e["seconds"] for e in result["epochs"]], "test_loss": result["epochs"][-1]["test_loss"],
-            "process_s": wall, "decode_s": result["decode_s"], "torch": result["torch"], "threads": result["threads"]}
 
 
 def main(argv=None) -> int:
@@ -243,14 +221,17 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for side in (sides if r % 2 == 0 else sides[::-1]):
                 time.sleep(args.settle)
-                if args.run == "celeba-conv" and side == "scratchvae":
-                    result = run_scratchvae_images(epochs, args.threads, data_dir, tmp / f"run{r}")
+                folder, out = tmp / f"run{r}", str(tmp / f"torch{r}.json")
+                if args.run == "celeba-conv" and side == "scratchvae":   # a fresh image cache: decoding inside the run
+                    result = run_scratchvae(epochs, args.threads, folder, [*IMAGE_RECIPE, "--data-dir", str(data_dir)],
+                                            {"XDG_CACHE_HOME": str(tmp / f"run{r}-cache")})
                 elif args.run == "celeba-conv":
-                    result = run_torch_images(epochs, args.threads, data_dir, str(tmp / f"torch{r}.json"))
+                    result = run_torch(epochs, args.threads, out, ["--torch-image-worker", out, "--data-dir", str(data_dir)])
                 elif side == "scratchvae":
-                    result = run_scratchvae(epochs, args.threads, tmp / f"run{r}", args.limit)
+                    result = run_scratchvae(epochs, args.threads, folder, ["--limit", str(args.limit)] if args.limit else [])
                 else:
-                    result = run_torch(epochs, args.threads, str(tmp / f"torch{r}.json"), args.limit)
+                    result = run_torch(epochs, args.threads, out,
+                                       ["--torch-worker", out] + (["--limit", str(args.limit)] if args.limit else []))
                 runs[side].append(result)
                 print(f"round {r + 1} {side:10s}: {result['process_s']:6.1f} s whole run, {sum(result['seconds']):6.1f} s "
                       f"of training ({', '.join(f'{s:.2f}' for s in result['seconds'])}), test loss "
