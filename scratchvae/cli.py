@@ -107,6 +107,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     a("--lr-final", type=float, help="decay the learning rate geometrically, step by step, from --lr to this "
                                      "value at the end of --epochs (default: constant)")
+    a("--normalize-grads", dest="normalize_grads", action="store_true",
+      help="divide each parameter's gradient by its L2 norm before the Adam step, as the VampPrior authors' "
+           "code does (AdamNormGrad)")
     a("--beta", type=float, help="weight of the KL term (beta-VAE; default 1 = the ELBO; VAE only)")
     a("--kl-warmup", type=float, metavar="EPOCHS", help="ramp beta linearly from 0 over this many epochs "
                                                         "(default 0; VAE only)")

@@ -48,6 +48,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     lr_final: float | None = None
+    normalize_grads: bool = False   # Adam on each gradient divided by its L2 norm (the VampPrior code's AdamNormGrad)
     beta: float = 1.0
     kl_warmup: float = 0.0
     free_bits: float = 0.0
@@ -185,8 +186,8 @@ class TrainConfig:
 
 # The fields whose values make a run what it is: a resumed run must keep them.
 RUN_DEFINING = ("dataset", "binarize", "color", "image_size", "arch", "hidden", "channels", "downsample", "latent_dim", "levels", "activation",
-                "init", "likelihood", "model", "prior", "pseudo_inputs", "objective", "samples", "batch_size", "lr", "lr_final", "beta", "kl_warmup", "free_bits", "input_noise", "seed", "dtype",
-                "limit", "fused", "valid_k")
+                "init", "likelihood", "model", "prior", "pseudo_inputs", "objective", "samples", "batch_size", "lr", "lr_final", "normalize_grads", "beta", "kl_warmup", "free_bits", "input_noise",
+                "seed", "dtype", "limit", "fused", "valid_k")
 # VAE-only settings: given to a plain autoencoder, they would silently do nothing.
 AE_UNUSED = ("beta", "kl_warmup", "free_bits", "iwae_k")
 
@@ -195,7 +196,7 @@ _TYPES = {"backend": str, "dataset": str, "data_dir": (str, None), "binarize": (
           "hidden": tuple, "channels": tuple, "downsample": str, "latent_dim": int, "levels": int,
           "activation": str, "init": str, "likelihood": str, "model": str,
           "prior": str, "pseudo_inputs": int, "objective": str, "samples": int,
-          "epochs": int, "batch_size": int, "lr": float, "lr_final": (float, None), "beta": float,
+          "epochs": int, "batch_size": int, "lr": float, "lr_final": (float, None), "normalize_grads": bool, "beta": float,
           "kl_warmup": float, "free_bits": float, "input_noise": float, "seed": int, "dtype": str, "limit": (int, None),
           "test_limit": (int, None), "iwae_k": int, "keep_best": bool, "valid_k": int, "patience": int, "out": str, "fused": bool,
           "figures": bool}

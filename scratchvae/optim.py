@@ -22,6 +22,13 @@ One step, for every parameter ``p`` with gradient ``g``, at step ``t >= 1``::
     v_hat = v / (1 - beta2**t)
     p = p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p)
 
+With ``normalize_grads=True`` each parameter's gradient is first divided by
+its own L2 norm, ``g = g / (||g||_2 + 1e-7)`` (the VampPrior authors' code
+trains with this variant, its ``AdamNormGrad``): every step then has the
+same size in every tensor whatever the loss's scale, so a rare batch with a
+huge gradient (a mixture prior's component far from a sample) moves the
+moments no more than any other.
+
 **Subnormal numbers.** A parameter whose gradient stays zero (a weight of an
 always-blank border pixel, a dead ReLU unit) has moments that decay by
 ``beta1`` and ``beta2`` every step until they reach the subnormal range
@@ -50,7 +57,7 @@ from .backend import array_module, flat_views
 from .fused import kernels as fused_kernels
 from .validation import check_adam_arrays
 
-__all__ = ["Adam", "AdamState", "adam_update", "adam_coefficients", "check_adam_arrays", "geometric_lr"]
+__all__ = ["Adam", "AdamState", "adam_update", "adam_coefficients", "check_adam_arrays", "geometric_lr", "normalized"]
 
 
 class AdamState(NamedTuple):
@@ -121,6 +128,9 @@ class Adam:
         Decoupled weight decay (AdamW): ``p -= lr * weight_decay * p``.
     fused : bool
         Use the one-pass Numba kernel (default) or the plain array code.
+    normalize_grads : bool
+        Divide each parameter's gradient by its L2 norm (plus ``NORM_EPS``)
+        before the step: the VampPrior code's ``AdamNormGrad``.
     """
 
     lr: float = 1e-3
@@ -128,6 +138,7 @@ class Adam:
     eps: float = 1e-8
     weight_decay: float = 0.0
     fused: bool = True
+    normalize_grads: bool = False
 
     def __post_init__(self):
         b1, b2 = self.betas
@@ -175,6 +186,8 @@ class Adam:
         b1, b2 = self.betas
         hyper = dict(lr=lr, beta1=b1, beta2=b2, eps=self.eps, weight_decay=self.weight_decay, step=t)
         names = list(params)
+        if self.normalize_grads:
+            grads = normalized(grads)
         if self.fused:  # every parameter in one kernel call
             fused_kernels().adam_update_many([params[k] for k in names], [grads[k] for k in names],
                                      [state.m[k] for k in names], [state.v[k] for k in names], **hyper)
@@ -182,6 +195,19 @@ class Adam:
             for k in names:
                 adam_update(params[k], grads[k], state.m[k], state.v[k], **hyper)
         return state._replace(step=t)
+
+
+#: Added to each gradient's norm by ``normalize_grads`` (the value of the VampPrior code).
+NORM_EPS = 1e-7
+
+
+def normalized(grads: dict) -> dict:
+    """Each gradient divided by its own L2 norm: ``g / (||g||_2 + NORM_EPS)``, new arrays."""
+    out = {}
+    for k, g in grads.items():
+        norm = array_module(g).sqrt((g * g).sum(dtype=g.dtype))   # ||g||_2 in g's dtype
+        out[k] = g / (norm + g.dtype.type(NORM_EPS))
+    return out
 
 
 def geometric_lr(lr: float, lr_final: float | None, step: int, total_steps: int) -> float:

@@ -237,7 +237,7 @@ class _Run:
             self._agree(lambda: memory.check_fits(cfg, d.train.shape[0], n_eval, math.prod(d.image_shape),
                                                   d.train.dtype.itemsize))
         self.model = self._agree(lambda: build_model(cfg, self.data.image_shape, self.be))
-        self.opt = Adam(lr=cfg.lr, fused=cfg.fused)
+        self.opt = Adam(lr=cfg.lr, fused=cfg.fused, normalize_grads=cfg.normalize_grads)
         self.steps_per_epoch = math.ceil(self.data.train.shape[0] / cfg.batch_size)
         if comm is not None:
             self._agree(lambda: _check_shards(self.data.train.shape[0], cfg.batch_size, comm.size))

@@ -91,6 +91,43 @@ def test_adam_step_follows_algorithm_1_for_100_steps(fused):
         np.testing.assert_allclose(params[k], want[k], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_normalize_grads_is_adam_on_each_gradient_over_its_norm(fused):
+    # the VampPrior code's AdamNormGrad: g / (||g||_2 + 1e-7) per tensor, then Algorithm 1
+    r = np.random.default_rng(5)
+    steps, hyper = 60, dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+    theta0 = {"W": r.standard_normal((3, 4)), "b": r.standard_normal(4)}
+    noise = {k: 2.0 * r.standard_normal((steps, v.size)) for k, v in theta0.items()}
+    fns = {k: _grad_fn(r.standard_normal(v.size), noise[k]) for k, v in theta0.items()}
+
+    def unit(fn, scale):
+        def g(theta, t):
+            raw = scale * fn(theta, t)
+            return raw / (math.sqrt(sum(float(x) * float(x) for x in raw)) + 1e-7)
+        return g
+
+    def reference(scale, normalize=True):
+        return {k: _reference_adamw(theta0[k].ravel(), unit(fns[k], scale) if normalize else fns[k], steps,
+                                    **hyper).reshape(theta0[k].shape) for k in theta0}
+    plain, wants = reference(1.0, normalize=False), {s: reference(s) for s in (1.0, 1e3)}
+    for k in theta0:
+        assert np.abs(wants[1.0][k] - plain[k]).max() > 1e-3             # the variant is not plain Adam
+        np.testing.assert_allclose(wants[1e3][k], wants[1.0][k], rtol=1e-6)   # nor depends on the loss's scale
+
+    for scale, want in wants.items():
+        opt = Adam(lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]), eps=hyper["eps"], fused=fused,
+                   normalize_grads=True)
+        params = {k: v.copy() for k, v in theta0.items()}
+        state = opt.init(params)
+        for t in range(1, steps + 1):
+            grads = {k: scale * fns[k](params[k].ravel(), t).reshape(params[k].shape) for k in params}
+            before = {k: g.copy() for k, g in grads.items()}
+            state = opt.step(params, grads, state)
+            assert all(np.array_equal(grads[k], before[k]) for k in grads)   # the caller's gradients stay
+        for k in params:
+            np.testing.assert_allclose(params[k], want[k], rtol=1e-9, atol=1e-11)
+
+
 def test_adam_state_is_plain_arrays_that_restore_exactly():
     params = {"W": np.ones((2, 2), np.float32)}
     grads = {"W": np.full((2, 2), 0.5, np.float32)}

@@ -185,6 +185,26 @@ def test_new_options_run_write_every_figure_and_resume_bit_identically(tmp_path,
     assert f"the run was trained with {key}={option[1]!r}" in capsys.readouterr().err
 
 
+def test_normalize_grads_trains_resumes_bit_identically_and_stays_with_its_run(tmp_path, capsys):
+    """--normalize-grads (the VampPrior code's AdamNormGrad) changes the training, is recorded, and a
+    resume keeps it: a run trained without it refuses to continue with it."""
+    vamp = [*TINY, "--prior", "vampprior", "--pseudo-inputs", "10", "--no-figures"]
+    whole, split, plain = tmp_path / "whole", tmp_path / "split", tmp_path / "plain"
+    assert main([*vamp, "--normalize-grads", "--epochs", "2", "--out", str(whole)]) == 0
+    assert main([*vamp, "--normalize-grads", "--epochs", "1", "--out", str(split)]) == 0
+    assert main(["--resume", str(split), "--epochs", "2"]) == 0
+    assert main([*vamp, "--epochs", "2", "--out", str(plain)]) == 0
+    runs = [[json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()] for f in (whole, split, plain)]
+    keep = ("train_loss", "test_loss")
+    assert [{k: h[k] for k in keep} for h in runs[0]] == [{k: h[k] for k in keep} for h in runs[1]]
+    assert runs[0][-1]["train_loss"] != runs[2][-1]["train_loss"]
+    assert json.loads((whole / "summary.json").read_text())["config"]["normalize_grads"] is True
+    capsys.readouterr()
+    assert main(["--resume", str(plain), "--epochs", "3", "--normalize-grads"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "normalize_grads=False" in err, err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--samples", "0"], "samples (--samples) must be a finite number >= 1"),
     (["--objective", "iwae", "--samples", "1"], "needs --samples S >= 2"),
