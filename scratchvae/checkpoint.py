@@ -72,12 +72,12 @@ def load(path) -> tuple[dict, dict]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with zipfile.ZipFile(path) as zf:
-            headers = {info.filename[:-4]: _header(zf, info, path) for info in zf.infolist()
+            # every header first, checked against its member's size, before any array is allocated
+            headers = {info.filename[:-4]: (info, *_header(zf, info, path)) for info in zf.infolist()
                        if info.filename.endswith(".npy")}
-        if "meta" not in headers:
-            raise CheckpointError(f"checkpoint {path} has no 'meta' record: not a scratchvae checkpoint")
-        with numpy.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
+            if "meta" not in headers:
+                raise CheckpointError(f"checkpoint {path} has no 'meta' record: not a scratchvae checkpoint")
+            meta = json.loads(str(_read_member(zf, *headers["meta"], path)))
             if not isinstance(meta, dict):
                 raise CheckpointError(f"checkpoint {path}: its meta record is not a JSON object")
             version = meta.get("format_version")
@@ -85,8 +85,8 @@ def load(path) -> tuple[dict, dict]:
                 raise CheckpointError(f"checkpoint {path} has format version {version!r}; this scratchvae reads "
                                       f"versions {', '.join(map(str, READABLE_VERSIONS))}")
             if version >= 2:
-                _check_listed(path, meta.get("arrays"), headers)
-            arrays = {k: z[k] for k in headers if k != "meta"}
+                _check_listed(path, meta.get("arrays"), {k: h[1] for k, h in headers.items()})
+            arrays = {k: _read_member(zf, *h, path) for k, h in headers.items() if k != "meta"}
     except CheckpointError:
         raise
     except Exception as err:   # noqa: BLE001 - a damaged archive fails in zipfile, numpy's header parser, json, ...
@@ -120,19 +120,35 @@ def load_meta(path) -> dict:
 
 
 def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> tuple:
-    """(dtype, shape) of one ``.npy`` member, read from its header alone; refuses a header
-    that claims more data than the member holds."""
+    """``((dtype, shape), fortran_order, header_bytes)`` of one ``.npy`` member, read from its header
+    alone; refuses a header that claims more data than the member holds."""
     with zf.open(info) as f:
         version = numpy.lib.format.read_magic(f)
         read = numpy.lib.format.read_array_header_1_0 if version == (1, 0) else numpy.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
+        shape, fortran_order, dtype = read(f)
+        header_bytes = f.tell()
     if dtype.hasobject:
         raise CheckpointError(f"checkpoint {path}: array {info.filename!r} holds Python objects; refused")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > info.file_size:
         raise CheckpointError(f"checkpoint {path}: array {info.filename!r} claims {shape} {dtype} "
                               f"({nbytes:,} bytes) but the file holds {info.file_size:,} bytes; it is corrupted")
-    return dtype.str, list(shape)
+    return (dtype.str, list(shape)), fortran_order, header_bytes
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, spec: tuple, fortran_order: bool, header_bytes: int,
+                 path) -> numpy.ndarray:
+    """The array of one ``.npy`` member whose header :func:`_header` has read: its data bytes, read to
+    the member's end (so that zipfile checks the CRC), into a new writable array."""
+    dtype, shape = numpy.dtype(spec[0]), tuple(spec[1])
+    raw = numpy.empty(math.prod(shape) * dtype.itemsize, numpy.uint8)
+    with zf.open(info) as f:
+        f.read(header_bytes)
+        got = f.readinto(raw)
+        if got != raw.size or f.read(1):
+            raise CheckpointError(f"checkpoint {path}: array {info.filename!r} does not hold the "
+                                  f"{raw.size:,} bytes its header claims; it is corrupted")
+    return raw.view(dtype).reshape(shape, order="F" if fortran_order else "C")
 
 
 def _check_listed(path, listed, headers: dict) -> None:
