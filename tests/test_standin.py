@@ -212,7 +212,8 @@ def test_cupy_data_parallel_with_more_ranks_than_gpus_is_one_error_line(tmp_path
                                      "--pseudo-inputs", "10"],
                                     ["--objective", "iwae", "--samples", "3"],
                                     ["--arch", "gated", "--hidden", "16,12", "--levels", "2", "--prior", "vampprior",
-                                     "--pseudo-inputs", "10", "--objective", "iwae", "--samples", "2"]],
+                                     "--pseudo-inputs", "10", "--objective", "iwae", "--samples", "2",
+                                     "--normalize-grads"]],
                          ids=["vampprior", "iwae", "levels"])
 def test_cupy_runs_the_new_prior_and_objective_like_numpy(cupy, tmp_path, option):
     cupy.reset()
