@@ -79,6 +79,21 @@ def test_an_undecodable_image_stops_the_load_naming_it(tmp_path):
         datasets.load("folder", data_dir=tmp_path / "data", image_size=8, cache_dir=tmp_path / "cache")
 
 
+def test_the_threads_decode_in_order_and_the_first_bad_file_in_order_raises(tmp_path):
+    data = folder_of(tmp_path / "data", n=40)
+    files = sorted(p.name for p in data.iterdir())
+    one_by_one = [images.decode_image(data / f, "rgb", 8) for f in files]
+    threaded = list(images._decoded(files, data, "rgb", 8, 1.0, images.MAX_IMAGE_PIXELS, False, "x"))
+    assert len(threaded) == 40 and all(np.array_equal(a, b) for a, b in zip(one_by_one, threaded))
+    for name in ("img05.png", "img07.png"):   # both inside the window of images decoded ahead
+        (data / name).write_bytes(b"\x89PNG not really")
+    got = []
+    with pytest.raises(images.ImageFolderError, match=r"img05\.png"):   # not img31, which may fail first
+        for pixels in images._decoded(files, data, "rgb", 8, 1.0, images.MAX_IMAGE_PIXELS, False, "x"):
+            got.append(pixels)
+    assert len(got) == 5
+
+
 # -- folders ---------------------------------------------------------------------------------
 
 def test_a_folder_other_files_ignored_and_counted(tmp_path):
