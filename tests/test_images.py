@@ -88,7 +88,7 @@ def test_the_threads_decode_in_order_and_the_first_bad_file_in_order_raises(tmp_
     for name in ("img05.png", "img07.png"):   # both inside the window of images decoded ahead
         (data / name).write_bytes(b"\x89PNG not really")
     got = []
-    with pytest.raises(images.ImageFolderError, match=r"img05\.png"):   # not img31, which may fail first
+    with pytest.raises(images.ImageFolderError, match=r"img05\.png"):   # not img07, which may fail first
         for pixels in images._decoded(files, data, "rgb", 8, 1.0, images.MAX_IMAGE_PIXELS, False, "x"):
             got.append(pixels)
     assert len(got) == 5
