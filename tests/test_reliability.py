@@ -465,6 +465,15 @@ def test_evaluate_run_prints_progress_with_time_left_off_a_terminal(tmp_path, ca
     assert len(lines) == 2 and lines[-1].startswith("IWAE k=3: 200/200 images") and "s left" in lines[0], lines
 
 
+def test_a_runs_final_iwae_stage_prints_progress_with_time_left_off_a_terminal(tmp_path, capsys):
+    """The test bound at k = 5000 takes up to an hour: a run logging to a file says how far it is."""
+    code, out, _ = run_cli(capsys, *TINY, "--iwae-k", "3", "--out", tmp_path / "run")
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("IWAE k=3: ")]
+    assert len(lines) == 2 and lines[-1].startswith("IWAE k=3: 200/200 images") and "s left" in lines[0], lines
+    assert out.index(lines[-1]) < out.index("test NLL (IWAE bound, k=3)")
+
+
 def test_evaluate_run_refuses_a_folder_of_another_run(tmp_path, capsys):
     from test_runs import load_script
     a, b = tmp_path / "a", tmp_path / "b"
