@@ -41,7 +41,7 @@ def evaluate(run: pathlib.Path, params: str, iwae_k: int, seed: int, progress, d
     elbo = model.evaluate(data.test_dev, model.backend.rng(seed))
     t0 = time.perf_counter()
     nll = iwae_test_nll(model, data.test_dev, iwae_k, model.backend.rng(seed + 1), progress=progress,
-                        log=None if progress else log)
+                        log=log)
     return {"run": str(run), "run_id": meta.get("run_id"), "params": params, "epoch": meta["params_epoch"],
             "test_neg_elbo": elbo["loss"], "test_nll_iwae": nll, "iwae_k": iwae_k,
             "iwae_seconds": time.perf_counter() - t0}
@@ -68,10 +68,9 @@ def main(argv=None) -> int:
         print(f"error: --iwae-k must be >= 1, got {args.iwae_k}", file=sys.stderr)
         return 1
     run = pathlib.Path(args.run_dir)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        result = evaluate(run, args.params, args.iwae_k, args.seed, progress, args.data_dir,
+        result = evaluate(run, args.params, args.iwae_k, args.seed, args.progress, args.data_dir,
                           log=lambda line: print(line, flush=True))
     except (*USER_ERRORS, OSError) as err:
         print(f"error: {describe_error(err)}", file=sys.stderr)

@@ -600,10 +600,9 @@ class _Run:
                        kl_per_dim=final.get("kl_per_dim"), train_seconds=sum(h["seconds"] for h in st.history))
         if cfg.iwae_k > 0 and cfg.model == "vae":
             t0 = time.perf_counter()
-            bar = sys.stderr.isatty() if self.progress is None else self.progress   # tqdm's own rule
             nll = self._on_root(lambda: iwae_test_nll(self.model, self.data.test_dev, cfg.iwae_k,
                                                       self.be.rng(cfg.seed + 7), progress=self.progress,
-                                                      log=None if bar else self.log))   # a log file gets lines
+                                                      log=self.log))   # a bar on a terminal, else lines
             summary.update(test_nll_iwae=nll, iwae_k=cfg.iwae_k, iwae_seconds=time.perf_counter() - t0)
             self.log(f"test NLL (IWAE bound, k={cfg.iwae_k}): {nll:.2f} nats")
         self._on_root(self._write_outputs)
