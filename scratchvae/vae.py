@@ -423,12 +423,12 @@ class VAE(ModelBase):
         sums, kl_dims, mus = numpy.zeros(2), numpy.zeros(self.latent_dim), [[] for _ in range(self.levels)]
         for start in range(0, x.shape[0], batch_size):
             xb = x[start:start + batch_size]
-            nll, kl, _ = self._log_weights(xb, xb, self._one_sample(xb.shape[0], rng), closed_form=self.closed_form_kl,
-                                           comps=comps)      # (b,), (b, L) closed form or (b,)
+            nll, kl, cache = self._log_weights(xb, xb, self._one_sample(xb.shape[0], rng),
+                                               closed_form=self.closed_form_kl, comps=comps)   # (b,), (b, L) or (b,)
             sums += [float(nll.sum()), float(kl.sum())]
             if self.closed_form_kl:
                 kl_dims += self.backend.asnumpy(kl.sum(axis=0)).astype(numpy.float64)
-            for l, mu in enumerate(self.encode_levels(xb)):
+            for l, mu in enumerate(self._level_means(xb, cache["mu_t"])):   # the top encoder ran once, above
                 mus[l].append(self.backend.asnumpy(mu).astype(numpy.float64))
         recon, kl = sums / x.shape[0]
         activity = [numpy.concatenate(m).var(axis=0) for m in mus]      # (L,) per level
@@ -482,7 +482,11 @@ class VAE(ModelBase):
     def encode_levels(self, x):
         """Every level's posterior mean, top-down through the means: [mu_1, ..., mu_T], each (B, L)."""
         x = self._as_input(x)
-        mus = {self.levels: self.encode(x)[0]}
+        return self._level_means(x, self.encode(x)[0])
+
+    def _level_means(self, x, mu_top):
+        """[mu_1, ..., mu_T] from x (B, D) and the top level's posterior mean mu_T (B, L)."""
+        mus = {self.levels: mu_top}
         for l in range(self.levels - 1, 0, -1):
             mus[l], _ = self._q_level(l, self.parts[f"q{l}.x"].forward(x), mus[l + 1])
         return [mus[l] for l in range(1, self.levels + 1)]

@@ -172,6 +172,20 @@ def test_the_iwae_bound_with_one_sample_is_the_elbo_and_grows_with_k():
     np.testing.assert_allclose(chunked, model.iwae_bound(x, 50, np.random.default_rng(7)), rtol=1e-12)
 
 
+@pytest.mark.parametrize("levels", [2, 3])
+def test_evaluate_records_each_levels_activity_of_the_means_top_down(levels):
+    """Per level, over several evaluation chunks: Var_x of the posterior means that encode_levels gives
+    (the top level's from q(z_T | x), each level below from q(z_l | x, z_{l+1}) at the mean above)."""
+    model = small(levels=levels, prior="vampprior")
+    x, _ = data(model, 40)
+    out = model.evaluate(x, np.random.default_rng(0), batch_size=16)
+    want = [mu.var(axis=0) for mu in model.encode_levels(x)]
+    assert len(out["activity"]) == len(out["active_units"]) == levels
+    for got, ref in zip(out["activity"], want):
+        np.testing.assert_allclose(got, ref, rtol=1e-12)
+    assert out["active_units"] == [int((a > 0.01).sum()) for a in want]
+
+
 def test_sampling_is_top_down_and_one_level_is_the_gated_vae():
     model = small(levels=2)
     assert model.sample(6, np.random.default_rng(0)).shape == (6, 7)
