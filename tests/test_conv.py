@@ -448,6 +448,31 @@ def test_workspace_matches_fresh_buffers():
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("layout,fused", [("CHWB", True), ("CHWB", False), ("NCHW", False)])
+@pytest.mark.parametrize("cls", [Conv2d, ConvTranspose2d])
+def test_batches_of_changing_size_reuse_the_largest_buffers_and_give_fresh_results(cls, layout, fused):
+    """A training batch, an evaluation chunk (larger), the short last batch, the training batch again: the
+    layer (the conv VAE's is fused and CHWB) gives bit for bit what a fresh layer gives each time, and a
+    request no larger than the store is a view of it (no new memory to fault)."""
+    rng = np.random.default_rng(14)
+    layer = cls(3, 4, 3, stride=2, padding=1, layout=layout, dtype="float64", rng=0, fused=fused)
+    H = 9 if cls is Conv2d else 4
+    for B in (4, 7, 2, 4):
+        x = rng.standard_normal((3, H, H, B))                          # (C, H, W, B)
+        x = x if layout == "CHWB" else np.ascontiguousarray(x.transpose(3, 0, 1, 2))
+        fresh = cls(3, 4, 3, stride=2, padding=1, layout=layout, dtype="float64", rng=0, fused=fused)
+        y = layer(x)
+        np.testing.assert_array_equal(y, fresh(x))
+        dy = rng.standard_normal(y.shape)
+        np.testing.assert_array_equal(layer.backward(dy), fresh.backward(dy))
+        for k in layer.grads:
+            np.testing.assert_array_equal(layer.grads[k], fresh.grads[k])
+            layer.grads[k][...] = 0
+    largest = {k: v.ctypes.data for k, v in layer._workspace._stores.items()}
+    layer(rng.standard_normal((3, H, H, 3) if layout == "CHWB" else (3, 3, H, H)))   # smaller than 7: no new store
+    assert {k: v.ctypes.data for k, v in layer._workspace._stores.items()} == largest
+
+
 def test_conv2d_input_grad_false_skips_dx_only():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 7, 6))

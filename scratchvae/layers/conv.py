@@ -74,8 +74,11 @@ class Workspace:
     the matrix products) are the same shape at every training step.  Fresh
     multi-megabyte NumPy arrays come from newly mapped memory, and touching
     it for the first time (page faults) costs about as much as the copy
-    itself, so they are reused.  A layer owns one workspace; the pure functions take one as an
-    optional keyword.
+    itself, so they are reused.  Each key keeps one flat store, the largest
+    asked for so far, and a smaller request is a view of its start: the
+    evaluation's larger chunks and the epoch's short last batch do not make
+    the next training step map and fault its buffers again.  A layer owns one
+    workspace; the pure functions take one as an optional keyword.
 
     A cache returned by a forward function given a workspace aliases its
     buffers: it stays valid until the next forward call with that
@@ -84,27 +87,29 @@ class Workspace:
     """
 
     def __init__(self, kernels=None):
-        self._buffers: dict = {}
+        self._stores: dict = {}   # key -> flat array, the largest size asked for
         # scratchvae.kernels, for a fused layer: im2col/col2im of NumPy CHWB images run as Numba loops
         self.kernels = kernels
 
     def get(self, key: str, shape: tuple, dtype, xp, zero: bool = False):
-        """The buffer for ``key``, (re)allocated if its shape, dtype or module differs.
+        """A C-contiguous buffer of ``shape`` for ``key``: a view of its store, which is (re)allocated only
+        when it is too small or of another dtype or module.
 
         With ``zero=True`` it is filled with zeros; otherwise its content is
         arbitrary.
         """
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or not isinstance(buf, xp.ndarray):
-            buf = xp.zeros(shape, dtype=dtype) if zero else xp.empty(shape, dtype=dtype)
-            self._buffers[key] = buf
-        elif zero:
+        size = math.prod(shape)
+        store = self._stores.get(key)
+        if store is None or store.size < size or store.dtype != dtype or not isinstance(store, xp.ndarray):
+            store = self._stores[key] = xp.empty(size, dtype=dtype)
+        buf = store[:size].reshape(shape)
+        if zero:
             buf.fill(0)
         return buf
 
     def clear(self) -> None:
         """Drop every buffer."""
-        self._buffers.clear()
+        self._stores.clear()
 
 
 def _buffer(workspace, key, shape, dtype, xp, zero=False):
