@@ -35,9 +35,11 @@ class Autoencoder(ModelBase):
         """The shape of the eps the trainer draws for every model; an autoencoder ignores it: (B, L)."""
         return (int(B), self.latent_dim)
 
-    def evaluate(self, x, rng=None, batch_size: int = 1000) -> dict:
+    def evaluate(self, x, rng=None, batch_size: int | None = None) -> dict:
         """The reconstruction NLL, per-example mean over ``x`` (``loss`` = ``recon``; ``kl`` 0); ``rng`` unused."""
         x = self._checked_input(x)
+        if batch_size is None:
+            batch_size = self.eval_chunk()
         total = sum(float(-self._log_px(self.decoder.forward(self.encode(x[i:i + batch_size])[0]),
                                         x[i:i + batch_size]).sum()) for i in range(0, x.shape[0], batch_size))
         recon = total / x.shape[0]

@@ -417,8 +417,8 @@ class VAE(ModelBase):
         first) for more.
         """
         x = self._checked_input(x)
-        if batch_size is None:   # sized for the device: a GPU wants large batches, a CPU its caches
-            batch_size = 10_000 if self.backend.name == "cupy" else 1000
+        if batch_size is None:
+            batch_size = self.eval_chunk()
         comps = self._prior_components()                     # once, for every chunk
         sums, kl_dims, mus = numpy.zeros(2), numpy.zeros(self.latent_dim), [[] for _ in range(self.levels)]
         for start in range(0, x.shape[0], batch_size):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from scratchvae import gradcheck
+from scratchvae.layers.base import walk
 from scratchvae.model_base import NonFiniteLoss
 from scratchvae.models import conv_autoencoder, conv_vae, mlp_autoencoder, mlp_vae
 
@@ -541,3 +542,25 @@ def test_the_one_level_model_computes_what_it_did_before_the_level_stack():
                 a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
                 scale = np.abs(b).max() if b.size else 1.0   # a fingerprint near 0 is judged by its peers' size
                 np.testing.assert_allclose(a, b, rtol=0, atol=rtol * max(scale, 1e-12), err_msg=f"{dtype} {name} {key}")
+
+
+@pytest.mark.parametrize("name,chunk", [("mlp", 1000), ("conv", 100), ("conv-ae", 100)])
+def test_evaluation_passes_are_sized_by_the_model_and_do_not_change_the_figures(name, chunk):
+    """On a CPU a model with convolutions evaluates 100 images a pass (its unfolded columns are 16x an
+    activation and its layers keep the largest buffers they used), others 1000; the figures are those
+    of any other chunking."""
+    model = (conv_autoencoder(input_shape=(1, 6, 6), channels=(2, 2), latent_dim=2, hidden=3, dtype="float64",
+                              seed=1) if name == "conv-ae" else _every_model()[name][0])
+    assert model.eval_chunk() == chunk
+    x = binary_batch(250, model.input_dim, 6)
+    default = model.evaluate(x, np.random.default_rng(0))
+    other = model.evaluate(x, np.random.default_rng(0), batch_size=7)
+    for key in ("loss", "recon", "kl"):
+        assert default[key] == pytest.approx(other[key], rel=1e-12)
+    if name == "conv":
+        stores = [layer._workspace._stores for part in model.parts.values() for layer in walk(part)
+                  if hasattr(layer, "_workspace")]
+        assert stores
+        biggest = max(buf.size for s in stores for buf in s.values())
+        model.evaluate(x, np.random.default_rng(0), batch_size=250)        # one pass of all 250
+        assert max(buf.size for s in stores for buf in s.values()) > biggest
