@@ -225,6 +225,7 @@ class _Run:
         self.where = "the start"
         self._noise = None              # the current epoch's shuffle and eps (_epoch_noise)
         self._snapshot_buffers = None   # device copies of params and moments (_snapshot), made once
+        self.finishing = False          # in the final stage (the test evaluation): training is done
 
     # -- phases ------------------------------------------------------------------------
     def execute(self, ckpt, on_step) -> dict:
@@ -263,6 +264,7 @@ class _Run:
             # the final stage (the test evaluation, an hour at k = 5000) checks no flag: a signal ends it at
             # once, and --resume finishes it (the checkpoint of the last epoch is already written)
             stop.immediate = True
+            self.finishing = True
             return self._finish()
 
     def _agree(self, action, root_first=False):
@@ -651,6 +653,9 @@ class _Run:
     def kept(self) -> str:
         """What a run that stops now leaves behind to continue from (the end of an error line)."""
         st = self.state
+        if self.finishing and self.ckpt_path.exists():   # stopped in the final stage: training is done
+            return (f"training had ended at epoch {st.epoch} and its checkpoint {self.ckpt_path} is untouched; "
+                    f"--resume {self.out} runs the final stage (the test evaluation)")
         if st is not None and st.saved_epoch is not None and self.ckpt_path.exists():
             return f"the last good checkpoint {self.ckpt_path} (epoch {st.saved_epoch}) is untouched"
         if st is None and self.ckpt_path.exists():   # stopped while loading: the folder's checkpoint was not touched

@@ -351,9 +351,12 @@ def test_one_ctrl_c_ends_the_final_evaluation(tmp_path, monkeypatch):
         return 1.0
     monkeypatch.setattr(train_mod, "iwae_test_nll", interrupted_once)
     cfg = small(tmp_path / "run", epochs=2, iwae_k=2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         train(cfg, log=quiet)
     assert not (tmp_path / "run" / "summary.json").exists()
+    # the error line says training is done and how to finish (not "the last good checkpoint", as of a failure)
+    assert stopped.value.kept == (f"training had ended at epoch 2 and its checkpoint {tmp_path / 'run' / 'checkpoint.npz'}"
+                                  f" is untouched; --resume {tmp_path / 'run'} runs the final stage (the test evaluation)")
     monkeypatch.undo()
     s = train(cfg, resume=tmp_path / "run", log=quiet)
     assert s["epochs"] == 2 and len(s["history"]) == 2 and math.isfinite(s["test_nll_iwae"])
