@@ -495,7 +495,7 @@ def test_evaluate_run_ends_on_a_signal_with_one_line(tmp_path, capsys, sig):
     assert run_cli(capsys, *TINY, "--test-limit", "3000", "--out", out)[0] == 0   # 30 chunks of 100 images
     before = snapshot(out)
     proc = subprocess.Popen([sys.executable, str(REPO / "examples" / "evaluate_run.py"), str(out), "--iwae-k",
-                             "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:                                       # its first progress line: it is evaluating
         if line.startswith("IWAE k="):
             break
