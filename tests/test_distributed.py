@@ -4,6 +4,7 @@ The sharded-gradient algebra is checked in-process; everything that needs
 ranks runs ``mpiexec -n 2`` under a timeout (skipped, with the reason, when
 mpi4py or mpiexec is missing; the ``test`` extra installs both).
 """
+import contextlib
 import json
 import os
 import pathlib
@@ -256,7 +257,8 @@ def _rank_pids(marker: str) -> dict:
 
 
 def _start_long_run(out):
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a rank sent SIGABRT prints every thread's Python stack (see _wait_for_job)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     argv = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", TRAIN, *SMALL, "--limit", "3000", "--batch-size", "20",
             "--epochs", "30", "--out", str(out), "--distributed"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -269,13 +271,30 @@ def _start_long_run(out):
     return proc, ranks
 
 
+def _wait_for_job(proc, ranks, timeout=60):
+    """(stdout, stderr) of the ended job; a job still running after ``timeout`` seconds fails the test
+    with every rank's Python stack (a hang says where it hangs)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in ranks.values():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"the job still ran {timeout} s after the signal; its ranks' stacks:\n{out}\n{err}")
+
+
 @needs_mpi
 @pytest.mark.slow
 def test_kill_9_of_one_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc, ranks = _start_long_run(out)
     os.kill(ranks[1], signal.SIGKILL)
-    proc.communicate(timeout=60)                           # the job ends: no rank waits forever on the dead one
+    _wait_for_job(proc, ranks)                             # the job ends: no rank waits forever on the dead one
     assert proc.returncode != 0
     assert not _rank_pids(str(out))                        # rank 0 is gone too
     arrays, meta = checkpoint.load(out / "checkpoint.npz")   # intact: loads with every check
@@ -288,7 +307,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     out = tmp_path / "run"
     proc, ranks = _start_long_run(out)
     os.kill(ranks[1], signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = _wait_for_job(proc, ranks)
     assert proc.returncode == 130, err
     _, meta = checkpoint.load(out / "checkpoint.npz")
     assert meta["epoch"] < 30 and json.loads((out / "summary.json").read_text())["status"] == "interrupted"
