@@ -249,21 +249,26 @@ def test_every_single_byte_flip_of_the_archive_structure_is_a_checkpoint_error(t
                    "--latent-dim", "1", "--epochs", "1", "--no-figures", "--out", out)[0] == 0
     raw = (out / "checkpoint.npz").read_bytes()
     target = tmp_path / "flipped.npz"
+    target.write_bytes(raw)
     offsets = _structure_bytes(out / "checkpoint.npz")
     assert len(offsets) > 2000
     escaped = []
-    for offset in offsets:
-        mask = (0x01, 0x80, 0xFF, 0x10)[offset % 4]    # low, high, all and middle bits, in turn
-        damaged = bytearray(raw)
-        damaged[offset] ^= mask
-        target.write_bytes(bytes(damaged))
-        for read in (checkpoint.load_run, checkpoint.load_meta):   # the full read, and the identity check's
-            try:
-                read(target)
-            except checkpoint.CheckpointError as err:
-                assert str(target) in str(err)
-            except Exception as err:   # noqa: BLE001 - the failure this test exists to find
-                escaped.append((read.__name__, offset, mask, f"{type(err).__name__}: {err}"))
+    fd = os.open(target, os.O_WRONLY)
+    try:
+        for offset in offsets:
+            mask = (0x01, 0x80, 0xFF, 0x10)[offset % 4]    # low, high, all and middle bits, in turn
+            os.pwrite(fd, bytes([raw[offset] ^ mask]), offset)     # one byte damaged, the rest as written
+            for read in (checkpoint.load_run, checkpoint.load_meta):   # the full read, and the identity check's
+                try:
+                    read(target)
+                except checkpoint.CheckpointError as err:
+                    assert str(target) in str(err)
+                except Exception as err:   # noqa: BLE001 - the failure this test exists to find
+                    escaped.append((read.__name__, offset, mask, f"{type(err).__name__}: {err}"))
+            os.pwrite(fd, raw[offset:offset + 1], offset)         # repaired before the next flip
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == raw
     assert not escaped, escaped[:5]
 
 
