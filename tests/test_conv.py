@@ -212,6 +212,22 @@ def test_conv_transpose2d_gradcheck(B, C, O, H, W, kh, kw, sh, sw, ph, pw, data)
     assert report.max_error <= 1e-6, str(report)
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "CHWB"])
+def test_wide_layers_gradcheck_through_the_transposed_weight_product(layout):
+    """64 channels on one side and 8*3*3 = 72 patch rows on the other: the weight gradients of both
+    layers are computed as ``(cols @ dout2.T).T`` (``_product_with_transpose``'s wide branch), which
+    the drawn gradchecks above, with at most 3 channels, never reach."""
+    rng = np.random.default_rng(5)
+    shape = (2, 8, 5, 4) if layout == "NCHW" else (8, 5, 4, 2)
+    conv = Conv2d(8, 64, 3, stride=1, padding=1, layout=layout, dtype="float64", rng=5)
+    report = gradcheck.check_layer(conv, rng.standard_normal(shape), seed=5)
+    assert set(report.errors) == {"x", "W", "b"} and report.max_error <= 1e-6, str(report)
+    shape = (2, 64, 3, 2) if layout == "NCHW" else (64, 3, 2, 2)
+    convt = ConvTranspose2d(64, 8, 3, stride=2, padding=1, layout=layout, dtype="float64", rng=6)
+    report = gradcheck.check_layer(convt, rng.standard_normal(shape), seed=6)
+    assert set(report.errors) == {"x", "W", "b"} and report.max_error <= 1e-6, str(report)
+
+
 # -- output shapes (PyTorch formulas) ------------------------------------------------
 
 @pytest.mark.parametrize("H,W,k,s,p", [(28, 28, 4, 2, 1), (14, 14, 4, 2, 1), (7, 9, 3, 1, 1), (10, 11, (3, 5), (2, 3), (0, 2)),
