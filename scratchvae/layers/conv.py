@@ -260,11 +260,11 @@ def _product_with_transpose(a, c, xp):
     """``a @ c.T`` for a weight gradient: ``a`` (M, N) and ``c`` (K, N), summed over the long N.
 
     When both M and K are at least 64 it is computed as ``(c @ a.T).T`` (a
-    transposed view): the same sums, which OpenBLAS's kernels run 1.1 to 1.4
+    transposed view): the same sums, which OpenBLAS's kernels ran 1.07 to 1.4
     times faster in that orientation for these shapes (long N, M of 64 to
-    256, K of 512 to 2049: ``benchmarks/README.md``), and 1.1 to 2.7 times
-    slower when one side is small (a 1- or 2-channel layer), which keeps
-    the direct product.
+    256, K of 512 to 2049; AMD EPYC Zen 4: ``benchmarks/README.md``), and
+    1.15 to 2.7 times slower when one side is small (the 16 or 17 rows of a
+    layer on a 1-channel image), which keeps the direct product.
     """
     if min(a.shape[0], c.shape[0]) >= 64:
         return xp.matmul(c, a.T).T  # (M, K), stored as (K, M)
