@@ -9,7 +9,9 @@ every figure of a finished run into ``--out`` (default ``RUN/figures``, so
 that the run's own files are left as they are): samples (drawn top-down for
 a hierarchy), reconstructions, curves, posterior collapse (per level for a
 hierarchy), the latent space, the manifold, interpolations and a
-VampPrior's pseudo-inputs.
+VampPrior's pseudo-inputs. For a VampPrior it also measures how the test
+split uses the prior's components (``figures.json``:
+``prior_component_usage``).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import sys
 
 import numpy as np
 
-from scratchvae import figures
+from scratchvae import analysis, figures
 from scratchvae.cli import USER_ERRORS, describe_error
 from scratchvae.reload import load_trained
 
@@ -38,14 +40,20 @@ def main(argv=None) -> int:
         model, data, cfg, meta, params = load_trained(run, args.params)
         drawn = figures.save_all(model, out, data.test, np.random.default_rng(cfg.seed), labels=data.test_labels,
                                  history=meta["history"], run_id=meta.get("run_id"), epoch=meta["params_epoch"])
+        usage = analysis.prior_component_usage(model, data.test, np.random.default_rng(cfg.seed))
     except (*USER_ERRORS, OSError) as err:
         print(f"error: {describe_error(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"error: interrupted; the figures drawn so far are in {out}", file=sys.stderr)
         return 130
-    summary = {"run_id": meta.get("run_id"), "params": params, "epoch": meta["params_epoch"], "figures": drawn}
+    summary = {"run_id": meta.get("run_id"), "params": params, "epoch": meta["params_epoch"], "figures": drawn,
+               "prior_component_usage": usage}
     (out / "figures.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    if usage is not None:
+        print(f"VampPrior: the test split's top-level codes use {usage['effective_components']:.0f} of its "
+              f"{usage['components']} components (exp of the entropy of their shares); "
+              f"{usage['pseudo_pixels_at_0']:.1%} of the pseudo-inputs' pixels are clamped at 0")
     print(f"{len(drawn)} figures of {run} ({params} parameters, epoch {meta['params_epoch']}) in {out}")
     return 0
 

@@ -17,7 +17,7 @@ import numpy as np
 __all__ = ["BATCH", "PRIOR_R99_1D", "PRIOR_R99_2D", "image_shape", "flat_dim", "as_images", "flatten_input", "take",
            "host", "encode_all", "decode_all", "reconstruct_all", "check_labels", "radius_holding",
            "pca_directions", "normal_quantiles", "latent_projection", "manifold_lattice", "interpolation_paths",
-           "posterior_means", "attribute_vector", "attribute_blocks"]
+           "posterior_means", "attribute_vector", "attribute_blocks", "prior_component_usage"]
 
 #: Rows sent to the model per call (bounds host and device memory).
 BATCH = 500
@@ -156,6 +156,42 @@ def normal_quantiles(n, lo=0.05, hi=0.95):
 def posterior_means(model, x) -> np.ndarray:
     """The posterior means (a plain autoencoder's codes) of the images ``x`` (N, D), host (N, L)."""
     return encode_all(model, flatten_input(model, x))[0]
+
+
+def prior_component_usage(model, x, rng, batch=BATCH) -> dict | None:
+    """How the images ``x`` (N, D) use a VampPrior's K components; None for the standard normal prior.
+
+    For each image one z ~ q(z_T | x) (the top level), and its responsibilities p(k | z) over the
+    components q(z_T | u_k). ``n_k = sum_n p(k | z_n)`` is the number of images component k explains;
+    ``effective_components`` is exp of the entropy of n_k / N (K when every component explains as many
+    images, 1 when one explains them all). ``pseudo_pixels_at_0`` / ``_at_1``: the share of the
+    pseudo-inputs' pixels clamped to 0 or 1, where the clamp passes them no gradient.
+    """
+    prior = getattr(model, "prior", None)
+    if not hasattr(prior, "pseudo_inputs"):
+        return None
+    comps = model.encode(prior.pseudo_inputs().astype(model.dtype))   # (mu_k, log_sigma_k), (K, L) each
+    K = int(comps[0].shape[0])
+    n_k, most, max_r = np.zeros(K), np.zeros(K, dtype=np.int64), []
+    for s in range(0, int(x.shape[0]), batch):
+        xb = model.backend.asarray(x[s:s + batch], dtype=model.dtype)
+        mu, log_sigma = model.encode(xb)                                  # (B, L) each
+        eps = model.backend.asarray(rng.standard_normal(mu.shape, dtype=model.dtype))
+        r = host(model, prior.responsibilities(mu + model.xp.exp(log_sigma) * eps, comps)).astype(np.float64)
+        n_k += r.sum(axis=0)
+        most += np.bincount(r.argmax(axis=1), minlength=K)
+        max_r.append(r.max(axis=1))
+    if not max_r:
+        raise ValueError("cannot measure the prior's components on an empty split")
+    share = n_k / n_k.sum()
+    share = share[share > 0]
+    pseudo = host(model, prior.params["pseudo"])
+    return {"components": K, "images": int(x.shape[0]),
+            "effective_components": float(np.exp(-(share * np.log(share)).sum())),
+            "components_explaining_one_image_or_more": int((n_k >= 1).sum()),
+            "components_most_responsible_for_some_image": int((most > 0).sum()),
+            "mean_largest_responsibility": float(np.concatenate(max_r).mean()),
+            "pseudo_pixels_at_0": float((pseudo <= 0).mean()), "pseudo_pixels_at_1": float((pseudo >= 1).mean())}
 
 
 def attribute_vector(mu, has) -> np.ndarray:

@@ -121,13 +121,16 @@ class VampPrior(Layer):
         m = log_n.max(axis=1, keepdims=True)                        # (N, 1)
         return (m[:, 0] + self.xp.log(self.xp.exp(log_n - m).sum(axis=1))) - math.log(self.n_pseudo)
 
+    def responsibilities(self, z, comps):
+        """p(k | z_n) (N, K): each component's share of the density at z_n (rows sum to 1)."""
+        return _softmax_rows(self.xp, self._log_components(z, comps)[0])
+
     def log_prob_backward(self, z, comps, a):
         """``(dLoss/dz (N, L), (dLoss/dmu_k, dLoss/dlog_sigma_k) (K, L) each)`` for upstream ``a`` (N,)."""
         xp = self.xp
         mu_k, _ = comps
         log_n, iv = self._log_components(z, comps)
-        w = xp.exp(log_n - log_n.max(axis=1, keepdims=True))
-        w /= w.sum(axis=1, keepdims=True)                           # (N, K) responsibilities
+        w = _softmax_rows(xp, log_n)                                # (N, K) responsibilities
         w[w < xp.finfo(w.dtype).eps ** 2] = 0                       # negligible ones: exact zeros (see below)
         dz = a[:, None] * (w @ (mu_k * iv) - z * (w @ iv))          # (N, L)
         A = a[:, None] * w                                          # (N, K)
@@ -147,6 +150,13 @@ class VampPrior(Layer):
 
     def __repr__(self):
         return f"VampPrior(K={self.n_pseudo}, D={self.input_dim})"
+
+
+def _softmax_rows(xp, log_n):
+    """exp(log_n) normalized over each row, (N, K), computed from the row's maximum."""
+    w = xp.exp(log_n - log_n.max(axis=1, keepdims=True))
+    w /= w.sum(axis=1, keepdims=True)
+    return w
 
 
 def make(name: str, *, input_dim: int, pseudo_inputs: int = 500, backend=None, dtype="float32", rng=None):

@@ -270,6 +270,8 @@ def test_draw_figures_of_a_run_trained_without_them(tmp_path, capsys):
     assert {"samples.png", "posterior.png", "pseudo_inputs.png", "curves.png", "figures.json"} <= drawn
     summary = json.loads((run / "figures" / "figures.json").read_text())
     assert len(summary["figures"]["posterior"]["active_units"]) == 2
+    usage = summary["prior_component_usage"]        # how the test split uses the VampPrior's 6 components
+    assert usage["components"] == 6 and usage["images"] == 40 and 1 <= usage["effective_components"] <= 6
 
 
 def test_he_init_is_a_run_defining_flag_of_the_mlp_shaped_models(tmp_path, capsys):

@@ -81,6 +81,35 @@ def test_pseudo_inputs_stay_in_zero_one_and_get_no_gradient_outside():
     np.testing.assert_array_equal(prior.grads["pseudo"], [[0, 1, 0], [1, 1, 1]])
 
 
+def test_prior_component_usage_counts_what_the_responsibilities_say():
+    from scratchvae import analysis
+    model = mlp_vae(input_dim=6, hidden=(5,), latent_dim=3, dtype="float64", fused=False, prior="vampprior",
+                    pseudo_inputs=4, seed=3)
+    x = (np.random.default_rng(2).random((9, 6)) < 0.5).astype(np.float64)
+    model.prior.params["pseudo"][0, :2] = [-0.2, 1.3]               # two pixels clamped: one at 0, one at 1
+    usage = analysis.prior_component_usage(model, x, np.random.default_rng(5), batch=4)   # three batches
+    # the reference: the same draws, each component's Gaussian density written out, normalized over k
+    mu, log_sigma = model.encode(x)
+    z = mu + np.exp(log_sigma) * np.concatenate([g.standard_normal((len(b), 3)) for g in [np.random.default_rng(5)]
+                                                 for b in np.array_split(np.arange(9), [4, 8])])
+    mu_k, log_sigma_k = model.encode(model.prior.pseudo_inputs())
+    dens = np.exp(-0.5 * (((z[:, None, :] - mu_k) / np.exp(log_sigma_k)) ** 2).sum(2) - log_sigma_k.sum(1))
+    r = dens / dens.sum(1, keepdims=True)                               # (N, K)
+    share = r.sum(0) / 9
+    assert usage["components"] == 4 and usage["images"] == 9
+    assert usage["effective_components"] == pytest.approx(np.exp(-(share * np.log(share)).sum()), rel=1e-12)
+    assert usage["components_explaining_one_image_or_more"] == int((r.sum(0) >= 1).sum())
+    assert usage["components_most_responsible_for_some_image"] == len(set(r.argmax(1)))
+    assert usage["mean_largest_responsibility"] == pytest.approx(r.max(1).mean(), rel=1e-12)
+    assert usage["pseudo_pixels_at_0"] == pytest.approx(1 / 24) and usage["pseudo_pixels_at_1"] == pytest.approx(1 / 24)
+    # identical pseudo-inputs: identical components, every image split evenly over the K
+    model.prior.params["pseudo"][...] = 0.5
+    even = analysis.prior_component_usage(model, x, np.random.default_rng(5))
+    assert even["effective_components"] == pytest.approx(4, rel=1e-12)
+    assert even["mean_largest_responsibility"] == pytest.approx(0.25, rel=1e-12)
+    assert analysis.prior_component_usage(mlp_vae(input_dim=6, hidden=(5,), latent_dim=3), x, None) is None
+
+
 # -- the objectives ------------------------------------------------------------------------------------
 
 @settings(max_examples=20, deadline=None)
