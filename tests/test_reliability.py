@@ -370,11 +370,15 @@ def test_sigterm_while_decoding_is_one_line_and_leaves_no_temporary(tmp_path):
             f" '--out', {str(tmp_path / 'run')!r}]))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg")))
+    seen = []
     for line in proc.stdout:                  # the log lines before it; the signal lands inside the decode's sleep
         if line.strip() == "decoding":
             break
+        seen.append(line)
     else:
-        raise AssertionError(f"the run ended before decoding: {proc.communicate(timeout=60)}")
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(f"the run ended before decoding, exit status {proc.returncode}: "
+                             f"stdout {''.join(seen) + out!r}, stderr {err!r}")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
