@@ -361,8 +361,9 @@ def test_sigterm_while_decoding_is_one_line_and_leaves_no_temporary(tmp_path):
             "from scratchvae.cli import main\n"
             "from scratchvae.datasets import images\n"
             "real = images.decode_image\n"
-            "def slow(*a, **k):\n"
-            "    print('decoding', flush=True)\n"
+            "def slow(*a, **k):\n"      # one write: two decoding threads' print()s interleave their newlines
+            "    sys.stdout.write('decoding\\n')\n"
+            "    sys.stdout.flush()\n"
             "    time.sleep(0.5)\n"
             "    return real(*a, **k)\n"
             "images.decode_image = slow\n"
