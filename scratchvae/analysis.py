@@ -170,7 +170,7 @@ def prior_component_usage(model, x, rng, batch=BATCH) -> dict | None:
     prior = getattr(model, "prior", None)
     if not hasattr(prior, "pseudo_inputs"):
         return None
-    comps = model.encode(prior.pseudo_inputs().astype(model.dtype))   # (mu_k, log_sigma_k), (K, L) each
+    comps = model.prior_components()                                 # (mu_k, log_sigma_k), (K, L) each
     K = int(comps[0].shape[0])
     n_k, most, max_r = np.zeros(K), np.zeros(K, dtype=np.int64), []
     for s in range(0, int(x.shape[0]), batch):

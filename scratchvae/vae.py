@@ -187,9 +187,9 @@ class VAE(ModelBase):
         return {l: self.parts[f"decoder.z{l}"].backward(self.xp.ascontiguousarray(dh[:, (l - 1) * width:l * width]))
                 for l in range(1, self.levels + 1)}
 
-    def _prior_components(self):
-        """What the prior reads from the model: the top posterior at its encoder inputs (the VampPrior's
-        pseudo-inputs), or None."""
+    def prior_components(self):
+        """What the prior reads from the model: the top posterior ``(mu_k, log_sigma_k)`` (K, L) each at
+        the prior's encoder inputs (the VampPrior's K components, at its pseudo-inputs), or None."""
         if not self.prior_reads_encoder:
             return None
         return self._heads("", self.encoder.forward(self.prior.encoder_inputs().astype(self.dtype)))
@@ -419,7 +419,7 @@ class VAE(ModelBase):
         x = self._checked_input(x)
         if batch_size is None:
             batch_size = self.eval_chunk()
-        comps = self._prior_components()                     # once, for every chunk
+        comps = self.prior_components()                     # once, for every chunk
         sums, kl_dims, mus = numpy.zeros(2), numpy.zeros(self.latent_dim), [[] for _ in range(self.levels)]
         for start in range(0, x.shape[0], batch_size):
             xb = x[start:start + batch_size]
@@ -442,7 +442,7 @@ class VAE(ModelBase):
         """Per-example ELBO, (B,) host float64 (one sample, no gradients, beta = 1)."""
         x = self._checked_input(x)
         nll, kl, _ = self._log_weights(x, x, self._one_sample(x.shape[0], rng, eps), closed_form=self.closed_form_kl,
-                                       comps=self._prior_components())
+                                       comps=self.prior_components())
         return self.backend.asnumpy(-(nll + (kl.sum(axis=1) if self.closed_form_kl else kl))).astype(numpy.float64)
 
     def iwae_bound(self, x, k: int, rng, max_elements: int | None = None):
@@ -463,7 +463,7 @@ class VAE(ModelBase):
         xp, x = self.xp, self._checked_input(x)
         if max_elements is None:   # 64 MB of float32 decoder outputs on the CPU, 512 MB on a GPU
             max_elements = 2 ** 27 if self.backend.name == "cupy" else 2 ** 24
-        B, comps = x.shape[0], self._prior_components()
+        B, comps = x.shape[0], self.prior_components()
         chunk = max(1, min(k, max_elements // max(1, B * self.input_dim)))
         run_max, run_sum, done = xp.full((B,), -xp.inf), xp.zeros((B,)), 0
         while done < k:
@@ -508,7 +508,7 @@ class VAE(ModelBase):
     def sample(self, n: int, rng):
         """Ancestral samples, top-down: z_T ~ p(z_T) (N(0, I), or the VampPrior's mixture),
         z_l ~ p(z_l | z_{l+1}), the mean image of p(x | z): (n, D)."""
-        z = self.prior.sample(n, rng, self._prior_components(), self.latent_dim, self.dtype)   # (n, L)
+        z = self.prior.sample(n, rng, self.prior_components(), self.latent_dim, self.dtype)   # (n, L)
         return self._decode_chain(self._checked_code(z), rng)
 
     def reconstruct(self, x):

@@ -69,7 +69,7 @@ def test_one_pseudo_input_mapped_to_zero_and_one_is_the_standard_normal():
         for name in ("W", "b"):
             model.params[f"{head}.{name}"][...] = 0
     z = np.random.default_rng(1).standard_normal((7, 3))
-    np.testing.assert_allclose(model.prior.log_prob(z, model._prior_components()),
+    np.testing.assert_allclose(model.prior.log_prob(z, model.prior_components()),
                                StandardNormal().log_prob(z), rtol=1e-14, atol=0)
 
 
@@ -149,7 +149,7 @@ def test_the_iwae_formula_with_one_sample_is_the_elbo_bit_for_bit():
             kl = (0.5 * (mu ** 2 + np.exp(2 * log_sigma) - 1) - log_sigma).sum(axis=1)
         else:
             log_q = (-0.5 * eps ** 2 - log_sigma - 0.5 * math.log(2 * math.pi)).sum(axis=1)
-            kl = log_q - brute_log_prob(z, *iwae1._prior_components())
+            kl = log_q - brute_log_prob(z, *iwae1.prior_components())
         assert iwae1.loss_and_grad(x, eps=eps)[0] == pytest.approx((nll + kl).mean(), rel=1e-12)
     with pytest.raises(ValueError, match="samples >= 2"):
         IWAE(1)
