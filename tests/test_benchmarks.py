@@ -175,6 +175,28 @@ def test_torch_twin_is_the_same_model(scripts):
         assert kind != "vampprior" or check["float64"]["worst_param"] is not None
 
 
+def test_authors_reference_is_the_authors_model():
+    """Optional (PyTorch, and a clone of jmtomczak/vae_vampprior named by VAE_VAMPPRIOR_REPO): the authors'
+    HVAE_2level module and scratchvae's hierarchical_vae give the same loss and gradients in float64."""
+    import os
+    pytest.importorskip("torch")
+    repo = os.environ.get("VAE_VAMPPRIOR_REPO")
+    if not repo:
+        pytest.skip("VAE_VAMPPRIOR_REPO does not name a clone of jmtomczak/vae_vampprior")
+    proc = subprocess.run([sys.executable, str(BENCH / "authors_reference.py"), "--authors-repo", repo, "--check"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "55 of 55 gradients" in proc.stdout
+
+
+def test_authors_reference_without_the_clone_is_one_error_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "authors_reference.py"), "--authors-repo", str(tmp_path),
+                           "--check"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"error: --authors-repo {tmp_path}: no models/HVAE_2level.py there" in proc.stderr
+
+
 def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
     import shutil
     import subprocess
