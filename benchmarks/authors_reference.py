@@ -19,10 +19,15 @@ same noise in float64 and compares the loss and every gradient (run it first). T
 ``checkpoint.pt`` (written atomically after every epoch; run the same command again to continue) and
 ``best.pt``; at the end, the best epoch's parameters go into scratchvae's model and the test NLL is
 scratchvae's IWAE bound (``--iwae-k``, 5000 as the paper), written to ``summary.json``.
+``--likelihood-of RUN`` gives a scratchvae run's best parameters to both codes and compares the
+authors' ``calculate_likelihood`` with scratchvae's ``iwae_bound`` on ``--images`` test images.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
 import json
 import math
 import os
@@ -137,6 +142,41 @@ def check(torch, A, log=print) -> float:
         f"{len(theirs)} of {len(model.grads)} gradients; largest relative difference {worst:.2e}")
     torch.set_default_dtype(torch.float32)
     return worst
+
+
+def compare_likelihood(torch, A, run: pathlib.Path, n: int, k: int, log=print) -> dict:
+    """A trained run's best parameters in both codes, float64: the authors' ``calculate_likelihood``
+    (S = k samples per image, in chunks of 500) and scratchvae's ``iwae_bound`` (two draws of noise) on
+    ``n`` test images drawn at random; per image, the codes differ by about as much as two draws."""
+    from scratchvae.build import build_model
+    from scratchvae.reload import load_trained
+
+    torch.set_default_dtype(torch.float64)
+    model32, data, cfg, _, _ = load_trained(run, params="best")
+    model = build_model(dataclasses.replace(cfg, dtype="float64"), data.image_shape, model32.backend)
+    for name in model.params:
+        model.params[name][...] = np.asarray(model32.params[name], dtype=np.float64)
+    x = np.asarray(data.test[np.random.default_rng(7).choice(data.test.shape[0], n, replace=False)], np.float64)
+    net = A.VAE(authors_args()).double()
+    net.idle_input = net.idle_input.double()
+    scratch_to_authors(torch, model.params, net)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):                    # it prints its progress per image
+        theirs = np.array([net.calculate_likelihood(torch.from_numpy(x[j:j + 1]), "", S=k, MB=500)
+                           for j in range(n)])
+    t1 = time.perf_counter()
+    ours = np.stack([-model.iwae_bound(x, k, np.random.default_rng(11 + r)) for r in range(2)])   # (2, n)
+    rms = {"authors_vs_draw_0": float(np.sqrt(np.mean((theirs - ours[0]) ** 2))),
+           "draw_1_vs_draw_0": float(np.sqrt(np.mean((ours[1] - ours[0]) ** 2)))}
+    log(f"{n} test images, k = {k}, float64: the authors' calculate_likelihood {theirs.mean():.3f} nats "
+        f"({t1 - t0:.0f} s); scratchvae's iwae_bound {ours[0].mean():.3f} and {ours[1].mean():.3f} (two draws, "
+        f"{time.perf_counter() - t1:.0f} s); per image, rms difference {rms['authors_vs_draw_0']:.2f} "
+        f"(authors - draw 0) and {rms['draw_1_vs_draw_0']:.2f} (draw 1 - draw 0)")
+    torch.set_default_dtype(torch.float32)
+    return {"run": str(run), "images": n, "k": k, "authors": theirs.tolist(), "scratchvae": ours.tolist(),
+            "rms": rms, "machine": _common.machine_info(), "versions": _common.versions(torch),
+            "date": time.strftime("%Y-%m-%d")}
 
 
 class AdamNormGrad:
@@ -261,6 +301,10 @@ def main(argv=None):
     p.add_argument("--authors-repo", type=pathlib.Path, required=True, help="a clone of jmtomczak/vae_vampprior")
     p.add_argument("--out", type=pathlib.Path, help="the run folder (run again to continue)")
     p.add_argument("--check", action="store_true", help="compare the loss and gradients in float64 and exit")
+    p.add_argument("--likelihood-of", type=pathlib.Path, metavar="RUN",
+                   help="compare the two codes' k-sample likelihood of a trained run folder's best parameters and exit")
+    p.add_argument("--images", type=int, default=20, help="test images for --likelihood-of (default 20)")
+    p.add_argument("--json", type=pathlib.Path, help="where --likelihood-of writes its figures")
     p.add_argument("--iwae-k", type=int, default=5000)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
@@ -269,12 +313,17 @@ def main(argv=None):
     torch, why = _common.import_torch()
     if torch is None:
         p.error(f"PyTorch: {why}")
-    if not a.check and a.out is None:
-        p.error("--out: give the run folder (or --check)")
+    if not (a.check or a.likelihood_of) and a.out is None:
+        p.error("--out: give the run folder (or --check, or --likelihood-of)")
     A = import_authors(a.authors_repo)
     with _common.thread_limits(a.threads, torch):
         if a.check:
             return 0 if check(torch, A) < 1e-9 else 1
+        if a.likelihood_of:
+            result = compare_likelihood(torch, A, a.likelihood_of, a.images, a.iwae_k)
+            if a.json:
+                _common.write_json(a.json, result)
+            return 0
         a.out.mkdir(parents=True, exist_ok=True)
         train(torch, A, a.out, a.iwae_k, log=lambda s: print(s, flush=True))
     return 0
