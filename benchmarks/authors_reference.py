@@ -30,7 +30,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -117,6 +116,13 @@ def authors_grads(net) -> dict:
     return out
 
 
+def authors_net64(A):
+    """The authors' module in float64 (their pseudo-inputs' one-hot idle input too)."""
+    net = A.VAE(authors_args()).double()
+    net.idle_input = net.idle_input.double()
+    return net
+
+
 def check(torch, A, log=print) -> float:
     """Same parameters, same noise, float64: the authors' loss and gradients against scratchvae's."""
     torch.set_default_dtype(torch.float64)
@@ -125,8 +131,7 @@ def check(torch, A, log=print) -> float:
     model.params["prior.pseudo"][...] = gen.uniform(0.1, 0.9, model.params["prior.pseudo"].shape)   # off the clamp
     x = (gen.random((64, 784)) < 0.3).astype(np.float64)
     eps = gen.standard_normal(model.noise_shape(64))           # (B, S = 1, T = 2, Z)
-    net = A.VAE(authors_args()).double()
-    net.idle_input = net.idle_input.double()
+    net = authors_net64(A)
     scratch_to_authors(torch, model.params, net)
     queue = [eps[:, 0, 1], eps[:, 0, 0]]                         # their forward draws z2 first, then z1
     net.reparameterize = lambda mu, logvar: torch.from_numpy(queue.pop(0)) * torch.exp(0.5 * logvar) + mu
@@ -157,8 +162,7 @@ def compare_likelihood(torch, A, run: pathlib.Path, n: int, k: int, log=print) -
     for name in model.params:
         model.params[name][...] = np.asarray(model32.params[name], dtype=np.float64)
     x = np.asarray(data.test[np.random.default_rng(7).choice(data.test.shape[0], n, replace=False)], np.float64)
-    net = A.VAE(authors_args()).double()
-    net.idle_input = net.idle_input.double()
+    net = authors_net64(A)
     scratch_to_authors(torch, model.params, net)
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -208,9 +212,9 @@ class AdamNormGrad:
 
 
 def save_atomic(torch, obj, path: pathlib.Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from scratchvae.atomic import atomic_write
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def train(torch, A, out: pathlib.Path, iwae_k: int, log=print) -> dict:
@@ -242,7 +246,7 @@ def train(torch, A, out: pathlib.Path, iwae_k: int, log=print) -> dict:
         sums = np.zeros(3)
         order = torch.randperm(N)                              # the DataLoader's shuffle=True
         for s in range(0, N, B):
-            opt_zero(net)
+            net.zero_grad(set_to_none=True)
             loss, re, kl = net.calculate_loss(x_train[order[s:s + B]], beta, average=True)
             loss.backward()
             opt.step()
@@ -289,11 +293,6 @@ def train(torch, A, out: pathlib.Path, iwae_k: int, log=print) -> dict:
     _common.write_json(out / "summary.json", summary)
     log(f"best epoch {state['best_epoch']} of {state['epoch']}: test NLL {nll:.3f} (k = {iwae_k})")
     return summary
-
-
-def opt_zero(net):
-    for p in net.parameters():
-        p.grad = None
 
 
 def main(argv=None):
